@@ -1,0 +1,95 @@
+"""The domain error tree.  Adapters translate into these; the D-Bus boundary and the CLI
+translate out of them (names and exit codes live there, not here)."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LuoError(Exception):
+    """Base of every error the agent reports on purpose."""
+
+
+class ConfigError(LuoError):
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        super().__init__(f"{path}: {key}: {reason}")
+        self.path, self.key, self.reason = path, key, reason
+
+
+class InvalidArgument(LuoError):
+    """A caller's argument is malformed or out of range (checked before the kernel sees it)."""
+
+
+class KernelError(LuoError):
+    """An ioctl, open or syscall on the LUO device failed with ``errno``."""
+
+    def __init__(self, op: str, errno: int, detail: str = "") -> None:
+        name = _errno.errorcode.get(errno, str(errno))
+        text = f"{op}: {name} ({os.strerror(errno)})"
+        super().__init__(f"{text}: {detail}" if detail else text)
+        self.op, self.errno, self.detail = op, errno, detail
+
+
+class DeviceUnavailable(KernelError):
+    """No usable /dev/liveupdate (ENOENT/ENODEV/EACCES/EIO on open)."""
+
+
+class DeviceBusy(KernelError):
+    """EBUSY: another process (systemd, another agent) holds the exclusive device."""
+
+
+class Unsupported(KernelError):
+    """The running kernel's ABI has no such operation (or refuses this file type)."""
+
+
+class NoSuchSession(KernelError):
+    """ENOENT for a session name."""
+
+
+class NoSuchToken(KernelError):
+    """ENOENT for a token."""
+
+
+class AlreadyExists(KernelError):
+    """EEXIST: a session name or token is taken."""
+
+
+class WrongKernelState(KernelError):
+    """The kernel refused a transition or an operation in its current state (EINVAL/EBUSY)."""
+
+
+class PhaseError(LuoError):
+    """An event that the phase engine does not accept in the current phase."""
+
+    def __init__(self, phase: str, event: str) -> None:
+        super().__init__(f"{event} is not possible in phase {phase}")
+        self.phase, self.event = phase, event
+
+
+class Busy(LuoError):
+    """Another update is in progress."""
+
+
+class GateError(LuoError):
+    """A phase target's job did not end ``done``: which unit failed and why."""
+
+    def __init__(self, target: str, job_result: str, unit: str = "", unit_result: str = "") -> None:
+        who = f"; {unit} result {unit_result}" if unit else ""
+        super().__init__(f"{target} job ended {job_result}{who}")
+        self.target, self.job_result, self.unit, self.unit_result = (
+            target, job_result, unit, unit_result)
+
+
+class PhaseTimeout(LuoError):
+    """A phase did not complete within its configured timeout."""
+
+
+class NotAuthorized(LuoError):
+    def __init__(self, action: str) -> None:
+        super().__init__(f"not authorised for {action}")
+        self.action = action
+
+
+class HandoverCorrupt(LuoError):
+    """The emulated kernel's handover image failed validation; nothing was loaded."""
