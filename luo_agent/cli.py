@@ -1,0 +1,487 @@
+"""liveupdatectl: the operator's client of org.luoagent.LiveUpdate1 (the public D-Bus API only).
+
+Human output by default; ``--json`` prints one JSON document per command (``"schema":
+"liveupdatectl/1"``; docs/cli.md).  Exit codes are stable (``ExitCode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from .client import CallError, call, connect, get_all
+from .dbus.names import BUS_NAME, ERROR_PREFIX, IFACE_MANAGER, OBJECT_PATH
+
+SCHEMA: Final = "liveupdatectl/1"
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1  # the operation ran and failed (a participant, the kernel)
+    NOTHING_TO_DO = 2  # e.g. cancel with no update in progress
+    BUSY = 3  # another update is in progress / the kernel device is held by someone else
+    BLOCKED = 4  # check found blockers / wrong phase for this command
+    NOT_AUTHORIZED = 5
+    INVALID = 6  # a bad argument
+    UNAVAILABLE = 69  # the agent is not running or not reachable (EX_UNAVAILABLE)
+
+
+ERROR_EXIT: Final[dict[str, ExitCode]] = {
+    f"{ERROR_PREFIX}.NotAuthorized": ExitCode.NOT_AUTHORIZED,
+    "org.freedesktop.DBus.Error.AccessDenied": ExitCode.NOT_AUTHORIZED,
+    f"{ERROR_PREFIX}.Busy": ExitCode.BUSY,
+    f"{ERROR_PREFIX}.KernelBusy": ExitCode.BUSY,
+    f"{ERROR_PREFIX}.WrongPhase": ExitCode.BLOCKED,
+    f"{ERROR_PREFIX}.InvalidArgument": ExitCode.INVALID,
+    "org.freedesktop.DBus.Error.InvalidArgs": ExitCode.INVALID,
+    f"{ERROR_PREFIX}.NoSuchSession": ExitCode.INVALID,
+    f"{ERROR_PREFIX}.NoSuchToken": ExitCode.INVALID,
+    f"{ERROR_PREFIX}.AlreadyExists": ExitCode.INVALID,
+    "org.freedesktop.DBus.Error.ServiceUnknown": ExitCode.UNAVAILABLE,
+    "org.freedesktop.DBus.Error.NameHasNoOwner": ExitCode.UNAVAILABLE,
+    "org.freedesktop.DBus.Error.NoReply": ExitCode.UNAVAILABLE,
+}
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def line(self, text: str) -> None:
+        if not self.as_json:
+            print(text, flush=True)
+
+    def event(self, **fields: Any) -> None:
+        """Live progress: JSON lines with --json, text otherwise."""
+        if self.as_json:
+            print(json.dumps({"schema": SCHEMA, "type": "event", **fields}), flush=True)
+
+    def result(self, data: dict[str, Any], human: Callable[[], None]) -> None:
+        if self.as_json:
+            print(json.dumps({"schema": SCHEMA, "type": "result", **data}, default=str), flush=True)
+        else:
+            human()
+
+    def error(self, name: str, message: str, code: ExitCode) -> None:
+        if self.as_json:
+            print(
+                json.dumps(
+                    {
+                        "schema": SCHEMA,
+                        "type": "error",
+                        "error": name,
+                        "message": message,
+                        "exit": int(code),
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            print(f"liveupdatectl: {message or name} ({name})", file=sys.stderr, flush=True)
+
+
+class Watcher:
+    """Subscribes to the agent's signals *before* a call, so nothing is missed."""
+
+    def __init__(self, bus: MessageBus, out: Output, update_id: str) -> None:
+        self.bus, self.out, self.update_id = bus, out, update_id
+        self.phase = ""
+        self.finished: tuple[str, str, str] | None = None
+        self.agent_gone = False
+        self.changed = asyncio.Event()
+        self.started = time.monotonic()
+
+    async def subscribe(self) -> None:
+        for rule in (
+            f"type='signal',sender='{BUS_NAME}',interface='{IFACE_MANAGER}',path='{OBJECT_PATH}'",
+            f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
+        ):
+            await call(
+                self.bus,
+                "AddMatch",
+                "s",
+                [rule],
+                interface="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+            )
+        self.bus.add_message_handler(self._on_message)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        if msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == BUS_NAME:
+            if not msg.body[2]:
+                self.agent_gone = True
+                self.changed.set()
+            return None
+        if msg.interface != IFACE_MANAGER:
+            return None
+        if msg.member == "PhaseChanged" and msg.body[0] == self.update_id:
+            self.phase = msg.body[1]
+            elapsed = time.monotonic() - self.started
+            self.out.line(f"[{elapsed:7.3f}s] {self.update_id}: {self.phase}")
+            self.out.event(
+                event="phase", update=self.update_id, phase=self.phase, elapsed=round(elapsed, 6)
+            )
+            self.changed.set()
+        elif msg.member == "Finished" and msg.body[0] == self.update_id:
+            self.finished = (msg.body[1], msg.body[2], msg.body[3])
+            self.changed.set()
+        return None
+
+    async def until(self, done: Callable[[], bool], timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not done():
+                self.changed.clear()
+                if done():
+                    return
+                await self.changed.wait()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    props = await get_all(bus)
+
+    def human() -> None:
+        print(f"Phase:          {props['Phase']}")
+        print(f"Kernel ABI:     {props['KernelAbi']} ({props['KernelState']})")
+        print(f"Kernel loaded:  {'yes' if props['KernelLoaded'] else 'no'}")
+        print(f"Current update: {props['CurrentUpdate'] or '-'}")
+        print(f"Progress:       {props['Progress']}%")
+        last = props["LastResult"]
+        if last[0]:
+            print(f"Last update:    {last[0]}: {last[1]}" + (f" ({last[3]})" if last[3] else ""))
+        for unit, active, sub, result in props["Participants"]:
+            print(f"  {unit:40} {active}/{sub} result={result}")
+
+    out.result({"status": _jsonable(props)}, human)
+    return ExitCode.OK
+
+
+async def cmd_check(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    (report,) = await call(bus, "Check")
+    data = {k: v.value for k, v in report.items()}
+
+    def human() -> None:
+        print("ready" if data["ready"] else "not ready")
+        for blocker in data["blockers"]:
+            print(f"  blocker: {blocker}")
+
+    out.result({"check": data}, human)
+    return ExitCode.OK if data["ready"] else ExitCode.BLOCKED
+
+
+async def _load_kernel(
+    bus: MessageBus, kernel: str, initrd: str | None, cmdline: str | None, reuse: bool, out: Output
+) -> str:
+    if cmdline is None:
+        cmdline = Path("/proc/cmdline").read_text().strip() if reuse else ""
+    kfd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
+    ifd = os.open(initrd or "/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        (full,) = await call(
+            bus,
+            "LoadKernel",
+            "hhsa{sv}",
+            [0, 1, cmdline, {"no-initrd": Variant("b", initrd is None)}],
+            unix_fds=[kfd, ifd],
+        )
+    finally:
+        os.close(kfd)
+        os.close(ifd)
+    out.line(f"kernel loaded: {kernel} cmdline: {full}")
+    return str(full)
+
+
+async def cmd_load_kernel(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    full = await _load_kernel(bus, args.kernel, args.initrd, args.cmdline, args.reuse_cmdline, out)
+    out.result({"cmdline": full}, lambda: None)
+    return ExitCode.OK
+
+
+async def cmd_prepare(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    update_id = args.id or _new_id()
+    watcher = Watcher(bus, out, update_id)
+    await watcher.subscribe()
+    new_id, path = await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
+    out.line(f"update {new_id} started ({path})")
+    if not args.wait:
+        out.result({"update": new_id, "path": path}, lambda: None)
+        return ExitCode.OK
+    return await _wait_phase(watcher, {"prepared"}, args.timeout, out)
+
+
+async def _wait_phase(watcher: Watcher, phases: set[str], timeout: float, out: Output) -> ExitCode:
+    try:
+        await watcher.until(
+            lambda: watcher.phase in phases or watcher.finished is not None or watcher.agent_gone,
+            timeout,
+        )
+    except TimeoutError:
+        out.error("Timeout", f"no result within {timeout:.0f} s", ExitCode.FAILURE)
+        return ExitCode.FAILURE
+    return _outcome(watcher, out)
+
+
+def _outcome(watcher: Watcher, out: Output) -> ExitCode:
+    if watcher.finished is not None:
+        result, error_name, message = watcher.finished
+        out.result(
+            {
+                "update": watcher.update_id,
+                "result": result,
+                "error": error_name,
+                "message": message,
+            },
+            lambda: print(
+                f"update {watcher.update_id}: {result}" + (f": {message}" if message else "")
+            ),
+        )
+        return ExitCode.OK if result == "success" else ExitCode.FAILURE
+    if watcher.agent_gone and watcher.phase != "rebooting":
+        out.error("AgentGone", "the agent left the bus", ExitCode.UNAVAILABLE)
+        return ExitCode.UNAVAILABLE
+    out.result(
+        {"update": watcher.update_id, "phase": watcher.phase},
+        lambda: print(f"update {watcher.update_id}: {watcher.phase}"),
+    )
+    return ExitCode.OK
+
+
+async def cmd_execute(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    (current,) = [(await get_all(bus))["CurrentUpdate"]]
+    update_id = args.id or current
+    watcher = Watcher(bus, out, update_id)
+    await watcher.subscribe()
+    await call(bus, "Execute", "s", [args.id or ""])
+    if not args.wait:
+        out.result({"update": update_id}, lambda: None)
+        return ExitCode.OK
+    return await _wait_phase(watcher, {"rebooting"}, args.timeout, out)
+
+
+async def cmd_update(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    """prepare → execute, streaming progress; returns once the kexec is issued (or failed)."""
+    if args.from_environment:
+        args.kernel = args.kernel or os.environ.get("LIVEUPDATE_KERNEL")
+        args.initrd = args.initrd or os.environ.get("LIVEUPDATE_INITRD") or None
+        args.cmdline = args.cmdline or os.environ.get("LIVEUPDATE_CMDLINE")
+    if args.kernel:
+        await _load_kernel(bus, args.kernel, args.initrd, args.cmdline, args.cmdline is None, out)
+    update_id = args.id or _new_id()
+    watcher = Watcher(bus, out, update_id)
+    await watcher.subscribe()
+    await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
+    out.line(f"update {update_id}: preparing")
+    code = await _wait_phase(watcher, {"prepared"}, args.timeout, out)
+    if watcher.finished is not None or code is not ExitCode.OK or not args.wait:
+        return code
+    await call(bus, "Execute", "s", [update_id])
+    return await _wait_phase(watcher, {"rebooting"}, args.timeout, out)
+
+
+async def cmd_simple(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    member = {"cancel": "Cancel", "finish": "Finish", "restore": "Restore"}[args.command]
+    await call(bus, member, "s", [args.id or ""])
+    out.result(
+        {"command": args.command, "update": args.id or ""},
+        lambda: print(f"{args.command}: requested"),
+    )
+    return ExitCode.OK
+
+
+async def cmd_preserve(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    fd = os.open(args.file, os.O_RDWR | os.O_CLOEXEC) if args.file else args.fd
+    depends = [[s, int(t)] for s, t in (d.rsplit(":", 1) for d in args.depends_on or [])]
+    options = {"depends-on": Variant("a(st)", depends)} if depends else {}
+    try:
+        await call(
+            bus, "Preserve", "hsta{sv}", [0, args.session, args.token, options], unix_fds=[fd]
+        )
+    finally:
+        if args.file:
+            os.close(fd)
+    out.result(
+        {"session": args.session, "token": args.token},
+        lambda: print(f"handed in {args.session}/{args.token}"),
+    )
+    return ExitCode.OK
+
+
+async def cmd_retrieve(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    (fd,) = await call(bus, "Retrieve", "st", [args.session, args.token])
+    try:
+        size = os.fstat(fd).st_size
+        if args.output:
+            with open(args.output, "wb") as f:
+                f.write(os.pread(fd, size, 0))
+    finally:
+        os.close(fd)
+    out.result(
+        {"session": args.session, "token": args.token, "size": size},
+        lambda: print(
+            f"{args.session}/{args.token}: {size} bytes"
+            + (f" written to {args.output}" if args.output else "")
+        ),
+    )
+    return ExitCode.OK
+
+
+async def cmd_sessions(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    (rows,) = await call(bus, "ListSessions")
+    items = [{"session": s, "token": t, "owner": o, "state": st} for s, t, o, st in rows]
+
+    def human() -> None:
+        if not items:
+            print("no preserved file descriptors")
+        for i in items:
+            print(f"{i['session']:30} {i['token']:>20} {i['state']:10} {i['owner']}")
+
+    out.result({"sessions": items}, human)
+    return ExitCode.OK
+
+
+async def cmd_history(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    (rows,) = await call(bus, "GetHistory", "u", [args.limit])
+    items = [{k: v.value for k, v in row.items()} for row in rows]
+
+    def human() -> None:
+        for i in items:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["started-at"]))
+            print(f"{when}  {i['id']:28} {i['result']:10} {i['message']}")
+
+    out.result({"history": _jsonable(items)}, human)
+    return ExitCode.OK
+
+
+COMMANDS: Final[dict[str, Callable[[MessageBus, argparse.Namespace, Output], Any]]] = {
+    "status": cmd_status,
+    "check": cmd_check,
+    "update": cmd_update,
+    "prepare": cmd_prepare,
+    "execute": cmd_execute,
+    "cancel": cmd_simple,
+    "finish": cmd_simple,
+    "restore": cmd_simple,
+    "load-kernel": cmd_load_kernel,
+    "preserve": cmd_preserve,
+    "retrieve": cmd_retrieve,
+    "sessions": cmd_sessions,
+    "history": cmd_history,
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _jsonable(value.value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="liveupdatectl", description="Drive luo-agent live updates.")
+    p.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
+    p.add_argument("--session-bus", action="store_true", help="talk to an agent on the session bus")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="phase, kernel, current and last update")
+    sub.add_parser("check", help="preflight: is a live update possible now?")
+    for name in ("update", "prepare"):
+        s = sub.add_parser(name, help="run a whole update" if name == "update" else "prepare")
+        s.add_argument("--id", help="the update id (default: generated)")
+        s.add_argument("--wait", action="store_true", help="stream progress until the result")
+        s.add_argument("--timeout", type=float, default=900.0)
+        if name == "update":
+            s.add_argument("--kernel", help="kernel image to load first")
+            s.add_argument("--initrd")
+            s.add_argument("--cmdline")
+            s.add_argument(
+                "--from-environment",
+                action="store_true",
+                help="LIVEUPDATE_KERNEL/_INITRD/_CMDLINE from the environment",
+            )
+    s = sub.add_parser("execute", help="freeze and kexec the prepared update")
+    s.add_argument("--id")
+    s.add_argument("--wait", action="store_true")
+    s.add_argument("--timeout", type=float, default=300.0)
+    for name in ("cancel", "finish", "restore"):
+        s = sub.add_parser(name)
+        s.add_argument("--id")
+    s = sub.add_parser("load-kernel", help="kexec_file_load the next kernel (by fd)")
+    s.add_argument("kernel")
+    s.add_argument("--initrd")
+    s.add_argument("--cmdline")
+    s.add_argument("--reuse-cmdline", action="store_true")
+    s = sub.add_parser("preserve", help="hand a memfd to the next update")
+    s.add_argument("--session", required=True)
+    s.add_argument("--token", type=int, required=True)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", help="a path to open (e.g. /proc/PID/fd/N of a memfd)")
+    src.add_argument("--fd", type=int, help="an fd number this process inherited")
+    s.add_argument("--depends-on", action="append", metavar="SESSION:TOKEN")
+    s = sub.add_parser("retrieve", help="after a live-update boot: get a preserved fd")
+    s.add_argument("--session", required=True)
+    s.add_argument("--token", type=int, required=True)
+    s.add_argument("--output", help="write its contents to this file")
+    sub.add_parser("sessions", help="list preserved file descriptors")
+    s = sub.add_parser("history", help="past updates")
+    s.add_argument("--limit", type=int, default=20)
+    return p
+
+
+async def run(args: argparse.Namespace) -> ExitCode:
+    out = Output(args.json)
+    try:
+        bus = await connect("session" if args.session_bus else None)
+    except (OSError, Exception) as exc:  # no bus at all
+        out.error(
+            "org.freedesktop.DBus.Error.NoServer",
+            f"cannot reach the bus: {exc}",
+            ExitCode.UNAVAILABLE,
+        )
+        return ExitCode.UNAVAILABLE
+    try:
+        return ExitCode(await COMMANDS[args.command](bus, args, out))
+    except CallError as exc:
+        code = ERROR_EXIT.get(exc.name, ExitCode.FAILURE)
+        if args.command == "cancel" and exc.name == f"{ERROR_PREFIX}.WrongPhase":
+            code = ExitCode.NOTHING_TO_DO
+        out.error(exc.name, exc.text, code)
+        return code
+    except OSError as exc:
+        out.error("OSError", str(exc), ExitCode.INVALID)
+        return ExitCode.INVALID
+    finally:
+        bus.disconnect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "token", None) is not None and not 0 <= args.token < 2**64:
+        print("liveupdatectl: --token must be 0..2^64-1", file=sys.stderr)
+        return int(ExitCode.INVALID)
+    return int(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

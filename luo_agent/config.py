@@ -1,0 +1,122 @@
+"""The agent's configuration: a TOML file parsed once into a frozen ``Config``.
+
+Defaults live on the dataclasses; errors name the file and the key.  No global config: the
+composition root passes it into constructors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+from .errors import ConfigError
+from .phase import PhaseTimeouts
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/luo-agent/config.toml")
+
+BusKind = Literal["system", "session"]
+AbiChoice = Literal["auto", "rfc-v2", "v3", "session"]
+RebootStrategy = Literal["direct", "systemd"]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    abi: AbiChoice = "auto"
+    # When set, the agent drives the emulated kernel whose machine root is this directory.
+    emulate_root: Path | None = None
+    # Opening the exclusive device: EBUSY (systemd or another agent holds it) is retried this long.
+    busy_retry_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_sessions: int = 64
+    max_fds_per_session: int = 128
+    max_fds_total: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    bus: BusKind = "system"
+    systemd_user_mode: bool = False
+    state_directory: Path = Path("/var/lib/luo-agent")
+    runtime_directory: Path = Path("/run/luo-agent")
+    reboot_strategy: RebootStrategy = "direct"
+    # Start the finish phase on our own once the restore gate passed (otherwise wait for Finish()).
+    auto_finish: bool = True
+    timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    limits: Limits = field(default_factory=Limits)
+
+
+_CHOICES: Final[dict[str, tuple[str, ...]]] = {
+    "bus": ("system", "session"),
+    "reboot_strategy": ("direct", "systemd"),
+    "kernel.abi": ("auto", "rfc-v2", "v3", "session"),
+}
+
+
+def _build(cls: type[Any], table: dict[str, Any], path: str, prefix: str) -> Any:
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        f = fields.get(key.replace("-", "_"))
+        if f is None:
+            raise ConfigError(path, dotted, "unknown key")
+        default = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(path, dotted, "must be a table")
+            kwargs[f.name] = _build(type(default), value, path, dotted + ".")
+            continue
+        kwargs[f.name] = _convert(value, default, path, dotted)
+    return cls(**kwargs)
+
+
+def _convert(value: Any, default: Any, path: str, key: str) -> Any:
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(path, key, f"must be one of {', '.join(_CHOICES[key])}")
+    if isinstance(default, bool) or (key == "systemd_user_mode"):
+        if not isinstance(value, bool):
+            raise ConfigError(path, key, "must be true or false")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(path, key, "must be a positive number of seconds")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(path, key, "must be a positive integer")
+        return value
+    if isinstance(default, Path) or key == "kernel.emulate_root":
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(path, key, "must be an absolute path")
+        return Path(value)
+    if not isinstance(value, str):
+        raise ConfigError(path, key, "must be a string")
+    return value
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+    return cast(Config, _build(Config, table, path, ""))
+
+
+def load_config(path: Path | None) -> Config:
+    """``path=None`` reads the default file if it exists, else uses the built-in defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), "-", exc.strerror or str(exc)) from None
+    return parse_config(text, str(path))

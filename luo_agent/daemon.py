@@ -1,0 +1,181 @@
+"""The composition root: arguments → configuration → logging → kernel backend → Agent → D-Bus,
+all inside one TaskGroup.  The only module that chooses concrete classes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from .agent import Agent
+from .config import Config, load_config
+from .errors import ConfigError, LuoError
+from .kernel.backend import KernelBackend, RfcV2Backend, SessionBackend, V3Backend
+from .kernel.detect import detect_abi
+from .kernel.device import Abi
+from .kernel.syscalls import RealSyscalls, Syscalls
+from .log import configure_logging
+from .persist import History, RuntimeState
+from .systemd import notify
+from .systemd.pystemd_gate import PystemdGate
+
+log = structlog.get_logger(__name__)
+
+EX_OK = 0
+EX_SOFTWARE = 70
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+
+def make_syscalls(config: Config) -> Syscalls:
+    if config.kernel.emulate_root is not None:
+        from .kernel.emulator import EmulatedSyscalls
+
+        return EmulatedSyscalls(config.kernel.emulate_root)
+    return RealSyscalls()
+
+
+def kernel_factory(config: Config, syscalls: Syscalls) -> Callable[[], KernelBackend]:
+    def open_kernel() -> KernelBackend:
+        abi = Abi(config.kernel.abi) if config.kernel.abi != "auto" else detect_abi(syscalls).abi
+        match abi:
+            case Abi.SESSION:
+                return SessionBackend(syscalls)
+            case Abi.V3:
+                return V3Backend(syscalls)
+            case Abi.RFC_V2:
+                return RfcV2Backend(syscalls, config.state_directory)
+        raise AssertionError(abi)
+
+    return open_kernel
+
+
+async def run(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    syscalls = make_syscalls(config)
+    gate = PystemdGate(user_mode=config.systemd_user_mode)
+    agent = Agent(
+        config=config,
+        open_kernel=kernel_factory(config, syscalls),
+        gate=gate,
+        runtime=RuntimeState(config.runtime_directory),
+        history=History(config.state_directory),
+        status=notify.status,
+        on_rebooted=stop.set,
+    )
+    from .dbus.server import serve
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            runner = tg.create_task(agent.run(), name="agent")
+            try:
+                await agent.start()
+                bus, _ = await serve(agent, config.bus)
+            except BaseException:
+                runner.cancel()
+                raise
+            notify.ready(f"phase: {agent.phase}; kernel ABI {agent.abi}")
+            log.info("agent_ready", abi=agent.abi, phase=str(agent.phase), bus=config.bus)
+            watchdog = tg.create_task(_watchdog(), name="watchdog")
+            await agent.resume()
+            await stop.wait()
+            notify.stopping()
+            log.info("agent_stopping", phase=str(agent.phase))
+            watchdog.cancel()
+            await agent.stop()
+            bus.disconnect()
+            runner.cancel()
+    finally:
+        await gate.close()
+    return EX_OK
+
+
+async def _watchdog() -> None:
+    interval = notify.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        notify.watchdog()
+        await asyncio.sleep(interval / 2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="luo-agent", description=__doc__)
+    parser.add_argument("--config", type=Path, help="configuration file (TOML)")
+    parser.add_argument("--session-bus", action="store_true", help="serve on the session bus")
+    parser.add_argument(
+        "--user-manager",
+        action="store_true",
+        help="gate on the systemd user manager instead of PID 1",
+    )
+    parser.add_argument(
+        "--emulate",
+        type=Path,
+        metavar="ROOT",
+        help="drive the emulated kernel of the machine at ROOT",
+    )
+    parser.add_argument("--abi", choices=("auto", "rfc-v2", "v3", "session"))
+    parser.add_argument("--state-directory", type=Path)
+    parser.add_argument("--runtime-directory", type=Path)
+    parser.add_argument("--log", choices=("auto", "journal", "console"), default="auto")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    kernel = config.kernel
+    if args.emulate is not None:
+        kernel = dataclasses.replace(kernel, emulate_root=args.emulate.resolve())
+    if args.abi is not None:
+        kernel = dataclasses.replace(kernel, abi=args.abi)
+    changes: dict[str, object] = {"kernel": kernel}
+    if args.session_bus:
+        changes["bus"] = "session"
+    if args.user_manager:
+        changes["systemd_user_mode"] = True
+    if args.state_directory is not None:
+        changes["state_directory"] = args.state_directory
+    if args.runtime_directory is not None:
+        changes["runtime_directory"] = args.runtime_directory
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log, args.log_level)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        log.error("bad_configuration", error=str(exc))
+        return EX_CONFIG
+    status = EX_SOFTWARE
+    try:
+        status = asyncio.run(run(config))
+    except* LuoError as group:
+        for failure in group.exceptions:
+            log.error("agent_failed", error=str(failure), kind=type(failure).__name__)
+        notify.notify(STATUS=f"failed: {group.exceptions[0]}")
+        status = EX_UNAVAILABLE
+    except* Exception as group:
+        for crash in group.exceptions:
+            log.error("agent_crashed", error=str(crash), exc_info=crash)
+        status = EX_SOFTWARE
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Every D-Bus name of the agent, derived from one versioned prefix (0pointer's versioning rules:
+the name, the interfaces, the object paths and the error names all end in the same version)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+API_VERSION: Final = 1
+BUS_NAME: Final = f"org.luoagent.LiveUpdate{API_VERSION}"
+OBJECT_PATH: Final = f"/org/luoagent/LiveUpdate{API_VERSION}"
+UPDATES_PATH: Final = f"{OBJECT_PATH}/update"
+IFACE_MANAGER: Final = f"{BUS_NAME}.Manager"
+IFACE_UPDATE: Final = f"{BUS_NAME}.Update"
+ERROR_PREFIX: Final = f"{BUS_NAME}.Error"
+POLKIT_PREFIX: Final = f"org.luoagent.liveupdate{API_VERSION}"
+
+
+def error(name: str) -> str:
+    return f"{ERROR_PREFIX}.{name}"
+
+
+def update_path(update_id: str) -> str:
+    """Object path of one update.  Ids are restricted to [A-Za-z0-9_-] (checked at the boundary);
+    '-' is escaped as systemd does for unit paths so the path stays valid."""
+    escaped = "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in update_id)
+    return f"{UPDATES_PATH}/{escaped}"
+
+
+def polkit_action(verb: str) -> str:
+    return f"{POLKIT_PREFIX}.{verb}"

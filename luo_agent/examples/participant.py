@@ -1,0 +1,170 @@
+"""An example live-update participant: a small workload that keeps its data in a memfd, hands it
+to the agent in the prepare phase and, after the live-update boot, retrieves it and verifies every
+byte.  units/luo-example-*.service run it; docs/participants.md walks through it.
+
+    serve     the workload (long-running); listens on <runtime>/control.sock
+    prepare   ExecStart of the prepare hook: asks the workload to preserve its memfd
+    restore   ExecStart of the restore hook: asks the workload to retrieve and verify it
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..client import CallError, call, connect, get_property
+from ..persist import write_atomic
+
+SESSION = "example"
+TOKEN = 1
+
+
+@dataclass
+class Workload:
+    state_dir: Path
+    size: int
+    bus_kind: str | None
+    memfd: int = -1
+
+    @property
+    def expected_file(self) -> Path:
+        return self.state_dir / "expected.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.state_dir / "last-restore.json"
+
+    def create(self) -> None:
+        self.memfd = os.memfd_create("luo-example-data", os.MFD_CLOEXEC)
+        data = secrets.token_bytes(self.size)
+        os.write(self.memfd, data)
+        # A non-trivial file position: the kernel carries it too.
+        os.lseek(self.memfd, self.size // 3, os.SEEK_SET)
+
+    def describe(self) -> dict[str, Any]:
+        size = os.fstat(self.memfd).st_size
+        digest = hashlib.sha256(os.pread(self.memfd, size, 0)).hexdigest()
+        return {"size": size, "pos": os.lseek(self.memfd, 0, os.SEEK_CUR), "sha256": digest}
+
+    async def preserve(self) -> str:
+        if self.memfd < 0:
+            self.create()
+        expected = self.describe()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.expected_file, json.dumps(expected).encode(), durable=True)
+        bus = await connect(self.bus_kind)
+        try:
+            await call(bus, "Preserve", "hsta{sv}", [0, SESSION, TOKEN, {}], unix_fds=[self.memfd])
+        finally:
+            bus.disconnect()
+        return f"preserved {expected['size']} bytes sha256={expected['sha256'][:16]}"
+
+    async def restore(self) -> str:
+        bus = await connect(self.bus_kind)
+        try:
+            (fd,) = await call(bus, "Retrieve", "st", [SESSION, TOKEN])
+        finally:
+            bus.disconnect()
+        if self.memfd >= 0:
+            os.close(self.memfd)
+        self.memfd = fd
+        got = self.describe()
+        expected = json.loads(self.expected_file.read_text())
+        verified = got == expected
+        write_atomic(
+            self.result_file,
+            json.dumps({"verified": verified, "expected": expected, "got": got}).encode(),
+        )
+        if not verified:
+            raise RuntimeError(f"data mismatch after live update: expected {expected}, got {got}")
+        return f"verified {got['size']} bytes sha256={got['sha256'][:16]} pos={got['pos']}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command = (await reader.readline()).decode().strip()
+        try:
+            match command:
+                case "preserve":
+                    answer = "ok " + await self.preserve()
+                case "restore":
+                    answer = "ok " + await self.restore()
+                case _:
+                    answer = f"error unknown command {command!r}"
+        except CallError as exc:
+            answer = f"error {exc.name}: {exc.text}"
+        except Exception as exc:  # reported to the hook, which fails the phase
+            answer = f"error {exc}"
+        print(f"luo-example: {command}: {answer}", flush=True)
+        writer.write(answer.encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    workload = Workload(Path(args.state_dir), args.size, args.bus)
+    try:
+        bus = await connect(args.bus)
+        phase = await get_property(bus, "Phase")
+        bus.disconnect()
+    except Exception:
+        phase = "unknown"
+    if phase not in ("updated", "restoring"):
+        workload.create()
+        print(f"luo-example: fresh data, {workload.describe()}", flush=True)
+    else:
+        print("luo-example: live-update boot, waiting for the restore phase", flush=True)
+    sock = Path(args.runtime_dir) / "control.sock"
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    sock.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(workload.handle, path=str(sock))
+    _sd_notify(b"READY=1")
+    async with server:
+        await server.serve_forever()
+    return 0
+
+
+def _sd_notify(message: bytes) -> None:
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message, address)
+
+
+async def ask(args: argparse.Namespace, command: str) -> int:
+    sock = Path(args.runtime_dir) / "control.sock"
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(command.encode() + b"\n")
+    await writer.drain()
+    answer = (await reader.readline()).decode().strip()
+    writer.close()
+    print(answer)
+    return 0 if answer.startswith("ok") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="luo-example-participant")
+    parser.add_argument("command", choices=("serve", "prepare", "restore"))
+    parser.add_argument("--state-dir", default="/var/lib/luo-example")
+    parser.add_argument("--runtime-dir", default="/run/luo-example")
+    parser.add_argument("--size", type=int, default=4 << 20)
+    parser.add_argument("--bus", choices=("system", "session"), default=None)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return asyncio.run(serve(args))
+    return asyncio.run(ask(args, "preserve" if args.command == "prepare" else "restore"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Files the agent writes: its published phase under the runtime directory (for units'
+``Condition…=``/``Assert…=`` on every kernel), the in-flight record for a restart in the same boot,
+and the history of updates under the state directory (kept across reboots).
+
+Every write is atomic (temp file + rename) so a reader or a crash never sees half a file.  Write
+failures (disk full, read-only) raise ``PersistError`` for the caller to report; they never corrupt
+what was there before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import LuoError
+from .records import UpdateRecord
+
+HISTORY_LIMIT = 200
+
+
+class PersistError(LuoError):
+    """A state or history file could not be written (disk full, read-only file system, …)."""
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        if durable:
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise PersistError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class RuntimeState:
+    """``<runtime>/state`` holds the phase name (plus a newline); ``<runtime>/active/<step>`` exists
+    while the agent itself runs that phase's gate (the targets assert it); ``current.json`` holds
+    the in-flight update."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.active = directory / "active"
+        self.state_file = directory / "state"
+        self.current_file = directory / "current.json"
+
+    def setup(self) -> None:
+        try:
+            self.active.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PersistError(f"cannot create {self.active}: {exc.strerror}") from None
+
+    def publish_phase(self, phase: str) -> None:
+        write_atomic(self.state_file, f"{phase}\n".encode())
+
+    def set_active(self, steps: Iterable[str]) -> None:
+        wanted = set(steps)
+        for marker in self.active.iterdir():
+            if marker.name not in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    marker.unlink()
+        for step in wanted:
+            write_atomic(self.active / step, b"")
+
+    def save_current(self, record: UpdateRecord | None) -> None:
+        if record is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.current_file.unlink()
+            return
+        write_atomic(self.current_file, json.dumps(record.to_json()).encode())
+
+    def load_current(self) -> UpdateRecord | None:
+        """The in-flight record of this boot, or None.  A corrupt file is moved aside (and
+        reported through the raised error) rather than trusted."""
+        try:
+            raw = self.current_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise PersistError(f"cannot read {self.current_file}: {exc.strerror}") from None
+        try:
+            return UpdateRecord.from_json(json.loads(raw))
+        except ValueError as exc:
+            aside = self.current_file.with_suffix(".corrupt")
+            with contextlib.suppress(OSError):
+                os.rename(self.current_file, aside)
+            raise PersistError(
+                f"{self.current_file} is corrupt ({exc}); moved to {aside}"
+            ) from None
+
+
+class History:
+    """Finished updates, newest last, in one JSON file (bounded to HISTORY_LIMIT entries)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "history.json"
+
+    def load(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            # A damaged history must not stop the agent: keep it aside for the operator.
+            with contextlib.suppress(OSError):
+                os.rename(self.path, self.path.with_suffix(".corrupt"))
+            return []
+        return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+    def append(self, record: UpdateRecord) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PersistError(f"cannot create {self.directory}: {exc.strerror}") from None
+        entries = [e for e in self.load() if e.get("id") != record.id]
+        entries.append(record.to_json())
+        write_atomic(self.path, json.dumps(entries[-HISTORY_LIMIT:]).encode(), durable=True)

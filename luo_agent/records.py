@@ -1,0 +1,129 @@
+"""Value types of an update as the agent records it, and their byte formats.
+
+Three places hold them: the metadata memfd that travels through the kexec inside the kernel (so the
+new boot's agent learns the update from the kernel, not from disk), ``current.json`` under the
+runtime directory (so an agent restarted in the same boot finds what it was doing) and the history
+file under the state directory (what happened, kept across reboots).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Final, Self
+
+from .errors import HandoverCorrupt
+
+METADATA_MAGIC: Final = b"LUOAGNT1"
+METADATA_VERSION: Final = 1
+_HEADER: Final = struct.Struct("<8sII")  # magic, version, payload length
+# The metadata memfd's size is frozen once preserved, so it is created at its final size.
+METADATA_CAPACITY: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PreservedFd:
+    session: str
+    token: int
+    owner: str = ""
+    # The token the kernel knows the file by: equal to ``token`` on the session ABI, the
+    # agent's or the kernel's global token on the state-machine ABIs.
+    kernel_token: int = 0
+    depends_on: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTiming:
+    phase: str
+    started: float  # CLOCK_REALTIME seconds
+    ended: float | None = None
+    monotonic_start: float = 0.0
+    monotonic_end: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        if self.monotonic_end is None:
+            return None
+        return self.monotonic_end - self.monotonic_start
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRecord:
+    id: str
+    abi: str
+    started_by: str = ""
+    started_at: float = field(default_factory=time.time)
+    phase: str = "idle"
+    result: str = ""  # "", "success", "failed", "cancelled", "aborted"
+    error_name: str = ""
+    message: str = ""
+    timings: tuple[PhaseTiming, ...] = ()
+    preserved: tuple[PreservedFd, ...] = ()
+    kernel_cmdline: str = ""
+    boot_count: int = 0  # how many live-update boots this update went through
+
+    def with_phase(self, phase: str, now: float | None = None, mono: float | None = None) -> Self:
+        now = time.time() if now is None else now
+        mono = time.monotonic() if mono is None else mono
+        timings = list(self.timings)
+        if timings and timings[-1].ended is None:
+            timings[-1] = replace(timings[-1], ended=now, monotonic_end=mono)
+        timings.append(PhaseTiming(phase, now, monotonic_start=mono))
+        return replace(self, phase=phase, timings=tuple(timings))
+
+    def ended(self, result: str, error_name: str = "", message: str = "") -> Self:
+        now, mono = time.time(), time.monotonic()
+        timings = list(self.timings)
+        if timings and timings[-1].ended is None:
+            timings[-1] = replace(timings[-1], ended=now, monotonic_end=mono)
+        return replace(
+            self, result=result, error_name=error_name, message=message, timings=tuple(timings)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpdateRecord:
+        try:
+            timings = tuple(PhaseTiming(**t) for t in data.get("timings", ()))
+            preserved = tuple(
+                PreservedFd(
+                    session=p["session"],
+                    token=int(p["token"]),
+                    owner=p.get("owner", ""),
+                    kernel_token=int(p.get("kernel_token", 0)),
+                    depends_on=tuple((str(s), int(t)) for s, t in p.get("depends_on", ())),
+                )
+                for p in data.get("preserved", ())
+            )
+            fields = {k: v for k, v in data.items() if k not in ("timings", "preserved")}
+            return cls(**fields, timings=timings, preserved=preserved)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"malformed update record: {exc}") from None
+
+
+def encode_metadata(record: UpdateRecord) -> bytes:
+    payload = json.dumps(record.to_json(), separators=(",", ":")).encode()
+    if _HEADER.size + len(payload) > METADATA_CAPACITY:
+        raise ValueError("update metadata does not fit the metadata memfd")
+    return _HEADER.pack(METADATA_MAGIC, METADATA_VERSION, len(payload)) + payload
+
+
+def decode_metadata(blob: bytes) -> UpdateRecord:
+    if len(blob) < _HEADER.size:
+        raise HandoverCorrupt("agent metadata is shorter than its header")
+    magic, version, length = _HEADER.unpack_from(blob)
+    if magic != METADATA_MAGIC:
+        raise HandoverCorrupt("agent metadata has a wrong magic")
+    if version != METADATA_VERSION:
+        raise HandoverCorrupt(f"agent metadata version {version} is not supported")
+    payload = blob[_HEADER.size : _HEADER.size + length]
+    if len(payload) != length:
+        raise HandoverCorrupt("agent metadata is truncated")
+    try:
+        return UpdateRecord.from_json(json.loads(payload))
+    except ValueError as exc:
+        raise HandoverCorrupt(f"agent metadata is unreadable: {exc}") from None

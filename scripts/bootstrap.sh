@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what luo_agent needs on a fresh Debian 12 machine (run as root): Debian packages, then a
+# virtualenv in .venv with the project and its test tools.  Idempotent; quiet when nothing is missing.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-linux gcc python3-dev)
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+stamp=.venv/.luo-bootstrap
+if [[ ! -x .venv/bin/python || ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    echo "bootstrap: preparing .venv"
+    "$python" -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
