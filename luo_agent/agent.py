@@ -39,7 +39,7 @@ from .kernel.backend import BootState, KernelBackend, PreserveItem
 from .kernel.device import KernelState as KernelStateValue
 from .persist import History, PersistError, RuntimeState
 from .records import PreservedFd, UpdateRecord
-from .registry import Registry
+from .registry import FdRegistry
 from .systemd.gate import Gate, GateOutcome, UnitStatus
 
 log = structlog.get_logger(__name__)
@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 UPDATE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CMDLINE_MARKER: Final = "luo_agent.update="
 
 # Rough progress of an update per phase, for the Progress property.
 PROGRESS: Final[dict[ph.Phase, int]] = {
@@ -81,6 +82,15 @@ class AgentListener(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class LoadedKernel:
+    """The agent's duplicates of the kexec image fds, and the command line without our marker."""
+
+    kernel_fd: int
+    initrd_fd: int
+    base_cmdline: str
+
+
+@dataclass(frozen=True, slots=True)
 class CheckReport:
     ready: bool
     blockers: tuple[str, ...]
@@ -99,7 +109,7 @@ class Agent:
         gate: Gate,
         runtime: RuntimeState,
         history: History,
-        status: Callable[[str], None] = lambda text: None,
+        status: Callable[[str], object] = lambda text: None,
         on_rebooted: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
@@ -116,11 +126,12 @@ class Agent:
         self.participants: tuple[UnitStatus, ...] = ()
         self.kernel_loaded = False
         self.kernel_cmdline = ""
+        self._kexec: LoadedKernel | None = None
         self.listeners: list[AgentListener] = []
-        self.registry = Registry(
+        self.registry = FdRegistry(
+            check_fd=check_preservable,
             max_per_session=config.limits.max_fds_per_session,
             max_total=config.limits.max_fds_total,
-            max_sessions=config.limits.max_sessions,
         )
         self._timeouts = config.timeouts
         self._queue: asyncio.Queue[tuple[ph.Event, asyncio.Future[ph.Step] | None]] = (
@@ -130,6 +141,7 @@ class Agent:
         self._work: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._retrieved: dict[tuple[str, int], str] = {}
+        self._freeze_gate_done = 0.0
         self.boot_notes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------ life cycle
@@ -270,6 +282,8 @@ class Agent:
             with contextlib.suppress(LuoError, OSError):
                 await self._in_kernel(self.kernel.close)
         self.registry.close_all()
+        if self._kexec is not None:
+            _close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
         self._pool.shutdown(wait=True)
 
     # ----------------------------------------------------------------------------------- requests
@@ -325,25 +339,31 @@ class Agent:
         await self.submit(ph.Restore())
 
     async def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> str:
-        """kexec_file_load with the agent's command-line marker appended.  Returns the command
-        line the new kernel will see."""
+        """kexec_file_load with the agent's command-line marker (``luo_agent.update=<id>``)
+        appended.  Returns the command line the new kernel will see.  The agent keeps its own
+        duplicates of the fds: if the kernel was loaded before the update had an id, prepare
+        reloads it with the right marker (outside the blackout)."""
         if self.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING):
             raise PhaseError(self.phase, "LoadKernel")
         assert self.kernel is not None
         if len(cmdline) > 4096 or "\0" in cmdline:
             raise InvalidArgument("the command line must be under 4096 bytes without NUL")
-        marker = "luo_agent.update="
-        words = [w for w in cmdline.split() if not w.startswith(marker)]
-        if self.record is not None:
-            words.append(f"{marker}{self.record.id}")
-        else:
-            words.append(f"{marker}pending")
-        full = " ".join(words)
-        await self._in_kernel(self.kernel.load_kernel, kernel_fd, initrd_fd, full)
+        base = " ".join(w for w in cmdline.split() if not w.startswith(CMDLINE_MARKER))
+        own = (os.dup(kernel_fd), os.dup(initrd_fd) if initrd_fd >= 0 else -1)
+        full = _with_marker(base, self.record.id if self.record else "pending")
+        try:
+            await self._in_kernel(self.kernel.load_kernel, own[0], own[1], full)
+        except BaseException:
+            _close_fds(*own)
+            raise
+        if self._kexec is not None:
+            _close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
+        self._kexec = LoadedKernel(own[0], own[1], base)
         self.kernel_loaded = True
         self.kernel_cmdline = full
         if self.record is not None:
-            self._save(replace(self.record, kernel_cmdline=full))
+            self.record = replace(self.record, kernel_cmdline=full)
+            self._save(self.record)
         return full
 
     def preserve(
@@ -353,7 +373,9 @@ class Agent:
         its own duplicate; the caller keeps (and closes) its fd."""
         if self.phase not in (ph.Phase.IDLE, ph.Phase.PREPARING):
             raise PhaseError(self.phase, "Preserve (fds are handed in while idle or preparing)")
-        check_preservable(fd)
+        sessions = self.registry.sessions()
+        if session not in sessions and len(sessions) >= self.config.limits.max_sessions:
+            raise InvalidArgument(f"too many sessions ({self.config.limits.max_sessions})")
         own = os.dup(fd)
         try:
             self.registry.add(session, token, own, owner=owner, depends_on=tuple(depends_on))
@@ -409,7 +431,7 @@ class Agent:
             if self.phase in (ph.Phase.PREPARED, ph.Phase.FREEZING, ph.Phase.REBOOTING)
             else "registered"
         )
-        return [(e.session, e.token, e.owner, state) for e in self.registry.entries()]
+        return [(e.session, e.token, e.owner, state) for e in self.registry]
 
     def owner_of(self, session: str, token: int) -> str:
         if self.record is not None:
@@ -583,6 +605,10 @@ class Agent:
             raise
         except LuoError as exc:
             return ph.GateFailed(target, str(exc))
+        if target == ph.PHASE_TARGETS[ph.Phase.FREEZING] and outcome.ok:
+            # The blackout-critical path starts here: nothing slow until the kexec.
+            self._freeze_gate_done = time.monotonic()
+            return ph.GateOk(target)
         self.participants = outcome.culprits or await self._statuses(target)
         with contextlib.suppress(LuoError):
             await self.gate.stop_unit(target)  # so the next update runs the participants again
@@ -610,8 +636,18 @@ class Agent:
         entries = self.registry.preservation_order()
         record = self.record
         kernel = self.kernel
+        reload = (
+            self._kexec
+            if self.kernel_cmdline
+            != _with_marker(self._kexec.base_cmdline if self._kexec else "", record.id)
+            else None
+        )
 
         def in_kernel() -> tuple[PreservedFd, ...]:
+            if reload is not None:
+                kernel.load_kernel(
+                    reload.kernel_fd, reload.initrd_fd, _with_marker(reload.base_cmdline, record.id)
+                )
             items = [PreserveItem(e.session, e.token, e.fd) for e in entries]
             tokens = kernel.preserve(items, record)
             preserved = tuple(
@@ -627,8 +663,12 @@ class Agent:
             preserved = await self._in_kernel(in_kernel)
         except (LuoError, OSError) as exc:
             return ph.PreparationFailed(str(exc))
+        if reload is not None:
+            self.kernel_cmdline = _with_marker(reload.base_cmdline, record.id)
         if self.record is not None:
-            self.record = replace(self.record, preserved=preserved)
+            self.record = replace(
+                self.record, preserved=preserved, kernel_cmdline=self.kernel_cmdline
+            )
         return ph.PreparationDone()
 
     def _freeze(self) -> None:
@@ -653,7 +693,8 @@ class Agent:
     def _reboot_blocking(self, record: UpdateRecord) -> None:
         assert self.kernel is not None
         # O(1) before the jump: one pwrite of the small metadata, then the syscall.
-        self.kernel.update_metadata(record)
+        blackout = time.monotonic() - self._freeze_gate_done
+        self.kernel.update_metadata(replace(record, blackout_critical=blackout))
         self.kernel.reboot()
 
     async def _cancel(self, target: str) -> ph.Event:
@@ -686,6 +727,17 @@ def _describe_gate(outcome: GateOutcome) -> str:
         f"{u.unit} ({u.active_state}/{u.sub_state}, result {u.result})" for u in outcome.culprits
     )
     return f"{outcome.target} job ended {outcome.job_result}: {who}"
+
+
+def _with_marker(cmdline: str, update_id: str) -> str:
+    return f"{cmdline} {CMDLINE_MARKER}{update_id}".strip()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _new_id() -> str:

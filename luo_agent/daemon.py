@@ -14,6 +14,8 @@ from pathlib import Path
 
 import structlog
 
+import luo_agent.systemd.notify as notify
+
 from .agent import Agent
 from .config import Config, load_config
 from .errors import ConfigError, LuoError
@@ -23,7 +25,6 @@ from .kernel.device import Abi
 from .kernel.syscalls import RealSyscalls, Syscalls
 from .log import configure_logging
 from .persist import History, RuntimeState
-from .systemd import notify
 from .systemd.pystemd_gate import PystemdGate
 
 log = structlog.get_logger(__name__)

@@ -63,6 +63,9 @@ class UpdateRecord:
     preserved: tuple[PreservedFd, ...] = ()
     kernel_cmdline: str = ""
     boot_count: int = 0  # how many live-update boots this update went through
+    # Seconds from the freeze gate's job completing to the kexec reboot call: the agent's share of
+    # the blackout (-1 until measured).
+    blackout_critical: float = -1.0
 
     def with_phase(self, phase: str, now: float | None = None, mono: float | None = None) -> Self:
         now = time.time() if now is None else now

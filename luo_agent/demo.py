@@ -1,0 +1,247 @@
+"""The main job on embedded defaults: a whole live update, end to end, that a newcomer can watch.
+
+Everything is real except the kernel: a private mount namespace with a real systemd manager and a
+real bus running the project's own units; the agent on the emulated kernel; the example participant
+keeping random data in a memfd.  The update is driven through the public interfaces only
+(``systemctl start liveupdate.service`` → ``liveupdatectl`` → D-Bus).  The emulated kexec tears the
+first sandbox down; a fresh one "boots" over the same emulated-kernel state, the agent notices the
+live-update boot, the participant retrieves and verifies its bytes, and the update finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .kernel.emulator import EmulatedMachine
+from .sandbox import Sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "units"
+PHASE_UNITS = [
+    "luo-agent.service",
+    "liveupdate.service",
+    "liveupdate-prepare.target",
+    "liveupdate-freeze.target",
+    "liveupdate-cancel.target",
+    "liveupdate-restore.target",
+    "liveupdate-finish.target",
+]
+EXAMPLE_UNITS = [
+    "luo-example-workload.service",
+    "luo-example-prepare.service",
+    "luo-example-restore.service",
+]
+
+
+class Demo:
+    def __init__(self, workdir: Path, abi: str, profile: str | None, size: int) -> None:
+        self.workdir = workdir
+        self.abi = abi
+        self.machine = EmulatedMachine(workdir / "machine", abi, profile)
+        self.size = size
+        self.python = sys.executable
+        self.agent_state = workdir / "var/lib/luo-agent"
+        self.example_state = workdir / "var/lib/luo-example"
+        self.kernel_image = workdir / "boot/vmlinuz-emulated"
+
+    # ---------------------------------------------------------------- the sandbox's units
+
+    def dropins(self) -> dict[str, str]:
+        """Point the project's units at this checkout, the emulated machine and the user manager.
+        The unit files themselves are installed unchanged."""
+        env = "Environment=LUO_AGENT_BUS=session PYTHONUNBUFFERED=1"
+        agent = (
+            f"{self.python} -m luo_agent --session-bus --user-manager"
+            f" --emulate {self.machine.root} --state-directory {self.agent_state}"
+            f" --runtime-directory /run/luo-agent --log journal"
+        )
+        example = (
+            f"{self.python} -m luo_agent.examples.participant %s --bus session"
+            f" --state-dir {self.example_state} --runtime-dir /run/luo-example --size {self.size}"
+        )
+        ctl = f"{self.python} -m luo_agent.cli --session-bus"
+        return {
+            "luo-agent.service": f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n",
+            "luo-example-workload.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'serve'}\n"
+            ),
+            "luo-example-prepare.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'prepare'}\n"
+            ),
+            "luo-example-restore.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'restore'}\n"
+            ),
+            "liveupdate.service": (
+                f"[Service]\n{env}\nEnvironment=LIVEUPDATE_KERNEL={self.kernel_image}"
+                f" LIVEUPDATE_CMDLINE=console=ttyS0\n"
+                f"ExecStart=\nExecStart={ctl} update --wait --from-environment\n"
+            ),
+        }
+
+    def boot_sandbox(self) -> Sandbox:
+        sandbox = Sandbox(self.workdir / "sandbox")
+        sandbox.start()
+        sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
+        sandbox.systemctl("enable", "--runtime", "luo-example-prepare.service",
+                          "luo-example-restore.service")
+        sandbox.systemctl("start", "luo-agent.service")
+        sandbox.systemctl("start", "luo-example-workload.service")
+        return sandbox
+
+    def ctl(self, sandbox: Sandbox, *args: str, check: bool = True) -> str:
+        proc = sandbox.run([self.python, "-m", "luo_agent.cli", "--session-bus", *args],
+                           check=check)
+        return str(proc.stdout)
+
+    # ---------------------------------------------------------------- the story
+
+    def run(self, keep: bool) -> int:
+        say(f"luo_agent demo: a live update on the emulated '{self.abi}' kernel ABI")
+        say(f"work directory: {self.workdir}")
+        self.kernel_image.parent.mkdir(parents=True, exist_ok=True)
+        self.kernel_image.write_bytes(b"emulated kernel image\n" * 64)
+
+        step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, example workload")
+        self.machine.boot()
+        sandbox = self.boot_sandbox()
+        try:
+            print(indent(self.ctl(sandbox, "status")))
+            step("2/6 preflight (liveupdatectl check) and kernel load")
+            self.ctl(sandbox, "load-kernel", str(self.kernel_image), "--cmdline", "console=ttyS0")
+            print(indent(self.ctl(sandbox, "check")))
+
+            step("3/6 systemctl start liveupdate.service: prepare → freeze → kexec")
+            started = time.monotonic()
+            proc = sandbox.systemctl("start", "liveupdate.service", check=False)
+            print(indent(sandbox.journal("liveupdate.service")))
+            if proc.returncode != 0:
+                say("the update failed before the kexec:")
+                print(indent(sandbox.journal("luo-agent.service")))
+                return 1
+            self.machine.wait_down(timeout=30)
+            say(f"emulated kexec issued {time.monotonic() - started:.2f} s after the start")
+        finally:
+            sandbox.stop()
+
+        step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
+        self.machine.boot()
+        sandbox = self.boot_sandbox()
+        try:
+            step("5/6 restore (participant retrieves and verifies) and finish")
+            record = self.wait_result(sandbox, timeout=60)
+            print(indent(self.ctl(sandbox, "history", "--limit", "3")))
+            step("6/6 summary")
+            ok = self.summary(record)
+            if keep:
+                self.keep_running(sandbox)
+            return 0 if ok else 1
+        finally:
+            sandbox.stop()
+            self.machine.poweroff()
+
+    def wait_result(self, sandbox: Sandbox, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last_phase = ""
+        while time.monotonic() < deadline:
+            status = json.loads(self.ctl(sandbox, "--json", "status", check=False) or "{}")
+            props = status.get("status", {})
+            phase = props.get("Phase", "")
+            if phase != last_phase:
+                say(f"agent phase: {phase}")
+                last_phase = phase
+            last = props.get("LastResult", ["", "", "", ""])
+            if phase == "idle" and last[0]:
+                history = json.loads(self.ctl(sandbox, "--json", "history", "--limit", "1"))
+                return dict(history["history"][-1])
+            time.sleep(0.2)  # a demo poll of the public status; tests wait on signals
+        raise TimeoutError("the update did not finish in time")
+
+    def summary(self, record: dict[str, Any]) -> bool:
+        verify = json.loads((self.example_state / "last-restore.json").read_text())
+        timings = {t[0]: t[2] for t in record.get("timings", [])}
+        blackout = record.get("blackout-critical", -1.0)
+        lines = [
+            f"update id:        {record['id']}",
+            f"result:           {record['result']} {record.get('message', '')}".rstrip(),
+            f"kernel ABI:       {record['abi']}",
+            f"survived:         {verify['got']['size']} bytes, sha256 {verify['got']['sha256']}",
+            f"                  file position {verify['got']['pos']}; verified byte for byte: "
+            f"{'yes' if verify['verified'] else 'NO'}",
+            f"blackout-critical (freeze gate done → kexec call): {blackout * 1000:.3f} ms",
+            "phase timings:    " + ", ".join(
+                f"{p} {d:.3f}s" for p, d in timings.items() if d is not None and d >= 0),
+        ]
+        print(indent("\n".join(lines)))
+        return bool(verify["verified"] and record["result"] == "success")
+
+    def keep_running(self, sandbox: Sandbox) -> None:
+        address = sandbox.bus_address
+        say("the sandbox keeps running; from another terminal try:")
+        print(indent(
+            f"export DBUS_SESSION_BUS_ADDRESS={address}\n"
+            f"{self.python} -m luo_agent.cli --session-bus status\n"
+            f"busctl --user introspect org.luoagent.LiveUpdate1 /org/luoagent/LiveUpdate1\n"
+            f"nsenter -t {sandbox.manager_pid} -m systemctl --user list-units 'liveupdate*'"
+        ))
+        say("press Ctrl-C to stop and clean up")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def step(text: str) -> None:
+    print(f"\n━━ {text}", flush=True)
+
+
+def indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="luo-demo", description=__doc__)
+    parser.add_argument("--abi", choices=("session", "v3", "rfc-v2"), default="session")
+    parser.add_argument("--profile", choices=("6.19", "g6"), default=None)
+    parser.add_argument("--size", type=int, default=8 << 20, help="bytes of workload data")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the sandbox running at the end")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the demo needs root (mount namespaces, a systemd manager)", file=sys.stderr)
+        return 77
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="luo-demo-"))
+    before = _processes()
+    try:
+        return Demo(workdir, args.abi, args.profile, args.size).run(args.keep)
+    finally:
+        left = _processes() - before
+        if left:
+            say(f"warning: processes left behind: {sorted(left)}")
+        else:
+            say("cleaned up: no process left behind")
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid="], capture_output=True, text=True, check=True).stdout
+    me = os.getpid()
+    return {int(p) for p in out.split() if int(p) != me}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
