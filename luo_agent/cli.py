@@ -115,6 +115,7 @@ class Watcher:
                 [rule],
                 interface="org.freedesktop.DBus",
                 path="/org/freedesktop/DBus",
+                destination="org.freedesktop.DBus",
             )
         self.bus.add_message_handler(self._on_message)
 

@@ -43,12 +43,13 @@ async def call(
     interface: str = IFACE_MANAGER,
     path: str = OBJECT_PATH,
     unix_fds: list[int] | None = None,
+    destination: str = BUS_NAME,
 ) -> list[Any]:
     """One method call; returns the reply body or raises CallError.  Replies carrying fds come back
     as fds owned by the caller."""
     reply = await bus.call(
         Message(
-            destination=BUS_NAME,
+            destination=destination,
             path=path,
             interface=interface,
             member=member,

@@ -11,7 +11,9 @@ live-update boot, the participant retrieves and verifies its bytes, and the upda
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import os
 import shutil
 import subprocess
@@ -69,7 +71,7 @@ class Demo:
             f" --state-dir {self.example_state} --runtime-dir /run/luo-example --size {self.size}"
         )
         ctl = f"{self.python} -m luo_agent.cli --session-bus"
-        return {
+        units = {
             "luo-agent.service": f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n",
             "luo-example-workload.service": (
                 f"[Service]\n{env}\nExecStart=\nExecStart={example % 'serve'}\n"
@@ -86,20 +88,22 @@ class Demo:
                 f"ExecStart=\nExecStart={ctl} update --wait --from-environment\n"
             ),
         }
+        return {f"{unit}.d/50-sandbox.conf": text for unit, text in units.items()}
 
-    def boot_sandbox(self) -> Sandbox:
-        sandbox = Sandbox(self.workdir / "sandbox")
-        sandbox.start()
+    def boot_sandbox(self, stack: contextlib.ExitStack) -> Sandbox:
+        sandbox = stack.enter_context(Sandbox(self.workdir / "sandbox"))
         sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
-        sandbox.systemctl("enable", "--runtime", "luo-example-prepare.service",
-                          "luo-example-restore.service")
+        sandbox.systemctl(
+            "enable", "--runtime", "luo-example-prepare.service", "luo-example-restore.service"
+        )
         sandbox.systemctl("start", "luo-agent.service")
         sandbox.systemctl("start", "luo-example-workload.service")
         return sandbox
 
     def ctl(self, sandbox: Sandbox, *args: str, check: bool = True) -> str:
-        proc = sandbox.run([self.python, "-m", "luo_agent.cli", "--session-bus", *args],
-                           check=check)
+        proc = sandbox.run(
+            [self.python, "-m", "luo_agent.cli", "--session-bus", *args], check=check
+        )
         return str(proc.stdout)
 
     # ---------------------------------------------------------------- the story
@@ -109,33 +113,33 @@ class Demo:
         say(f"work directory: {self.workdir}")
         self.kernel_image.parent.mkdir(parents=True, exist_ok=True)
         self.kernel_image.write_bytes(b"emulated kernel image\n" * 64)
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.machine.poweroff)
+            step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, example workload")
+            self.machine.boot()
+            with contextlib.ExitStack() as first_boot:
+                sandbox = self.boot_sandbox(first_boot)
+                print(indent(self.ctl(sandbox, "status")))
+                step("2/6 preflight (liveupdatectl check) and kernel load")
+                self.ctl(
+                    sandbox, "load-kernel", str(self.kernel_image), "--cmdline", "console=ttyS0"
+                )
+                print(indent(self.ctl(sandbox, "check", check=False)))
 
-        step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, example workload")
-        self.machine.boot()
-        sandbox = self.boot_sandbox()
-        try:
-            print(indent(self.ctl(sandbox, "status")))
-            step("2/6 preflight (liveupdatectl check) and kernel load")
-            self.ctl(sandbox, "load-kernel", str(self.kernel_image), "--cmdline", "console=ttyS0")
-            print(indent(self.ctl(sandbox, "check")))
+                step("3/6 systemctl start liveupdate.service: prepare → freeze → kexec")
+                started = time.monotonic()
+                proc = sandbox.systemctl("start", "liveupdate.service", check=False)
+                print(indent(sandbox.journal("liveupdate.service")))
+                if proc.returncode != 0:
+                    say("the update failed before the kexec; the agent's log:")
+                    print(indent(sandbox.journal("luo-agent.service")))
+                    return 1
+                self.machine.wait_down(timeout=30)
+                say(f"emulated kexec issued {time.monotonic() - started:.2f} s after the start")
 
-            step("3/6 systemctl start liveupdate.service: prepare → freeze → kexec")
-            started = time.monotonic()
-            proc = sandbox.systemctl("start", "liveupdate.service", check=False)
-            print(indent(sandbox.journal("liveupdate.service")))
-            if proc.returncode != 0:
-                say("the update failed before the kexec:")
-                print(indent(sandbox.journal("luo-agent.service")))
-                return 1
-            self.machine.wait_down(timeout=30)
-            say(f"emulated kexec issued {time.monotonic() - started:.2f} s after the start")
-        finally:
-            sandbox.stop()
-
-        step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
-        self.machine.boot()
-        sandbox = self.boot_sandbox()
-        try:
+            step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
+            self.machine.boot()
+            sandbox = self.boot_sandbox(stack)
             step("5/6 restore (participant retrieves and verifies) and finish")
             record = self.wait_result(sandbox, timeout=60)
             print(indent(self.ctl(sandbox, "history", "--limit", "3")))
@@ -144,9 +148,7 @@ class Demo:
             if keep:
                 self.keep_running(sandbox)
             return 0 if ok else 1
-        finally:
-            sandbox.stop()
-            self.machine.poweroff()
+        return 1
 
     def wait_result(self, sandbox: Sandbox, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -177,8 +179,8 @@ class Demo:
             f"                  file position {verify['got']['pos']}; verified byte for byte: "
             f"{'yes' if verify['verified'] else 'NO'}",
             f"blackout-critical (freeze gate done → kexec call): {blackout * 1000:.3f} ms",
-            "phase timings:    " + ", ".join(
-                f"{p} {d:.3f}s" for p, d in timings.items() if d is not None and d >= 0),
+            "phase timings:    "
+            + ", ".join(f"{p} {d:.3f}s" for p, d in timings.items() if d is not None and d >= 0),
         ]
         print(indent("\n".join(lines)))
         return bool(verify["verified"] and record["result"] == "success")
@@ -186,12 +188,14 @@ class Demo:
     def keep_running(self, sandbox: Sandbox) -> None:
         address = sandbox.bus_address
         say("the sandbox keeps running; from another terminal try:")
-        print(indent(
-            f"export DBUS_SESSION_BUS_ADDRESS={address}\n"
-            f"{self.python} -m luo_agent.cli --session-bus status\n"
-            f"busctl --user introspect org.luoagent.LiveUpdate1 /org/luoagent/LiveUpdate1\n"
-            f"nsenter -t {sandbox.manager_pid} -m systemctl --user list-units 'liveupdate*'"
-        ))
+        print(
+            indent(
+                f"export DBUS_SESSION_BUS_ADDRESS={address}\n"
+                f"{self.python} -m luo_agent.cli --session-bus status\n"
+                f"busctl --user introspect org.luoagent.LiveUpdate1 /org/luoagent/LiveUpdate1\n"
+                f"nsenter -t {sandbox.manager_pid} -m systemctl --user list-units 'liveupdate*'"
+            )
+        )
         say("press Ctrl-C to stop and clean up")
         try:
             while True:
@@ -224,11 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         print("the demo needs root (mount namespaces, a systemd manager)", file=sys.stderr)
         return 77
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="luo-demo-"))
+    # SIGTERM (timeout, systemd) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     before = _processes()
     try:
         return Demo(workdir, args.abi, args.profile, args.size).run(args.keep)
     finally:
         left = _processes() - before
+        deadline = time.monotonic() + 5
+        while left and time.monotonic() < deadline:  # let exiting processes be reaped
+            time.sleep(0.1)
+            left &= _processes()
         if left:
             say(f"warning: processes left behind: {sorted(left)}")
         else:
@@ -238,9 +248,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _processes() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid="], capture_output=True, text=True, check=True).stdout
+    """User-space processes (kernel threads, children of kthreadd, come and go on their own)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True,
+                         check=True).stdout
     me = os.getpid()
-    return {int(p) for p in out.split() if int(p) != me}
+    pids = set()
+    for line in out.splitlines():
+        pid, ppid = (int(x) for x in line.split())
+        if pid != me and pid != 2 and ppid != 2:
+            pids.add(pid)
+    return pids
 
 
 if __name__ == "__main__":

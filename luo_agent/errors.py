@@ -78,7 +78,11 @@ class GateError(LuoError):
         who = f"; {unit} result {unit_result}" if unit else ""
         super().__init__(f"{target} job ended {job_result}{who}")
         self.target, self.job_result, self.unit, self.unit_result = (
-            target, job_result, unit, unit_result)
+            target,
+            job_result,
+            unit,
+            unit_result,
+        )
 
 
 class PhaseTimeout(LuoError):

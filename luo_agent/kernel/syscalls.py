@@ -64,7 +64,7 @@ class RealSyscalls:
         return os.open(path, flags)
 
     def ioctl(self, fd: int, request: int, buf: bytearray) -> int:
-        return fcntl.ioctl(fd, request, buf, True)
+        return int(fcntl.ioctl(fd, request, buf, True))
 
     def close(self, fd: int) -> None:
         os.close(fd)

@@ -31,16 +31,26 @@ class liveupdate_state(enum.IntEnum):
     LIVEUPDATE_STATE_UPDATED = 3
 
 
-LIVEUPDATE_IOCTL_FD_PRESERVE: Final = _IOWR(LIVEUPDATE_IOCTL_TYPE, 0x00, ctypes.sizeof(liveupdate_fd))
-LIVEUPDATE_IOCTL_FD_UNPRESERVE: Final = _IOW(LIVEUPDATE_IOCTL_TYPE, 0x01, ctypes.sizeof(ctypes.c_uint64))
-LIVEUPDATE_IOCTL_FD_RESTORE: Final = _IOWR(LIVEUPDATE_IOCTL_TYPE, 0x02, ctypes.sizeof(liveupdate_fd))
-LIVEUPDATE_IOCTL_GET_STATE: Final = _IOR(LIVEUPDATE_IOCTL_TYPE, 0x03, ctypes.sizeof(ctypes.c_uint32))
+LIVEUPDATE_IOCTL_FD_PRESERVE: Final = _IOWR(
+    LIVEUPDATE_IOCTL_TYPE, 0x00, ctypes.sizeof(liveupdate_fd)
+)
+LIVEUPDATE_IOCTL_FD_UNPRESERVE: Final = _IOW(
+    LIVEUPDATE_IOCTL_TYPE, 0x01, ctypes.sizeof(ctypes.c_uint64)
+)
+LIVEUPDATE_IOCTL_FD_RESTORE: Final = _IOWR(
+    LIVEUPDATE_IOCTL_TYPE, 0x02, ctypes.sizeof(liveupdate_fd)
+)
+LIVEUPDATE_IOCTL_GET_STATE: Final = _IOR(
+    LIVEUPDATE_IOCTL_TYPE, 0x03, ctypes.sizeof(ctypes.c_uint32)
+)
 LIVEUPDATE_IOCTL_EVENT_PREPARE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, 0x04)
 LIVEUPDATE_IOCTL_EVENT_FREEZE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, 0x05)
 LIVEUPDATE_IOCTL_EVENT_CANCEL: Final = _IO(LIVEUPDATE_IOCTL_TYPE, 0x06)
 LIVEUPDATE_IOCTL_EVENT_FINISH: Final = _IO(LIVEUPDATE_IOCTL_TYPE, 0x07)
 # Only in the soleen/linux header (debugfs luo_selftest file), not on /dev/liveupdate.
-LIVEUPDATE_IOCTL_SELFTESTS: Final = _IOWR(LIVEUPDATE_IOCTL_TYPE, 0x08, ctypes.sizeof(liveupdate_selftest))
+LIVEUPDATE_IOCTL_SELFTESTS: Final = _IOWR(
+    LIVEUPDATE_IOCTL_TYPE, 0x08, ctypes.sizeof(liveupdate_selftest)
+)
 
 # sysfs /sys/kernel/liveupdate/state strings, indexed by liveupdate_state.
 STATE_STRINGS: Final = {

@@ -62,27 +62,50 @@ LIVEUPDATE_SESSION_FINISH: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LIVEUPDATE_CMD_SES
 LIVEUPDATE_SESSION_GET_NAME: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LIVEUPDATE_CMD_SESSION_BASE + 3)
 
 DEVICE_OPS: Final = (
-    IoctlOp("CREATE_SESSION", LIVEUPDATE_IOCTL_CREATE_SESSION, liveupdate_ioctl_create_session,
-            min_size_of(liveupdate_ioctl_create_session, "name")),
-    IoctlOp("RETRIEVE_SESSION", LIVEUPDATE_IOCTL_RETRIEVE_SESSION,
-            liveupdate_ioctl_retrieve_session,
-            min_size_of(liveupdate_ioctl_retrieve_session, "name")),
+    IoctlOp(
+        "CREATE_SESSION",
+        LIVEUPDATE_IOCTL_CREATE_SESSION,
+        liveupdate_ioctl_create_session,
+        min_size_of(liveupdate_ioctl_create_session, "name"),
+    ),
+    IoctlOp(
+        "RETRIEVE_SESSION",
+        LIVEUPDATE_IOCTL_RETRIEVE_SESSION,
+        liveupdate_ioctl_retrieve_session,
+        min_size_of(liveupdate_ioctl_retrieve_session, "name"),
+    ),
 )
 
 # 6.19 (G5) session-fd table: three ops.
 SESSION_OPS_G5: Final = (
-    IoctlOp("PRESERVE_FD", LIVEUPDATE_SESSION_PRESERVE_FD, liveupdate_session_preserve_fd,
-            min_size_of(liveupdate_session_preserve_fd, "token")),
-    IoctlOp("RETRIEVE_FD", LIVEUPDATE_SESSION_RETRIEVE_FD, liveupdate_session_retrieve_fd,
-            min_size_of(liveupdate_session_retrieve_fd, "token")),
-    IoctlOp("FINISH", LIVEUPDATE_SESSION_FINISH, liveupdate_session_finish,
-            min_size_of(liveupdate_session_finish, "reserved")),
+    IoctlOp(
+        "PRESERVE_FD",
+        LIVEUPDATE_SESSION_PRESERVE_FD,
+        liveupdate_session_preserve_fd,
+        min_size_of(liveupdate_session_preserve_fd, "token"),
+    ),
+    IoctlOp(
+        "RETRIEVE_FD",
+        LIVEUPDATE_SESSION_RETRIEVE_FD,
+        liveupdate_session_retrieve_fd,
+        min_size_of(liveupdate_session_retrieve_fd, "token"),
+    ),
+    IoctlOp(
+        "FINISH",
+        LIVEUPDATE_SESSION_FINISH,
+        liveupdate_session_finish,
+        min_size_of(liveupdate_session_finish, "reserved"),
+    ),
 )
 
 # G6 appends GET_NAME.  The post-6.19 op table describes it with the retrieve_fd struct
 # (ksize 16, min_size 16) — a kernel quirk kept on purpose: bytes 16..71 must be zero on input.
 SESSION_OPS_G6: Final = (
     *SESSION_OPS_G5,
-    IoctlOp("GET_NAME", LIVEUPDATE_SESSION_GET_NAME, liveupdate_session_retrieve_fd,
-            min_size_of(liveupdate_session_retrieve_fd, "token")),
+    IoctlOp(
+        "GET_NAME",
+        LIVEUPDATE_SESSION_GET_NAME,
+        liveupdate_session_retrieve_fd,
+        min_size_of(liveupdate_session_retrieve_fd, "token"),
+    ),
 )

@@ -57,16 +57,36 @@ LIVEUPDATE_IOCTL_SET_EVENT: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LIVEUPDATE_CMD_BA
 
 # The device's dispatcher table, in nr order starting at LIVEUPDATE_CMD_BASE.
 DEVICE_OPS: Final = (
-    IoctlOp("FD_PRESERVE", LIVEUPDATE_IOCTL_FD_PRESERVE, liveupdate_ioctl_fd_preserve,
-            min_size_of(liveupdate_ioctl_fd_preserve, "token")),
-    IoctlOp("FD_UNPRESERVE", LIVEUPDATE_IOCTL_FD_UNPRESERVE, liveupdate_ioctl_fd_unpreserve,
-            min_size_of(liveupdate_ioctl_fd_unpreserve, "token")),
-    IoctlOp("FD_RESTORE", LIVEUPDATE_IOCTL_FD_RESTORE, liveupdate_ioctl_fd_restore,
-            min_size_of(liveupdate_ioctl_fd_restore, "token")),
-    IoctlOp("GET_STATE", LIVEUPDATE_IOCTL_GET_STATE, liveupdate_ioctl_get_state,
-            min_size_of(liveupdate_ioctl_get_state, "state")),
-    IoctlOp("SET_EVENT", LIVEUPDATE_IOCTL_SET_EVENT, liveupdate_ioctl_set_event,
-            min_size_of(liveupdate_ioctl_set_event, "event")),
+    IoctlOp(
+        "FD_PRESERVE",
+        LIVEUPDATE_IOCTL_FD_PRESERVE,
+        liveupdate_ioctl_fd_preserve,
+        min_size_of(liveupdate_ioctl_fd_preserve, "token"),
+    ),
+    IoctlOp(
+        "FD_UNPRESERVE",
+        LIVEUPDATE_IOCTL_FD_UNPRESERVE,
+        liveupdate_ioctl_fd_unpreserve,
+        min_size_of(liveupdate_ioctl_fd_unpreserve, "token"),
+    ),
+    IoctlOp(
+        "FD_RESTORE",
+        LIVEUPDATE_IOCTL_FD_RESTORE,
+        liveupdate_ioctl_fd_restore,
+        min_size_of(liveupdate_ioctl_fd_restore, "token"),
+    ),
+    IoctlOp(
+        "GET_STATE",
+        LIVEUPDATE_IOCTL_GET_STATE,
+        liveupdate_ioctl_get_state,
+        min_size_of(liveupdate_ioctl_get_state, "state"),
+    ),
+    IoctlOp(
+        "SET_EVENT",
+        LIVEUPDATE_IOCTL_SET_EVENT,
+        liveupdate_ioctl_set_event,
+        min_size_of(liveupdate_ioctl_set_event, "event"),
+    ),
 )
 
 STATE_STRINGS: Final = {

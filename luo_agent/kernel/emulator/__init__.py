@@ -1,0 +1,32 @@
+"""The emulated LUO kernel: a kernel server process per emulated boot (``server``), the
+``Syscalls`` implementation that talks to it (``EmulatedSyscalls``) and machine control
+(``EmulatedMachine``).  Contract: ``notes/emulator-api.md``; behaviour: ``kernel-abi.md``.
+
+Emulator choices (where the kernel cannot be copied exactly):
+
+* Logging: the server logs to ``root/.luo-emu/kernel.log`` (the machine's dmesg);
+  ``LUO_EMU_DEBUG=1`` adds every failed ioctl.
+* G1 tokens: a counter from 1 per cold boot, never repeating within a boot; a live-update boot
+  continues after the largest carried token.  EACCES for non-CAP_SYS_ADMIN callers is not
+  emulated; LIVEUPDATE_IOCTL_SELFTESTS (a debugfs ioctl) is ENOTTY on the device.
+* G1/G3: restoring the same token twice is EINVAL (6.19 RETRIEVE_FD is idempotent instead);
+  preserve checks state (EBUSY), then [G3] token (EEXIST), then fd (EBADF), then file type
+  (ENOENT).  G3 close of the device drops only outgoing files; carried ones wait for FINISH.
+* Session 6.19 profile: wrong-kind PRESERVE_FD/RETRIEVE_FD/FINISH are EINVAL after the size
+  checks (kernel-abi.md §7.3 "fixed behaviour"); on g6 at the dispatcher's kind step.
+* Frozen memfd size: the size at PRESERVE is carried (cut or zero-extended, logged if changed).
+  File identity for G6 double preservation is the inode.  Retrieved memfds have no seals.
+* Corrupt handover image: moved to ``handover.img.rejected``; rfc-v2/v3 "panic" (boot() raises
+  HandoverCorrupt, the next boot is cold); session boots with every device open failing EIO.
+* After a kexec or power-off, ioctls on old emulator fds raise EIO; opening the device and the
+  control ops raise ENOENT.  ``poweroff()`` also discards a handover image not yet booted.
+* One ioctl at a time per emulator fd: two processes issuing ioctls on the *same* session fd
+  concurrently may read each other's replies.
+"""
+
+from __future__ import annotations
+
+from .client import EmulatedSyscalls
+from .machine import EmulatedMachine
+
+__all__ = ["EmulatedMachine", "EmulatedSyscalls"]

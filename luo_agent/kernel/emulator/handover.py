@@ -1,0 +1,208 @@
+"""The handover image: what a kexec reboot carries into the next emulated boot (the KHO memory).
+
+Layout of ``root/.luo-emu/handover.img`` (little endian)::
+
+    header  magic "LUOEMUHO" | u32 format version | u32 generation code | u64 payload length
+            | u64 metadata length | sha256(payload) (32 bytes)
+    payload file contents, back to back | metadata (JSON, at the end of the payload)
+
+Written to ``handover.img.tmp``, fsync'd, renamed over ``handover.img`` and the directory
+fsync'd: a crash leaves either no image or a complete one.  A reader validates everything (size,
+magic, version, generation, checksum, JSON shape, every file's byte range) before the caller
+creates anything from it; the boot that loads it removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from luo_agent.errors import HandoverCorrupt
+
+from .protocol import Layout
+
+log = logging.getLogger("luo_emu.handover")
+
+MAGIC: Final = b"LUOEMUHO"
+FORMAT_VERSION: Final = 1
+HEADER: Final = struct.Struct("<8sIIQQ32s")
+GENERATION_CODES: Final = {"rfc-v2": 1, "v3": 3, "session": 5}
+_CHUNK: Final = 1 << 20
+
+
+class BlobSink:
+    """Collects file contents into the payload while hashing them; returns their byte range."""
+
+    def __init__(self, fd: int, hasher: Any) -> None:
+        self._fd = fd
+        self._hasher = hasher
+        self.length = 0
+
+    def add(self, chunks: Iterable[bytes]) -> tuple[int, int]:
+        start = self.length
+        for chunk in chunks:
+            self._hasher.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self.length += len(chunk)
+        return start, self.length - start
+
+
+def write_image(
+    layout: Layout, generation: str, build: Callable[[BlobSink], dict[str, Any]]
+) -> None:
+    """Write the image atomically.  ``build`` adds file contents to the sink and returns the
+    metadata (JSON-able) that refers to them."""
+    tmp = layout.handover_tmp
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.lseek(fd, HEADER.size, os.SEEK_SET)
+        hasher = hashlib.sha256()
+        sink = BlobSink(fd, hasher)
+        meta = json.dumps(build(sink), separators=(",", ":"), sort_keys=True).encode()
+        sink.add([meta])
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            GENERATION_CODES[generation],
+            sink.length,
+            len(meta),
+            hasher.digest(),
+        )
+        os.pwrite(fd, header, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, layout.handover)
+    dir_fd = os.open(layout.emu_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A validated image.  ``fd`` reads the payload; file byte ranges start at ``blob_base``."""
+
+    fd: int
+    blob_base: int
+    blob_length: int
+    meta: dict[str, Any]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _corrupt(path: os.PathLike[str] | str, why: str) -> HandoverCorrupt:
+    return HandoverCorrupt(f"handover image {os.fspath(path)} rejected: {why}")
+
+
+def read_image(layout: Layout, generation: str) -> Image | None:
+    """The validated image, or None if there is none.  Raises HandoverCorrupt (nothing loaded).
+
+    A leftover temp file (a crash during the write) is never an image: it is removed here.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(layout.handover_tmp)
+        log.warning("removed stale %s (crash while writing a handover image)", layout.handover_tmp)
+    path = layout.handover
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        image = _validate(fd, path, generation)
+    except BaseException:
+        os.close(fd)
+        raise
+    return image
+
+
+def _validate(fd: int, path: os.PathLike[str], generation: str) -> Image:
+    total = os.fstat(fd).st_size
+    raw = os.pread(fd, HEADER.size, 0)
+    if len(raw) < HEADER.size:
+        raise _corrupt(path, f"truncated header ({total} bytes)")
+    magic, version, gen_code, payload_len, meta_len, digest = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise _corrupt(path, f"bad magic {magic!r}")
+    if version != FORMAT_VERSION:
+        raise _corrupt(path, f"unsupported format version {version}")
+    if gen_code != GENERATION_CODES[generation]:
+        raise _corrupt(path, f"generation code {gen_code}, this kernel is {generation}")
+    if total != HEADER.size + payload_len:
+        raise _corrupt(
+            path,
+            f"length mismatch: header says {payload_len} payload bytes, "
+            f"file has {total - HEADER.size}",
+        )
+    if meta_len > payload_len:
+        raise _corrupt(path, "metadata length exceeds payload")
+    hasher = hashlib.sha256()
+    offset = HEADER.size
+    while offset < total:
+        chunk = os.pread(fd, min(_CHUNK, total - offset), offset)
+        if not chunk:
+            raise _corrupt(path, "short read")
+        hasher.update(chunk)
+        offset += len(chunk)
+    if hasher.digest() != digest:
+        raise _corrupt(path, "sha256 mismatch")
+    blob_length = payload_len - meta_len
+    meta_raw = os.pread(fd, meta_len, HEADER.size + blob_length)
+    try:
+        meta = json.loads(meta_raw)
+    except ValueError as exc:
+        raise _corrupt(path, f"metadata is not JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("generation") != generation:
+        raise _corrupt(path, "metadata does not describe this generation")
+    if not isinstance(meta.get("cmdline"), str) or not isinstance(
+        meta.get("liveupdate_count"), int
+    ):
+        raise _corrupt(path, "metadata lacks cmdline/liveupdate_count")
+    return Image(fd=fd, blob_base=HEADER.size, blob_length=blob_length, meta=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedFile:
+    """One file in the image: token, frozen size, final position, byte range in the blob area."""
+
+    token: int
+    size: int
+    pos: int
+    offset: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"token": self.token, "size": self.size, "pos": self.pos, "offset": self.offset}
+
+
+def parse_files(raw: object, blob_length: int, where: str) -> list[CarriedFile]:
+    """Validate a JSON list of carried files completely; HandoverCorrupt on any defect."""
+    if not isinstance(raw, list):
+        raise HandoverCorrupt(f"handover image rejected: {where}: files is not a list")
+    files: list[CarriedFile] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise HandoverCorrupt(f"handover image rejected: {where}[{index}] is not an object")
+        values = [item.get(key) for key in ("token", "size", "pos", "offset")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: bad fields")
+        token, size, pos, offset = (int(v) for v in values)  # type: ignore[arg-type]
+        if token >= 1 << 64 or offset + size > blob_length:
+            raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: out of range")
+        files.append(CarriedFile(token, size, pos, offset))
+    return files

@@ -1,0 +1,166 @@
+"""The memfd file handler (``mm/memfd_luo.c`` as seen from userspace) and taking fds from callers.
+
+The server holds the caller's own open file description (``pidfd_getfd``), so the file position
+and every write up to the kexec are what gets carried, exactly like the kernel's file reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Final
+
+log = logging.getLogger("luo_emu.memfd")
+
+TMPFS_MAGIC: Final = 0x01021994
+_SYS_pidfd_getfd: Final = {"x86_64": 438, "aarch64": 438, "riscv64": 438}
+_CHUNK: Final = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+def fs_type(fd: int) -> int:
+    """``fstatfs(fd).f_type`` (first field of struct statfs: a long on every 64-bit ABI)."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+def take_fd(pid: int, target_fd: int) -> int:
+    """The caller's fd ``target_fd`` as a new O_CLOEXEC fd in this process (same open file).
+
+    A dead caller or a closed fd is EBADF, which is what ``fget()`` reports to the caller.
+    """
+    if target_fd < 0:
+        raise OSError(errno.EBADF, "negative fd")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError as exc:
+        raise OSError(errno.EBADF, "caller has exited") from exc
+    try:
+        nr = _SYS_pidfd_getfd[os.uname().machine]
+        got = int(_libc.syscall(nr, pidfd, target_fd, 0))
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return got
+    finally:
+        os.close(pidfd)
+
+
+def can_preserve(fd: int) -> bool:
+    """memfd_luo's ``can_preserve``: a shmem file with no links.  Hugetlb memfds (hugetlbfs),
+    pipes, sockets, device nodes and linked files are refused."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
+        return False
+    return fs_type(fd) == TMPFS_MAGIC
+
+
+def file_identity(fd: int) -> tuple[int, int]:
+    """What "the same file" means for G6's double-preservation check: the inode."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(eq=False, slots=True)
+class PreservedFile:
+    """One file LUO holds a reference on (outgoing), or one carried into this boot (incoming).
+
+    ``frozen_size`` is the size at PRESERVE: the kernel refuses resizes of a preserved memfd; the
+    emulator cannot stop a resize, so it carries exactly this size (truncated or zero-extended).
+    """
+
+    token: int
+    fd: int
+    frozen_size: int
+    identity: tuple[int, int] = (0, 0)
+    retrieved: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, object]:
+        try:
+            size = os.fstat(self.fd).st_size
+            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
+        except OSError:
+            size, pos = -1, -1
+        return {
+            "token": self.token,
+            "size": size,
+            "frozen_size": self.frozen_size,
+            "pos": pos,
+            "retrieved": self.retrieved,
+        }
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def preserve(pid: int, caller_fd: int, token: int) -> PreservedFile:
+    """Take the caller's fd and check it with the memfd handler: EBADF, then ENOENT."""
+    fd = take_fd(pid, caller_fd)
+    try:
+        if not can_preserve(fd):
+            raise OSError(errno.ENOENT, "no file handler accepts this file")
+        size = os.fstat(fd).st_size
+        return PreservedFile(token=token, fd=fd, frozen_size=size, identity=file_identity(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def iter_frozen_bytes(pf: PreservedFile) -> tuple[int, list[bytes]]:
+    """(position, contents) to carry: the bytes as they are now, cut or zero-filled to the
+    size frozen at PRESERVE.  Returns chunks to keep memory use bounded per write."""
+    current = os.fstat(pf.fd).st_size
+    if current != pf.frozen_size:
+        log.warning(
+            "memfd token %#x: size changed from %d to %d after preservation "
+            "(the kernel would have refused it); carrying %d bytes",
+            pf.token,
+            pf.frozen_size,
+            current,
+            pf.frozen_size,
+        )
+    pos = os.lseek(pf.fd, 0, os.SEEK_CUR)
+    chunks: list[bytes] = []
+    offset = 0
+    while offset < pf.frozen_size:
+        want = min(_CHUNK, pf.frozen_size - offset)
+        data = os.pread(pf.fd, want, offset) if offset < current else b""
+        if len(data) < want:
+            data += bytes(want - len(data))
+        chunks.append(data)
+        offset += want
+    return pos, chunks
+
+
+def new_incoming_memfd(source_fd: int, source_offset: int, size: int, pos: int) -> int:
+    """A fresh unnamed memfd (O_RDWR|O_LARGEFILE, O_CLOEXEC, no seals carried) holding ``size``
+    bytes copied from ``source_fd`` at ``source_offset``, positioned at ``pos``."""
+    # MFD_ALLOW_SEALING: the retrieved file reports no seals at all (F_GET_SEALS == 0).
+    fd = os.memfd_create("", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        offset = 0
+        while offset < size:
+            data = os.pread(source_fd, min(_CHUNK, size - offset), source_offset + offset)
+            if not data:
+                raise ValueError("handover data ends early")
+            os.pwrite(fd, data, offset)
+            offset += len(data)
+        os.lseek(fd, pos, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
