@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,7 +148,6 @@ class Demo:
             if keep:
                 self.keep_running(sandbox)
             return 0 if ok else 1
-        return 1
 
     def wait_result(self, sandbox: Sandbox, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -249,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _processes() -> set[int]:
     """User-space processes (kernel threads, children of kthreadd, come and go on their own)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True
+    ).stdout
     me = os.getpid()
     pids = set()
     for line in out.splitlines():

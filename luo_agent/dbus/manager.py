@@ -387,7 +387,7 @@ class ManagerInterface(ServiceInterface):
                             "started-at": Variant("d", record.started_at),
                             "abi": Variant("s", record.abi),
                             "boots": Variant("u", record.boot_count),
-                        "blackout-critical": Variant("d", record.blackout_critical),
+                            "blackout-critical": Variant("d", record.blackout_critical),
                             "timings": Variant("a(sdd)", _timings(record)),
                         }
                     )
