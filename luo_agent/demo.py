@@ -23,96 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .kernel.emulator import EmulatedMachine
 from .sandbox import Sandbox
-
-REPO = Path(__file__).resolve().parent.parent
-UNITS = REPO / "units"
-PHASE_UNITS = [
-    "luo-agent.service",
-    "liveupdate.service",
-    "liveupdate-prepare.target",
-    "liveupdate-freeze.target",
-    "liveupdate-cancel.target",
-    "liveupdate-restore.target",
-    "liveupdate-finish.target",
-]
-EXAMPLE_UNITS = [
-    "luo-example-workload.service",
-    "luo-example-prepare.service",
-    "luo-example-restore.service",
-]
+from .testbed import Testbed
 
 
-class Demo:
-    def __init__(self, workdir: Path, abi: str, profile: str | None, size: int) -> None:
-        self.workdir = workdir
-        self.abi = abi
-        self.machine = EmulatedMachine(workdir / "machine", abi, profile)
-        self.size = size
-        self.python = sys.executable
-        self.agent_state = workdir / "var/lib/luo-agent"
-        self.example_state = workdir / "var/lib/luo-example"
-        self.kernel_image = workdir / "boot/vmlinuz-emulated"
-
-    # ---------------------------------------------------------------- the sandbox's units
-
-    def dropins(self) -> dict[str, str]:
-        """Point the project's units at this checkout, the emulated machine and the user manager.
-        The unit files themselves are installed unchanged."""
-        env = "Environment=LUO_AGENT_BUS=session PYTHONUNBUFFERED=1"
-        agent = (
-            f"{self.python} -m luo_agent --session-bus --user-manager"
-            f" --emulate {self.machine.root} --state-directory {self.agent_state}"
-            f" --runtime-directory /run/luo-agent --log journal"
-        )
-        example = (
-            f"{self.python} -m luo_agent.examples.participant %s --bus session"
-            f" --state-dir {self.example_state} --runtime-dir /run/luo-example --size {self.size}"
-        )
-        ctl = f"{self.python} -m luo_agent.cli --session-bus"
-        units = {
-            "luo-agent.service": f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n",
-            "luo-example-workload.service": (
-                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'serve'}\n"
-            ),
-            "luo-example-prepare.service": (
-                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'prepare'}\n"
-            ),
-            "luo-example-restore.service": (
-                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'restore'}\n"
-            ),
-            "liveupdate.service": (
-                f"[Service]\n{env}\nEnvironment=LIVEUPDATE_KERNEL={self.kernel_image}"
-                f" LIVEUPDATE_CMDLINE=console=ttyS0\n"
-                f"ExecStart=\nExecStart={ctl} update --wait --from-environment\n"
-            ),
-        }
-        return {f"{unit}.d/50-sandbox.conf": text for unit, text in units.items()}
-
-    def boot_sandbox(self, stack: contextlib.ExitStack) -> Sandbox:
-        sandbox = stack.enter_context(Sandbox(self.workdir / "sandbox"))
-        sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
-        sandbox.systemctl(
-            "enable", "--runtime", "luo-example-prepare.service", "luo-example-restore.service"
-        )
-        sandbox.systemctl("start", "luo-agent.service")
-        sandbox.systemctl("start", "luo-example-workload.service")
-        return sandbox
-
-    def ctl(self, sandbox: Sandbox, *args: str, check: bool = True) -> str:
-        proc = sandbox.run(
-            [self.python, "-m", "luo_agent.cli", "--session-bus", *args], check=check
-        )
-        return str(proc.stdout)
-
+class Demo(Testbed):
     # ---------------------------------------------------------------- the story
 
     def run(self, keep: bool) -> int:
         say(f"luo_agent demo: a live update on the emulated '{self.abi}' kernel ABI")
         say(f"work directory: {self.workdir}")
-        self.kernel_image.parent.mkdir(parents=True, exist_ok=True)
-        self.kernel_image.write_bytes(b"emulated kernel image\n" * 64)
         with contextlib.ExitStack() as stack:
             stack.callback(self.machine.poweroff)
             step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, example workload")

@@ -1,0 +1,123 @@
+"""A whole emulated host for tests, the demo and the benchmarks: an emulated LUO machine plus, per
+"boot", a sandbox (private mount namespace, real systemd user manager, real bus) running the
+project's own units unchanged, pointed at this checkout by drop-ins.
+
+A kexec is: the agent calls reboot(KEXEC) on the emulated kernel, the machine goes down, the caller
+stops the sandbox and boots both again over the same work directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .kernel.emulator import EmulatedMachine
+from .sandbox import Sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "units"
+PHASE_UNITS = [
+    "luo-agent.service",
+    "liveupdate.service",
+    "liveupdate-prepare.target",
+    "liveupdate-freeze.target",
+    "liveupdate-cancel.target",
+    "liveupdate-restore.target",
+    "liveupdate-finish.target",
+]
+EXAMPLE_UNITS = [
+    "luo-example-workload.service",
+    "luo-example-prepare.service",
+    "luo-example-restore.service",
+]
+
+
+class Testbed:
+    def __init__(
+        self,
+        workdir: Path,
+        abi: str,
+        profile: str | None = None,
+        size: int = 1 << 20,
+        agent_config: str = "",
+    ) -> None:
+        self.workdir = workdir
+        self.abi = abi
+        self.machine = EmulatedMachine(workdir / "machine", abi, profile)
+        self.size = size
+        self.python = sys.executable
+        self.agent_state = workdir / "var/lib/luo-agent"
+        self.example_state = workdir / "var/lib/luo-example"
+        self.kernel_image = workdir / "boot/vmlinuz-emulated"
+        self.config_file = workdir / "etc/luo-agent/config.toml"
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(agent_config)
+        self.kernel_image.parent.mkdir(parents=True, exist_ok=True)
+        if not self.kernel_image.exists():
+            self.kernel_image.write_bytes(b"emulated kernel image\n" * 64)
+
+    # ---------------------------------------------------------------- the sandbox's units
+
+    def dropins(self) -> dict[str, str]:
+        """Point the project's units at this checkout, the emulated machine and the user manager.
+        The unit files themselves are installed unchanged."""
+        env = "Environment=LUO_AGENT_BUS=session PYTHONUNBUFFERED=1"
+        agent = (
+            f"{self.python} -m luo_agent --config {self.config_file} --session-bus --user-manager"
+            f" --emulate {self.machine.root} --state-directory {self.agent_state}"
+            f" --runtime-directory /run/luo-agent --log journal"
+        )
+        example = (
+            f"{self.python} -m luo_agent.examples.participant %s --bus session"
+            f" --state-dir {self.example_state} --runtime-dir /run/luo-example --size {self.size}"
+        )
+        ctl = f"{self.python} -m luo_agent.cli --session-bus"
+        units = {
+            "luo-agent.service": f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n",
+            "luo-example-workload.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'serve'}\n"
+            ),
+            "luo-example-prepare.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'prepare'}\n"
+            ),
+            "luo-example-restore.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={example % 'restore'}\n"
+            ),
+            "liveupdate.service": (
+                f"[Service]\n{env}\nEnvironment=LIVEUPDATE_KERNEL={self.kernel_image}"
+                f" LIVEUPDATE_CMDLINE=console=ttyS0\n"
+                f"ExecStart=\nExecStart={ctl} update --wait --from-environment\n"
+            ),
+        }
+        return {f"{unit}.d/50-sandbox.conf": text for unit, text in units.items()}
+
+    def boot_sandbox(
+        self,
+        stack: contextlib.ExitStack,
+        *,
+        extra_units: Mapping[str, str] | None = None,
+        enable: Iterable[str] = ("luo-example-prepare.service", "luo-example-restore.service"),
+        start: Iterable[str] = ("luo-agent.service", "luo-example-workload.service"),
+    ) -> Sandbox:
+        """A fresh sandbox ("boot") with the project's units installed; ``extra_units`` are
+        written as given (test participants); ``enable`` is enabled --runtime (their RequiredBy=
+        hooks them into the phase targets); ``start`` is started in order.  The sandbox is stopped
+        when ``stack`` closes."""
+        sandbox = stack.enter_context(Sandbox(self.workdir / "sandbox"))
+        sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
+        if extra_units:
+            sandbox.write_units(dict(extra_units))
+        enable = list(enable)
+        if enable:
+            sandbox.systemctl("enable", "--runtime", *enable)
+        for unit in start:
+            sandbox.systemctl("start", unit)
+        return sandbox
+
+    def ctl(self, sandbox: Sandbox, *args: str, check: bool = True) -> str:
+        proc = sandbox.run(
+            [self.python, "-m", "luo_agent.cli", "--session-bus", *args], check=check
+        )
+        return str(proc.stdout)
