@@ -219,6 +219,8 @@ def test_preserve_errnos(rfc_v2_target: Target, tmp_path: Path) -> None:
         # Outside NORMAL/UPDATED: EBUSY (G2 semantics, emulator documents it for G1 too).
         g1_event(t.sc, dev, G1_EVENTS["PREPARE"])
         assert ioctl_errno(t, dev, PRESERVE, struct.pack("<iIQ", m, 0, 0)) == errno.EBUSY
+        # §3: the ioctl resolves the fd before the registry looks at the state: EBADF in any state.
+        assert ioctl_errno(t, dev, PRESERVE, struct.pack("<iIQ", -1, 0, 0)) == errno.EBADF
         g1_event(t.sc, dev, G1_EVENTS["CANCEL"])
     finally:
         for fd in [*others, m]:

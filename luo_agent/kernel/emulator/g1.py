@@ -80,6 +80,8 @@ class RfcV2Kernel(StateMachineKernel):
                 if len(ubuf) < _FD.size:
                     raise Errno(errno.EFAULT, "short struct liveupdate_fd")
                 fd, flags, _token = _FD.unpack_from(ubuf)
+                # RFC v2's ioctl resolves the fd (EBADF) before the registry checks the state.
+                os.close(memfd.take_fd(pid, fd))
                 self.check_preserve_state()
                 token = self.next_token
                 pf = memfd.preserve(pid, fd, token)
