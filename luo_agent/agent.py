@@ -246,12 +246,12 @@ class Agent:
                 self._apply(event)
             except PhaseError as exc:
                 if ack is None:
-                    log.debug("stale_event_dropped", event=type(event).__name__, phase=self.phase)
+                    log.debug("stale_event_dropped", kind=type(event).__name__, phase=self.phase)
                 elif not ack.done():
                     ack.set_exception(exc)
                 continue
             except Exception as exc:  # a bug: never leave a caller hanging
-                log.exception("event_failed", event=type(event).__name__)
+                log.exception("event_failed", kind=type(event).__name__)
                 if ack is not None and not ack.done():
                     ack.set_exception(exc)
                 continue
@@ -504,14 +504,14 @@ class Agent:
         assert self.record is not None
         record = self.record
         if previous is ph.Phase.CANCELLING:
-            if record.result != "failed":
+            if record.result in ("failed", "aborted"):
+                record = record.ended(record.result, record.error_name, record.message)
+            else:
                 record = record.ended(
                     "cancelled",
                     "org.luoagent.LiveUpdate1.Error.Cancelled",
                     record.message or "cancelled",
                 )
-            else:
-                record = record.ended("failed", record.error_name, record.message)
         elif previous is ph.Phase.FINISHING:
             record = record.ended("success")
         else:
@@ -548,7 +548,7 @@ class Agent:
         log.warning(
             "phase_failed",
             phase=str(failure.phase),
-            event=failure.event,
+            cause=failure.event,
             reason=failure.reason,
             update_id=self.record.id if self.record else "",
         )
@@ -561,7 +561,8 @@ class Agent:
         }.get(failure.event, "KernelError")
         self.record = replace(
             self.record,
-            result="failed",
+            # Found prepared at start-up: the update of an agent that died.
+            result="aborted" if failure.event == "Recovered" else "failed",
             error_name=f"org.luoagent.LiveUpdate1.Error.{name}",
             message=failure.reason,
         )

@@ -345,6 +345,7 @@ class _GlobalListBackend(_MetadataMixin):
 
     def adopt(self, record: UpdateRecord) -> None:
         self.kernel_tokens = {(p.session, p.token): p.kernel_token for p in record.preserved}
+        self.meta_kernel_token = self._metadata_token_on_boot()
 
     def retrieve(self, session: str, token: int) -> int:
         kernel_token = self.kernel_tokens.get((session, token))

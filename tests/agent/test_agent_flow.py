@@ -1,0 +1,263 @@
+"""The real Agent on every emulated kernel generation, with a recording gate (the systemd adapter
+and the whole update under a real systemd manager are tested in tests/systemd and tests/e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from luo_agent import phase as ph
+from luo_agent.agent import Agent
+from luo_agent.config import Config
+from luo_agent.daemon import kernel_factory
+from luo_agent.errors import Busy, InvalidArgument, PhaseError
+from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
+from luo_agent.persist import History, RuntimeState
+from luo_agent.systemd.gate import UnitStatus
+from tests.fakes.gate import FakeGate
+
+ABIS = ["session", "v3", "rfc-v2"]
+PREPARE = ph.PHASE_TARGETS[ph.Phase.PREPARING]
+CANCEL = ph.PHASE_TARGETS[ph.Phase.CANCELLING]
+RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
+
+
+@dataclasses.dataclass
+class Host:
+    """One emulated machine and the agent's persistent directories, across boots."""
+
+    tmp: Path
+    abi: str
+    machine: EmulatedMachine
+
+    def config(self, **timeouts: float) -> Config:
+        cfg = Config(state_directory=self.tmp / "state", runtime_directory=self.tmp / "run")
+        kernel = dataclasses.replace(cfg.kernel, abi=self.abi, emulate_root=self.machine.root)
+        return dataclasses.replace(
+            cfg, kernel=kernel, timeouts=dataclasses.replace(cfg.timeouts, **timeouts)
+        )
+
+    @contextlib.asynccontextmanager
+    async def agent(self, gate: FakeGate, **timeouts: float) -> AsyncIterator[Agent]:
+        cfg = self.config(**timeouts)
+        agent = Agent(
+            config=cfg,
+            open_kernel=kernel_factory(cfg, EmulatedSyscalls(self.machine.root)),
+            gate=gate,
+            runtime=RuntimeState(cfg.runtime_directory),
+            history=History(cfg.state_directory),
+        )
+        runner = asyncio.create_task(agent.run())
+        try:
+            await agent.start()
+            yield agent
+        finally:
+            if self.machine.running:
+                await agent.stop()
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+    def kernel_image(self) -> int:
+        path = self.tmp / "vmlinuz"
+        path.write_bytes(b"kernel" * 100)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+@pytest.fixture(params=ABIS)
+def host(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Host]:
+    machine = EmulatedMachine(tmp_path / "machine", request.param)
+    machine.boot()
+    try:
+        yield Host(tmp_path, request.param, machine)
+    finally:
+        machine.poweroff()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition the agent's own task will make true (checked every loop turn)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def memfd_with(data: bytes, pos: int) -> int:
+    fd = os.memfd_create("participant", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, pos, os.SEEK_SET)
+    return fd
+
+
+def kernel_files(host: Host) -> int:
+    """How many files the emulated kernel holds preserved for the next kexec."""
+    info = host.machine.inspect()
+    if host.abi == "session":
+        return sum(len(s["files"]) for s in info["outgoing_sessions"])
+    return len(info["files"])
+
+
+async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
+    data = os.urandom(1 << 20)
+    fd = memfd_with(data, 12345)
+    async with host.agent(FakeGate()) as agent:
+        agent.preserve(fd, "vm-1", 7, [], owner="uid=0")
+        os.close(fd)  # the agent holds its own duplicate
+        kfd = host.kernel_image()
+        await agent.load_kernel(kfd, -1, "console=ttyS0")
+        os.close(kfd)
+        record = await agent.prepare("upd-1", caller="test")
+        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        assert kernel_files(host) == 2  # the participant's memfd and the agent's metadata
+        await agent.execute("upd-1")
+        await asyncio.to_thread(host.machine.wait_down, 10)
+    assert record.id == "upd-1"
+
+    host.machine.boot()
+    restore_gate = FakeGate()
+    retrieved: list[int] = []
+    async with host.agent(restore_gate) as agent:
+        assert agent.phase is ph.Phase.UPDATED
+        assert agent.record is not None and agent.record.id == "upd-1"
+        assert "luo_agent.update=upd-1" in agent.record.kernel_cmdline
+
+        async def participant_restores() -> None:
+            retrieved.append(await agent.retrieve("vm-1", 7))
+
+        restore_gate.hooks[RESTORE] = participant_restores
+        await agent.resume()
+        await until(lambda: agent.phase is ph.Phase.IDLE)
+        assert agent.last is not None
+        assert (agent.last.id, agent.last.result) == ("upd-1", "success")
+        assert 0 <= agent.last.blackout_critical < 5.0
+        assert [t.phase for t in agent.last.timings][:4] == [
+            "preparing",
+            "prepared",
+            "freezing",
+            "rebooting",
+        ]
+    (fd,) = retrieved
+    size = os.fstat(fd).st_size
+    assert size == len(data)
+    assert hashlib.sha256(os.pread(fd, size, 0)).digest() == hashlib.sha256(data).digest()
+    assert os.lseek(fd, 0, os.SEEK_CUR) == 12345
+    os.close(fd)
+    history = History(host.tmp / "state").load()
+    assert [(e["id"], e["result"]) for e in history] == [("upd-1", "success")]
+
+
+async def test_failing_prepare_participant_cancels(host: Host) -> None:
+    gate = FakeGate(failing={PREPARE: UnitStatus("bad.service", "failed", "failed", "exit-code")})
+    fd = memfd_with(b"x" * 4096, 0)
+    async with host.agent(gate) as agent:
+        agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
+        os.close(fd)
+        await agent.prepare("upd-2")
+        await until(lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        assert agent.last is not None
+        assert agent.last.result == "failed"
+        assert agent.last.error_name.endswith(".ParticipantFailed")
+        assert "bad.service" in agent.last.message and "exit-code" in agent.last.message
+        assert gate.started == [PREPARE, CANCEL]
+        assert kernel_files(host) == 0  # nothing left preserved in the kernel
+        assert len(agent.registry) == 0
+        if host.abi != "session":
+            assert host.machine.inspect()["state"] == "normal"
+
+
+async def test_hanging_prepare_participant_times_out_and_cancels(host: Host) -> None:
+    gate = FakeGate(hanging={PREPARE})
+    async with host.agent(gate, prepare=0.3) as agent:
+        await agent.prepare("upd-3")
+        await until(lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        assert agent.last is not None
+        assert agent.last.error_name.endswith(".TimedOut")
+        assert gate.cancelled == [PREPARE]  # the systemd job is cancelled, not left running
+        assert CANCEL in gate.started
+
+
+async def test_execute_without_kernel_and_double_prepare_are_refused(host: Host) -> None:
+    async with host.agent(FakeGate()) as agent:
+        await agent.prepare("upd-4")
+        with pytest.raises(Busy):
+            await agent.prepare("upd-5")
+        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        with pytest.raises(PhaseError):
+            await agent.execute()
+        await agent.cancel("upd-4")
+        await until(lambda: agent.phase is ph.Phase.IDLE)
+        assert agent.last is not None and agent.last.result == "cancelled"
+
+
+async def test_reboot_failure_keeps_the_update_prepared(host: Host) -> None:
+    fd = memfd_with(b"keep me", 0)
+    async with host.agent(FakeGate()) as agent:
+        agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
+        os.close(fd)
+        kfd = host.kernel_image()
+        await agent.load_kernel(kfd, -1, "")
+        os.close(kfd)
+        await agent.prepare("upd-6")
+        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        host.machine.inject_fault("reboot", errno.EAGAIN)
+        await agent.execute()
+        expected = ph.Phase.IDLE if host.abi == "rfc-v2" else ph.Phase.PREPARED
+        await until(lambda: agent.phase is expected)
+        assert host.machine.running
+        if host.abi == "rfc-v2":
+            # FROZEN before the reboot: only cancel is left, and it ran.
+            assert agent.last is not None and agent.last.result == "failed"
+        else:
+            assert kernel_files(host) == 2  # sessions / files intact, reported, retryable
+            await agent.execute()
+            await asyncio.to_thread(host.machine.wait_down, 10)
+
+
+async def test_preserve_checks_fds_and_phase(host: Host) -> None:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    async with host.agent(FakeGate()) as agent:
+        with pytest.raises(InvalidArgument, match="only memfds"):
+            agent.preserve(r, "vm-1", 1, [], owner="uid=0")
+        with pytest.raises(InvalidArgument, match="reserved"):
+            agent.preserve(memfd_with(b"", 0), "systemd", 1, [], owner="uid=0")
+        await agent.prepare("upd-7")
+        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        with pytest.raises(PhaseError):
+            agent.preserve(memfd_with(b"", 0), "late", 1, [], owner="uid=0")
+        await agent.cancel()
+        await until(lambda: agent.phase is ph.Phase.IDLE)
+    os.close(r)
+    os.close(w)
+
+
+async def test_restart_in_the_same_boot_reports_the_aborted_update(host: Host) -> None:
+    """The agent stops while prepared (as a crash would leave it): the next start finds the
+    kernel back to normal (or cancels it) and records the update as aborted."""
+    async with host.agent(FakeGate()) as agent:
+        agent.preserve(memfd_with(b"d" * 100, 0), "vm-1", 1, [], owner="uid=0")
+        await agent.prepare("upd-8")
+        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        # Simulate the crash: keep current.json, drop the agent without its orderly stop.
+        agent.stop = _no_stop  # type: ignore[method-assign]
+        kernel = agent.kernel
+        assert kernel is not None
+        kernel.close()  # what process death does to every fd
+    async with host.agent(FakeGate()) as agent:
+        await until(lambda: agent.phase is ph.Phase.IDLE)
+        assert agent.last is not None
+        assert agent.last.id == "upd-8"
+        assert agent.last.result in ("aborted", "failed")
+        assert kernel_files(host) == 0
+        if host.abi != "session":
+            assert host.machine.inspect()["state"] == "normal"
+
+
+async def _no_stop() -> None:
+    return None
