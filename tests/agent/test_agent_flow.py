@@ -82,11 +82,30 @@ def host(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Host]:
         machine.poweroff()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition the agent's own task will make true (checked every loop turn)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
+class _Changes:
+    """An AgentListener that wakes waiters on every phase change and every finished update."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+
+    def phase_changed(self, record: object, phase: object) -> None:
+        self.changed.set()
+
+    def update_finished(self, record: object) -> None:
+        self.changed.set()
+
+
+async def until(agent: Agent, predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait, on the agent's own change notifications, until ``predicate`` holds."""
+    changes = _Changes()
+    agent.listeners.append(changes)
+    try:
+        async with asyncio.timeout(limit):
+            while not predicate():
+                changes.changed.clear()
+                await changes.changed.wait()
+    finally:
+        agent.listeners.remove(changes)
 
 
 def memfd_with(data: bytes, pos: int) -> int:
@@ -114,7 +133,7 @@ async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
         await agent.load_kernel(kfd, -1, "console=ttyS0")
         os.close(kfd)
         record = await agent.prepare("upd-1", caller="test")
-        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
         assert kernel_files(host) == 2  # the participant's memfd and the agent's metadata
         await agent.execute("upd-1")
         await asyncio.to_thread(host.machine.wait_down, 10)
@@ -133,7 +152,7 @@ async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
 
         restore_gate.hooks[RESTORE] = participant_restores
         await agent.resume()
-        await until(lambda: agent.phase is ph.Phase.IDLE)
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
         assert agent.last is not None
         assert (agent.last.id, agent.last.result) == ("upd-1", "success")
         assert 0 <= agent.last.blackout_critical < 5.0
@@ -160,7 +179,7 @@ async def test_failing_prepare_participant_cancels(host: Host) -> None:
         agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
         os.close(fd)
         await agent.prepare("upd-2")
-        await until(lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
         assert agent.last is not None
         assert agent.last.result == "failed"
         assert agent.last.error_name.endswith(".ParticipantFailed")
@@ -176,7 +195,7 @@ async def test_hanging_prepare_participant_times_out_and_cancels(host: Host) -> 
     gate = FakeGate(hanging={PREPARE})
     async with host.agent(gate, prepare=0.3) as agent:
         await agent.prepare("upd-3")
-        await until(lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
         assert agent.last is not None
         assert agent.last.error_name.endswith(".TimedOut")
         assert gate.cancelled == [PREPARE]  # the systemd job is cancelled, not left running
@@ -188,11 +207,11 @@ async def test_execute_without_kernel_and_double_prepare_are_refused(host: Host)
         await agent.prepare("upd-4")
         with pytest.raises(Busy):
             await agent.prepare("upd-5")
-        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
         with pytest.raises(PhaseError):
             await agent.execute()
         await agent.cancel("upd-4")
-        await until(lambda: agent.phase is ph.Phase.IDLE)
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
         assert agent.last is not None and agent.last.result == "cancelled"
 
 
@@ -205,11 +224,11 @@ async def test_reboot_failure_keeps_the_update_prepared(host: Host) -> None:
         await agent.load_kernel(kfd, -1, "")
         os.close(kfd)
         await agent.prepare("upd-6")
-        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
         host.machine.inject_fault("reboot", errno.EAGAIN)
         await agent.execute()
         expected = ph.Phase.IDLE if host.abi == "rfc-v2" else ph.Phase.PREPARED
-        await until(lambda: agent.phase is expected)
+        await until(agent, lambda: agent.phase is expected)
         assert host.machine.running
         if host.abi == "rfc-v2":
             # FROZEN before the reboot: only cancel is left, and it ran.
@@ -228,11 +247,11 @@ async def test_preserve_checks_fds_and_phase(host: Host) -> None:
         with pytest.raises(InvalidArgument, match="reserved"):
             agent.preserve(memfd_with(b"", 0), "systemd", 1, [], owner="uid=0")
         await agent.prepare("upd-7")
-        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
         with pytest.raises(PhaseError):
             agent.preserve(memfd_with(b"", 0), "late", 1, [], owner="uid=0")
         await agent.cancel()
-        await until(lambda: agent.phase is ph.Phase.IDLE)
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
     os.close(r)
     os.close(w)
 
@@ -243,14 +262,14 @@ async def test_restart_in_the_same_boot_reports_the_aborted_update(host: Host) -
     async with host.agent(FakeGate()) as agent:
         agent.preserve(memfd_with(b"d" * 100, 0), "vm-1", 1, [], owner="uid=0")
         await agent.prepare("upd-8")
-        await until(lambda: agent.phase is ph.Phase.PREPARED)
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
         # Simulate the crash: keep current.json, drop the agent without its orderly stop.
         agent.stop = _no_stop  # type: ignore[method-assign]
         kernel = agent.kernel
         assert kernel is not None
         kernel.close()  # what process death does to every fd
     async with host.agent(FakeGate()) as agent:
-        await until(lambda: agent.phase is ph.Phase.IDLE)
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
         assert agent.last is not None
         assert agent.last.id == "upd-8"
         assert agent.last.result in ("aborted", "failed")
