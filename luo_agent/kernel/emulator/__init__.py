@@ -1,6 +1,7 @@
 """The emulated LUO kernel: a kernel server process per emulated boot (``server``), the
 ``Syscalls`` implementation that talks to it (``EmulatedSyscalls``) and machine control
-(``EmulatedMachine``).  Contract: ``notes/emulator-api.md``; behaviour: ``kernel-abi.md``.
+(``EmulatedMachine``).  Contract: ``docs/emulator.md``; behaviour: the LUO uAPI reference
+(``kernel-abi.md`` in the design documents).
 
 Emulator choices (where the kernel cannot be copied exactly):
 
@@ -10,8 +11,8 @@ Emulator choices (where the kernel cannot be copied exactly):
   continues after the largest carried token.  EACCES for non-CAP_SYS_ADMIN callers is not
   emulated; LIVEUPDATE_IOCTL_SELFTESTS (a debugfs ioctl) is ENOTTY on the device.
 * G1/G3: restoring the same token twice is EINVAL (6.19 RETRIEVE_FD is idempotent instead);
-  preserve checks state (EBUSY), then [G3] token (EEXIST), then fd (EBADF), then file type
-  (ENOENT).  G3 close of the device drops only outgoing files; carried ones wait for FINISH.
+  G3 preserve checks state (EBUSY), then token (EEXIST), then fd (EBADF), then file type
+  (ENOENT); G1 resolves the fd first (EBADF), as RFC v2's ioctl does, then state, then type.  G3 close of the device drops only outgoing files; carried ones wait for FINISH.
 * Session 6.19 profile: wrong-kind PRESERVE_FD/RETRIEVE_FD/FINISH are EINVAL after the size
   checks (kernel-abi.md §7.3 "fixed behaviour"); on g6 at the dispatcher's kind step.
 * Frozen memfd size: the size at PRESERVE is carried (cut or zero-extended, logged if changed).
