@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 UPDATE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CMDLINE_MARKER: Final = "luo_agent.update="
+# How long an expired phase timer may wait to learn which participants are stuck.
+TIMEOUT_PROBE_SECONDS: Final = 5.0
 
 # Rough progress of an update per phase, for the Progress property.
 PROGRESS: Final[dict[ph.Phase, int]] = {
@@ -94,6 +96,7 @@ class LoadedKernel:
 class CheckReport:
     ready: bool
     blockers: tuple[str, ...]
+    warnings: tuple[str, ...]
     abi: str
     phase: str
     kernel_loaded: bool
@@ -140,6 +143,9 @@ class Agent:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._work: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Between a phase timer's expiry and its Timeout event: which participants still run.
+        self._timeout_probe: asyncio.Task[None] | None = None
+        self._stuck: tuple[UnitStatus, ...] = ()
         self._retrieved: dict[tuple[str, int], str] = {}
         self._freeze_gate_done = 0.0
         self.boot_notes: tuple[str, ...] = ()
@@ -263,6 +269,8 @@ class Agent:
         v3 and session kernels; rfc-v2 keeps preserved files on close, so cancel explicitly."""
         if self._timer is not None:
             self._timer.cancel()
+        if self._timeout_probe is not None:
+            self._timeout_probe.cancel()
         if self._work is not None:
             self._work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -405,9 +413,16 @@ class Agent:
             blockers.append(f"an update is in phase {self.phase}")
         if not self.kernel_loaded:
             blockers.append("no kernel loaded for kexec (LoadKernel)")
+        warnings: list[str] = []
+        if self.kernel_loaded and not _enables_liveupdate(self.kernel_cmdline):
+            warnings.append(
+                "the loaded kernel's command line has no liveupdate=1: LUO (and so restore) "
+                "would be disabled after the kexec unless the kernel enables it by default"
+            )
         return CheckReport(
             ready=not blockers,
             blockers=tuple(blockers),
+            warnings=tuple(warnings),
             abi=self.abi,
             phase=str(self.phase),
             kernel_loaded=self.kernel_loaded,
@@ -461,6 +476,9 @@ class Agent:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._timeout_probe is not None:  # a timeout overtaken by this event is stale
+            self._timeout_probe.cancel()
+            self._timeout_probe = None
         for effect in step.effects:
             if isinstance(effect, ph.ReportFailure):
                 self._report_failure(effect)
@@ -474,8 +492,26 @@ class Agent:
             )
         if step.arms_timer and (seconds := self._timeouts.timeout_for(step.next)) is not None:
             self._timer = asyncio.get_running_loop().call_later(
-                seconds, self._post, ph.Timeout(step.next)
+                seconds, self._timer_expired, step.next
             )
+
+    def _timer_expired(self, phase: ph.Phase) -> None:
+        self._timer = None
+        self._timeout_probe = asyncio.create_task(self._time_out(phase), name=f"timeout-{phase}")
+
+    async def _time_out(self, phase: ph.Phase) -> None:
+        """Post Timeout(phase), after learning which participants of the phase's gate are still
+        running: cancelling the gate stops them, and the failure must name them."""
+        self._stuck = ()
+        target = ph.PHASE_TARGETS.get(phase)
+        if target is not None:
+            try:
+                async with asyncio.timeout(TIMEOUT_PROBE_SECONDS):
+                    statuses = await self.gate.unit_statuses(target)
+                self._stuck = tuple(s for s in statuses if s.is_failure)
+            except Exception as exc:  # the timeout must be posted whatever the probe does
+                log.warning("timeout_probe_failed", target=target, error=str(exc))
+        self._post(ph.Timeout(phase))
 
     def _enter(self, new: ph.Phase, previous: ph.Phase) -> None:
         self.phase = new
@@ -545,11 +581,15 @@ class Agent:
             log.error("runtime_state_unwritable", error=str(exc))
 
     def _report_failure(self, failure: ph.ReportFailure) -> None:
+        reason = failure.reason
+        if failure.event == "Timeout" and self._stuck:
+            reason += "; still running: " + _describe_units(self._stuck)
+            self.participants, self._stuck = self._stuck, ()
         log.warning(
             "phase_failed",
             phase=str(failure.phase),
             cause=failure.event,
-            reason=failure.reason,
+            reason=reason,
             update_id=self.record.id if self.record else "",
         )
         if self.record is None:
@@ -564,7 +604,7 @@ class Agent:
             # Found prepared at start-up: the update of an agent that died.
             result="aborted" if failure.event == "Recovered" else "failed",
             error_name=f"org.luoagent.LiveUpdate1.Error.{name}",
-            message=failure.reason,
+            message=reason,
         )
 
     # --------------------------------------------------------------------------------- effects
@@ -724,10 +764,16 @@ class Agent:
 def _describe_gate(outcome: GateOutcome) -> str:
     if not outcome.culprits:
         return f"{outcome.target} job ended {outcome.job_result}"
-    who = ", ".join(
-        f"{u.unit} ({u.active_state}/{u.sub_state}, result {u.result})" for u in outcome.culprits
-    )
-    return f"{outcome.target} job ended {outcome.job_result}: {who}"
+    return f"{outcome.target} job ended {outcome.job_result}: {_describe_units(outcome.culprits)}"
+
+
+def _describe_units(units: Sequence[UnitStatus]) -> str:
+    return ", ".join(f"{u.unit} ({u.active_state}/{u.sub_state}, result {u.result})" for u in units)
+
+
+def _enables_liveupdate(cmdline: str) -> bool:
+    values = [w.split("=", 1)[1] for w in cmdline.split() if w.startswith("liveupdate=")]
+    return bool(values) and values[-1].lower() in ("1", "y", "yes", "on", "true")
 
 
 def _with_marker(cmdline: str, update_id: str) -> str:

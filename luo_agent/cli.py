@@ -181,6 +181,8 @@ async def cmd_check(bus: MessageBus, args: argparse.Namespace, out: Output) -> E
         print("ready" if data["ready"] else "not ready")
         for blocker in data["blockers"]:
             print(f"  blocker: {blocker}")
+        for warning in data.get("warnings", []):
+            print(f"  warning: {warning}")
 
     out.result({"check": data}, human)
     return ExitCode.OK if data["ready"] else ExitCode.BLOCKED

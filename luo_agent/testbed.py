@@ -35,6 +35,8 @@ EXAMPLE_UNITS = [
 
 
 class Testbed:
+    __test__ = False  # not a pytest test class, although its name starts with "Test"
+
     def __init__(
         self,
         workdir: Path,
@@ -87,7 +89,7 @@ class Testbed:
             ),
             "liveupdate.service": (
                 f"[Service]\n{env}\nEnvironment=LIVEUPDATE_KERNEL={self.kernel_image}"
-                f" LIVEUPDATE_CMDLINE=console=ttyS0\n"
+                f' "LIVEUPDATE_CMDLINE=console=ttyS0 liveupdate=1 kho=on"\n'
                 f"ExecStart=\nExecStart={ctl} update --wait --from-environment\n"
             ),
         }

@@ -267,6 +267,7 @@ class ManagerInterface(ServiceInterface):
             return {
                 "ready": Variant("b", report.ready),
                 "blockers": Variant("as", list(report.blockers)),
+                "warnings": Variant("as", list(report.warnings)),
                 "abi": Variant("s", report.abi),
                 "phase": Variant("s", report.phase),
                 "kernel-loaded": Variant("b", report.kernel_loaded),
@@ -395,6 +396,7 @@ class ManagerInterface(ServiceInterface):
 
 
 def _close(*fds: int) -> None:
-    for fd in fds:
+    # Once each: LoadKernel(0, 0) names one fd twice, and a second close could hit a reused number.
+    for fd in dict.fromkeys(fds):
         with contextlib.suppress(OSError):
             os.close(fd)
