@@ -74,6 +74,24 @@ MARKERS: Final[dict[ph.Phase, str]] = {
     ph.Phase.FINISHING: "finish",
 }
 
+# The kernel states (sysfs ``state`` values) the agent's own work moves the kernel to in each phase,
+# allowing for a watcher that reports a step late; a change to anything else was made by someone
+# else (on rfc-v2 any process may open the device and send events).
+OWN_KERNEL_STATES: Final[dict[ph.Phase, frozenset[str]]] = {
+    ph.Phase.IDLE: frozenset({"normal"}),
+    ph.Phase.PREPARING: frozenset({"prepared"}),
+    ph.Phase.PREPARED: frozenset({"prepared"}),
+    ph.Phase.FREEZING: frozenset({"prepared", "frozen"}),
+    ph.Phase.REBOOTING: frozenset({"prepared", "frozen"}),
+    ph.Phase.CANCELLING: frozenset({"normal", "prepared", "frozen"}),
+    ph.Phase.UPDATED: frozenset({"updated"}),
+    ph.Phase.RESTORING: frozenset({"updated"}),
+    ph.Phase.RESTORED: frozenset({"updated"}),
+    ph.Phase.FINISHING: frozenset({"normal"}),
+}
+# Phases in which the agent holds a prepared kernel: a NORMAL kernel there means the update is gone.
+HOLDS_PREPARED_KERNEL: Final = frozenset({ph.Phase.PREPARED, ph.Phase.FREEZING})
+
 
 class AgentListener(Protocol):
     """What the D-Bus layer (or a test) hears.  Called on the loop, must not block."""
@@ -81,6 +99,10 @@ class AgentListener(Protocol):
     def phase_changed(self, record: UpdateRecord | None, phase: ph.Phase) -> None: ...
 
     def update_finished(self, record: UpdateRecord) -> None: ...
+
+    def kernel_state_changed(self, value: str) -> None:
+        """The kernel's state file (sysfs ``state``) now reads ``value``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +170,20 @@ class Agent:
         self._stuck: tuple[UnitStatus, ...] = ()
         self._retrieved: dict[tuple[str, int], str] = {}
         self._freeze_gate_done = 0.0
+        # What the runtime directory shows, so a step that keeps the phase rewrites nothing; and
+        # the phase before "rebooting", published only once the reboot call returns.
+        self._published_phase: ph.Phase | None = None
+        self._saved_record: UpdateRecord | None = None
+        self._unpublished_reboot: ph.Phase | None = None
         self.boot_notes: tuple[str, ...] = ()
+        # The last value of the kernel's state file (daemon's sysfs watcher); None if unwatched.
+        self.observed_kernel_state: str | None = None
+        self._state_check: asyncio.Task[None] | None = None
+        # Set by recovery: why the update of a dead agent is aborted (the failure's message), and
+        # whether a restarted agent goes on with Finish (the restore gate had passed) or Restore.
+        self._abort_reason = ""
+        self._resume_with_finish = False
+        self._shutdown_watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------ life cycle
 
@@ -162,27 +197,40 @@ class Agent:
         self.runtime.setup()
         self.runtime.set_active(())
         self.last = self._last_from_history()
-        self.kernel = await self._open_with_backoff()
-        boot = await self._in_kernel(self.kernel.start)
+        deadline = time.monotonic() + self.config.kernel.busy_retry_seconds
+        kernel = self.kernel = await self._busy_backoff(self._open_kernel, deadline)
+        # The session ABI opens the device only here: EBUSY is retried on the same backend (it
+        # may already hold sessions adopted from the fd store).
+        boot = await self._busy_backoff(kernel.start, deadline)
         self.boot_notes = boot.notes
         for note in boot.notes:
             log.warning("kernel_boot_note", note=note)
         previous = self._load_current()
         await self._recover(boot, previous)
+        await self._watch_shutdown()
 
-    async def _open_with_backoff(self) -> KernelBackend:
-        deadline = time.monotonic() + self.config.kernel.busy_retry_seconds
+    async def _busy_backoff(self, fn: Callable[[], T], deadline: float) -> T:
+        """Run ``fn`` on the kernel thread, retrying EBUSY (another owner of the exclusive
+        device, e.g. systemd >= 261 at boot) with exponential back-off until ``deadline``; the
+        service status says what the agent waits for meanwhile."""
         delay = 0.05
+        attempt = 1
         while True:
             try:
-                return await self._in_kernel(self._open_kernel)
+                result = await self._in_kernel(fn)
             except DeviceBusy as exc:
                 if time.monotonic() + delay > deadline:
+                    self._status(f"gave up waiting for /dev/liveupdate after {attempt} attempts")
                     raise
-                self._status(f"waiting for /dev/liveupdate: {exc}")
-                log.info("kernel_busy_retry", delay=delay)
+                self._status(f"waiting for /dev/liveupdate (attempt {attempt}): {exc}")
+                log.info("kernel_busy_retry", delay=delay, attempt=attempt)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                attempt += 1
+                continue
+            if attempt > 1:
+                self._status(f"/dev/liveupdate opened after {attempt} attempts")
+            return result
 
     def _load_current(self) -> UpdateRecord | None:
         try:
@@ -199,40 +247,124 @@ class Agent:
         return None
 
     async def _recover(self, boot: BootState, previous: UpdateRecord | None) -> None:
+        """Pick up where this boot stands (docs/reliability.md has the table per backend):
+
+        * a live-update boot: the update continues (restore; a restarted agent that finds the
+          restore gate passed goes on with finish);
+        * the kernel still prepared (rfc-v2/v3 after a crash), or a pre-reboot update of a dead
+          agent that the kernel already dropped: cancel, so the cancel hooks run, and record the
+          update as aborted;
+        * a post-reboot update whose carried files the kernel already finished: aborted.
+        """
         assert self.kernel is not None
-        if boot.incoming is not None:
-            record = boot.incoming.with_phase(ph.Phase.UPDATED)
-            self.record = replace(
-                record, boot_count=record.boot_count + 1, kernel_cmdline=self._read_cmdline()
-            )
+        if previous is not None and self.last is not None and previous.id == self.last.id:
+            # current.json could not be removed when the update ended (read-only /run): the
+            # history already has the outcome.
+            log.warning("stale_current_state_ignored", update_id=previous.id)
+            previous = None
+        was = ph.Phase(previous.phase) if previous is not None else ph.Phase.IDLE
+        # A restart in the same boot (SIGKILL, watchdog): current.json has the same update.
+        same_boot = (
+            previous is not None
+            and ph.is_post_reboot(was)
+            and (boot.incoming is None or boot.incoming.id == previous.id)
+        )
+        if boot.incoming is not None or (
+            boot.kernel_state is KernelStateValue.UPDATED and same_boot
+        ):
+            if same_boot:
+                # rfc-v2/v3 restore the metadata only once (the dead agent did): the kernel
+                # tokens come from current.json.  The session ABI could read it again.
+                assert previous is not None
+                self.kernel.adopt(previous)
+                self.record = previous
+                self._resume_with_finish = was in (ph.Phase.RESTORED, ph.Phase.FINISHING)
+                log.warning("agent_restarted", update_id=previous.id, phase=str(was))
+            else:
+                assert boot.incoming is not None
+                record = boot.incoming.with_phase(ph.Phase.UPDATED)
+                self.record = replace(
+                    record, boot_count=record.boot_count + 1, kernel_cmdline=self._read_cmdline()
+                )
             kernel_state = ph.KernelState.UPDATED
         elif boot.stale_prepared:
             kernel_state = ph.KernelState(str(boot.kernel_state))
             if previous is not None:
                 self.kernel.adopt(previous)
             self.record = previous or UpdateRecord(id=_new_id(), abi=self.abi, started_by="unknown")
+            self._abort_reason = (
+                f"the agent stopped in phase {was}; the kernel was left {boot.kernel_state} "
+                "and is cancelled"
+            )
+        elif previous is not None and ph.is_pre_reboot(was):
+            # The kernel already dropped the update (its handles closed with the dead agent):
+            # cancel anyway, so the participants' cancel hooks run.
+            self.record = previous
+            kernel_state = ph.KernelState.PREPARED
+            self._abort_reason = (
+                f"the agent stopped in phase {was}; the kernel discarded the update"
+            )
         else:
             kernel_state = ph.KernelState.NORMAL
-            if previous is not None and previous.phase != ph.Phase.IDLE:
-                # The update of a dead agent: the kernel dropped it when the handle closed.
+            if previous is not None and was is not ph.Phase.IDLE:
+                # After the reboot with the carried files gone (incoming sessions closed with
+                # the dead agent and finished by the kernel): nothing left to restore.
                 aborted = previous.ended(
                     "aborted",
                     "org.luoagent.LiveUpdate1.Error.Aborted",
-                    f"the agent stopped in phase {previous.phase}; the kernel discarded the update",
+                    f"the agent stopped in phase {was}; the kernel finished the carried files"
+                    " and unretrieved data is lost",
                 )
                 self._finish_record(aborted)
             if boot.kernel_state is KernelStateValue.UPDATED:
                 kernel_state = ph.KernelState.UPDATED
+        stale_gate = ph.PHASE_TARGETS.get(was)
+        if stale_gate is not None and ph.is_pre_reboot(was):
+            # The dead agent's gate may still have a start job queued (a hook that hangs): the
+            # cancel target conflicts with it, and starting it would be refused as destructive.
+            with contextlib.suppress(LuoError):
+                await self.gate.stop_unit(stale_gate)
         await self.submit(ph.Recovered(kernel_state, "; ".join(boot.notes)))
 
     async def resume(self) -> None:
         """After a live-update boot, start restoring (once the D-Bus API is up: participants
-        retrieve through it)."""
+        retrieve through it); a restarted agent whose restore gate had passed finishes."""
         if self.phase is ph.Phase.UPDATED and self.record is not None:
             log.info(
                 "live_update_boot", update_id=self.record.id, boot_count=self.record.boot_count
             )
-            await self.submit(ph.Restore())
+            finish, self._resume_with_finish = self._resume_with_finish, False
+            await self.submit(ph.Finish() if finish else ph.Restore())
+
+    async def _watch_shutdown(self) -> None:
+        """Notice a normal reboot/poweroff/halt/kexec queued by someone else while an update is
+        prepared: the kernel would drop the update anyway, so cancel it (cancel hooks run)."""
+        try:
+            watch = await self.gate.watch_shutdown_jobs()
+        except LuoError as exc:
+            log.warning("shutdown_watch_unavailable", error=str(exc))
+            return
+
+        async def consume() -> None:
+            try:
+                async for target in watch:
+                    if self.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED):
+                        await self._cancel_for_shutdown(target)
+                    else:
+                        log.info("shutdown_job_seen", target=target, phase=str(self.phase))
+            finally:
+                with contextlib.suppress(Exception):
+                    await watch.aclose()
+
+        self._shutdown_watch = asyncio.create_task(consume(), name="shutdown-watch")
+
+    async def _cancel_for_shutdown(self, target: str) -> None:
+        reason = f"{target} was queued by someone else while the update was {self.phase}"
+        log.warning("shutdown_while_prepared", target=target, phase=str(self.phase))
+        if self.record is not None:
+            self.record = replace(self.record, message=reason)
+        with contextlib.suppress(PhaseError):
+            await self.submit(ph.Cancel())
 
     def _read_cmdline(self) -> str:
         assert self.kernel is not None
@@ -271,6 +403,12 @@ class Agent:
             self._timer.cancel()
         if self._timeout_probe is not None:
             self._timeout_probe.cancel()
+        if self._state_check is not None:
+            self._state_check.cancel()
+        if self._shutdown_watch is not None:
+            self._shutdown_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shutdown_watch
         if self._work is not None:
             self._work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -307,21 +445,27 @@ class Agent:
     async def prepare(self, update_id: str = "", caller: str = "") -> UpdateRecord:
         if update_id and not UPDATE_ID_RE.match(update_id):
             raise InvalidArgument("an update id is 1-64 characters of [A-Za-z0-9_-]")
-        if self.phase is not ph.Phase.IDLE:
+        # A record while idle is another Prepare whose event is still queued: it has won.
+        if self.phase is not ph.Phase.IDLE or self.record is not None:
             raise Busy(f"update {self.record.id if self.record else '?'} is in phase {self.phase}")
         if update_id and self.last is not None and self.last.id == update_id:
             raise InvalidArgument(f"update id {update_id!r} was already used")
-        self.record = UpdateRecord(
+        record = UpdateRecord(
             id=update_id or _new_id(),
             abi=self.abi,
             started_by=caller,
             kernel_cmdline=self.kernel_cmdline,
         )
+        self.record = record
         try:
             await self.submit(ph.Prepare())
         except PhaseError:
+            if self.record is record:
+                self.record = None
             raise Busy(f"an update is in phase {self.phase}") from None
-        return self.record
+        # The update may have moved on (or ended) already; the caller needs its id.
+        current = self.record
+        return current if current is not None and current.id == record.id else record
 
     def _require_update(self, update_id: str) -> None:
         if update_id and (self.record is None or self.record.id != update_id):
@@ -361,6 +505,10 @@ class Agent:
         full = _with_marker(base, self.record.id if self.record else "pending")
         try:
             await self._in_kernel(self.kernel.load_kernel, own[0], own[1], full)
+        except OSError as exc:
+            _close_fds(*own)
+            # kexec_file_load refused the image (EPERM, ENOEXEC, EBADF): the caller's answer.
+            raise KernelError("kexec_file_load", exc.errno or 5) from None
         except BaseException:
             _close_fds(*own)
             raise
@@ -459,10 +607,60 @@ class Agent:
     def kernel_state_text(self) -> str:
         if self.kernel is None:
             return "unavailable"
+        if self.observed_kernel_state is not None:
+            return self.observed_kernel_state
         try:
             return self.kernel.describe_state()
         except (LuoError, OSError) as exc:
             return f"unknown ({exc})"
+
+    def observe_kernel_state(self, value: str) -> None:
+        """A value of the kernel's state file (the daemon's sysfs watcher): publish it, log a
+        change the agent did not make, and act if it contradicts the phase."""
+        previous, self.observed_kernel_state = self.observed_kernel_state, value
+        if value != previous:
+            if previous is not None and value not in OWN_KERNEL_STATES[self.phase]:
+                log.warning(
+                    "kernel_state_changed_externally",
+                    state=value,
+                    previous=previous,
+                    phase=str(self.phase),
+                    update_id=self.record.id if self.record else "",
+                )
+            for listener in self.listeners:
+                listener.kernel_state_changed(value)
+        self._check_kernel_state()
+
+    def _check_kernel_state(self) -> None:
+        """Kernel NORMAL while the agent holds a prepared update: someone cancelled it.  The
+        watcher's value may be stale, so the kernel itself is asked before acting."""
+        if self.observed_kernel_state != KernelStateValue.NORMAL:
+            return
+        if self.phase not in HOLDS_PREPARED_KERNEL or self.kernel is None:
+            return
+        if self._state_check is None or self._state_check.done():
+            self._state_check = asyncio.create_task(
+                self._cancel_if_kernel_normal(), name="kernel-state-check"
+            )
+
+    async def _cancel_if_kernel_normal(self) -> None:
+        assert self.kernel is not None
+        try:
+            state = await self._in_kernel(self.kernel.describe_state)
+        except (LuoError, OSError) as exc:
+            log.warning("kernel_state_unreadable", error=str(exc))
+            return
+        if state != KernelStateValue.NORMAL or self.phase not in HOLDS_PREPARED_KERNEL:
+            return  # a stale notification, or the phase moved on meanwhile
+        if self.record is None:
+            return
+        reason = (
+            f"the kernel left the prepared state behind the agent's back (kernel {state} in "
+            f"phase {self.phase}): another process cancelled the live update"
+        )
+        log.warning("kernel_state_contradicts_phase", reason=reason, update_id=self.record.id)
+        self.record = replace(self.record, message=reason)
+        self._post(ph.Cancel())
 
     @property
     def progress(self) -> int:
@@ -517,18 +715,37 @@ class Agent:
         self.phase = new
         if self.record is not None and new is not previous:
             self.record = self.record.with_phase(new)
+        if new is ph.Phase.REBOOTING:
+            # The blackout-critical path (freeze → metadata pwrite → reboot) carries no file
+            # writes, logging or signals: "rebooting" is published when the reboot call returns
+            # (with a real kernel it returns only on failure).
+            self._unpublished_reboot = previous
+            return
+        self._publish(new, previous)
+
+    def _publish_reboot(self) -> None:
+        previous, self._unpublished_reboot = self._unpublished_reboot, None
+        if previous is not None and self.phase is ph.Phase.REBOOTING:
+            self._publish(ph.Phase.REBOOTING, previous)
+
+    def _publish(self, new: ph.Phase, previous: ph.Phase) -> None:
         marker = MARKERS.get(new)
-        try:
-            self.runtime.set_active([marker] if marker else [])
-            self.runtime.publish_phase(new)
-        except PersistError as exc:
-            log.error("runtime_state_unwritable", error=str(exc))
+        if new is not self._published_phase:
+            try:
+                self.runtime.set_active([marker] if marker else [])
+                self.runtime.publish_phase(new)
+                self._published_phase = new
+            except PersistError as exc:
+                log.error("runtime_state_unwritable", error=str(exc))
         if new is ph.Phase.IDLE and self.record is not None:
             self._end_update(previous)
         else:
             self._save(self.record)
         if new is ph.Phase.RESTORED and self.config.auto_finish:
             self._post(ph.Finish())
+        if new is ph.Phase.PREPARED:
+            # A cancel by someone else during preparing may have coalesced into no change at all.
+            self._check_kernel_state()
         if new is not previous:
             update_id = self.record.id if self.record else ""
             log.info("phase_changed", phase=str(new), previous=str(previous), update_id=update_id)
@@ -575,8 +792,11 @@ class Agent:
             listener.update_finished(record)
 
     def _save(self, record: UpdateRecord | None) -> None:
+        if record is not None and record is self._saved_record:
+            return  # written already (a step that kept the phase and the record)
         try:
             self.runtime.save_current(record)
+            self._saved_record = record
         except PersistError as exc:
             log.error("runtime_state_unwritable", error=str(exc))
 
@@ -599,6 +819,8 @@ class Agent:
             "Timeout": "TimedOut",
             "Recovered": "Aborted",
         }.get(failure.event, "KernelError")
+        if failure.event == "Recovered" and self._abort_reason:
+            reason, self._abort_reason = self._abort_reason, ""
         self.record = replace(
             self.record,
             # Found prepared at start-up: the update of an agent that died.
@@ -643,6 +865,9 @@ class Agent:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 self.participants = await asyncio.shield(self.gate.unit_statuses(target))
+                # Cancelling the job leaves a hook that is still starting running: stop it, or
+                # the abandoned phase would keep it (and the next update's gate) waiting.
+                await asyncio.shield(self._stop_starting(self.participants))
             raise
         except LuoError as exc:
             return ph.GateFailed(target, str(exc))
@@ -656,6 +881,13 @@ class Agent:
         if outcome.ok:
             return ph.GateOk(target)
         return ph.GateFailed(target, _describe_gate(outcome))
+
+    async def _stop_starting(self, units: Sequence[UnitStatus]) -> None:
+        for unit in units:
+            if unit.active_state == "activating":
+                log.warning("participant_stopped", unit=unit.unit, sub_state=unit.sub_state)
+                with contextlib.suppress(LuoError):
+                    await self.gate.stop_unit(unit.unit)
 
     async def _statuses(self, target: str) -> tuple[UnitStatus, ...]:
         try:
@@ -723,10 +955,13 @@ class Agent:
         try:
             await self._in_kernel(self._reboot_blocking, record)
         except (LuoError, OSError) as exc:
+            self._publish_reboot()
             log.error("kexec_failed", error=str(exc), update_id=record.id)
+            reason = f"kexec reboot failed: {exc}"
             if self.abi == "rfc-v2":
-                return ph.RebootFailedAfterFreeze(str(exc))
-            return ph.RebootFailed(str(exc))
+                return ph.RebootFailedAfterFreeze(reason)
+            return ph.RebootFailed(reason)
+        self._publish_reboot()
         log.info("kexec_issued", update_id=record.id, seconds=round(time.monotonic() - started, 6))
         self._on_rebooted()
         return None

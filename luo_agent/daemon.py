@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -19,12 +20,21 @@ import luo_agent.systemd.notify as notify
 from .agent import Agent
 from .config import Config, load_config
 from .errors import ConfigError, LuoError
-from .kernel.backend import KernelBackend, RfcV2Backend, SessionBackend, V3Backend
+from .kernel.backend import (
+    FdCustody,
+    KernelBackend,
+    NoCustody,
+    RfcV2Backend,
+    SessionBackend,
+    V3Backend,
+)
 from .kernel.detect import detect_abi
 from .kernel.device import Abi
-from .kernel.syscalls import RealSyscalls, Syscalls
+from .kernel.syscalls import SYSFS_STATE_PATH, RealSyscalls, Syscalls
 from .log import configure_logging
 from .persist import History, RuntimeState
+from .sysfs import watch_state
+from .systemd.fdstore import SystemdFdStore
 from .systemd.pystemd_gate import PystemdGate
 
 log = structlog.get_logger(__name__)
@@ -43,12 +53,14 @@ def make_syscalls(config: Config) -> Syscalls:
     return RealSyscalls()
 
 
-def kernel_factory(config: Config, syscalls: Syscalls) -> Callable[[], KernelBackend]:
+def kernel_factory(
+    config: Config, syscalls: Syscalls, custody: FdCustody | None = None
+) -> Callable[[], KernelBackend]:
     def open_kernel() -> KernelBackend:
         abi = Abi(config.kernel.abi) if config.kernel.abi != "auto" else detect_abi(syscalls).abi
         match abi:
             case Abi.SESSION:
-                return SessionBackend(syscalls)
+                return SessionBackend(syscalls, custody=custody or NoCustody())
             case Abi.V3:
                 return V3Backend(syscalls)
             case Abi.RFC_V2:
@@ -68,7 +80,7 @@ async def run(config: Config) -> int:
     gate = PystemdGate(user_mode=config.systemd_user_mode)
     agent = Agent(
         config=config,
-        open_kernel=kernel_factory(config, syscalls),
+        open_kernel=kernel_factory(config, syscalls, SystemdFdStore()),
         gate=gate,
         runtime=RuntimeState(config.runtime_directory),
         history=History(config.state_directory),
@@ -89,17 +101,45 @@ async def run(config: Config) -> int:
             notify.ready(f"phase: {agent.phase}; kernel ABI {agent.abi}")
             log.info("agent_ready", abi=agent.abi, phase=str(agent.phase), bus=config.bus)
             watchdog = tg.create_task(_watchdog(), name="watchdog")
+            state_file = kernel_state_file(agent, syscalls)
+            state_watcher = (
+                tg.create_task(feed_kernel_state(agent, state_file), name="sysfs-watcher")
+                if state_file is not None
+                else None
+            )
             await agent.resume()
             await stop.wait()
             notify.stopping()
             log.info("agent_stopping", phase=str(agent.phase))
             watchdog.cancel()
+            if state_watcher is not None:
+                state_watcher.cancel()
             await agent.stop()
             bus.disconnect()
             runner.cancel()
     finally:
         await gate.close()
     return EX_OK
+
+
+def kernel_state_file(agent: Agent, syscalls: Syscalls) -> str | None:
+    """The kernel's sysfs ``state`` file, where the backend has one: state-machine ABIs only,
+    and only kernels built with CONFIG_LIVEUPDATE_SYSFS_API (the emulator always publishes it)."""
+    if agent.abi not in (Abi.RFC_V2, Abi.V3):
+        return None
+    path = syscalls.path(SYSFS_STATE_PATH)
+    return path if os.path.exists(path) else None
+
+
+async def feed_kernel_state(agent: Agent, path: str) -> None:
+    """Reflect every value of the kernel's state file into the agent, until cancelled."""
+    try:
+        async with watch_state(path) as states:
+            async for value in states:
+                agent.observe_kernel_state(value)
+    except OSError as exc:
+        # The update itself does not depend on the watcher: report it and carry on without.
+        log.warning("kernel_state_unwatchable", path=path, error=str(exc))
 
 
 async def _watchdog() -> None:

@@ -42,7 +42,11 @@ class Demo(Testbed):
                 print(indent(self.ctl(sandbox, "status")))
                 step("2/6 preflight (liveupdatectl check) and kernel load")
                 self.ctl(
-                    sandbox, "load-kernel", str(self.kernel_image), "--cmdline", "console=ttyS0 liveupdate=1 kho=on"
+                    sandbox,
+                    "load-kernel",
+                    str(self.kernel_image),
+                    "--cmdline",
+                    "console=ttyS0 liveupdate=1 kho=on",
                 )
                 print(indent(self.ctl(sandbox, "check", check=False)))
 

@@ -33,6 +33,12 @@ EXAMPLE_UNITS = [
     "luo-example-restore.service",
 ]
 
+_SYSTEM_RUN_NODES = (
+    "mkdir -p /run/luo-agent /run/systemd/inaccessible && cd /run/systemd/inaccessible"
+    " && mkdir -p -m 0 dir && install -m 0 /dev/null reg && mkfifo -m 0 fifo"
+    " && mknod -m 0 chr c 0 0 && mknod -m 0 blk b 0 0"
+)
+
 
 class Testbed:
     __test__ = False  # not a pytest test class, although its name starts with "Test"
@@ -77,7 +83,14 @@ class Testbed:
         )
         ctl = f"{self.python} -m luo_agent.cli --session-bus"
         units = {
-            "luo-agent.service": f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n",
+            "luo-agent.service": (
+                f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n"
+                # The shipped hardening stays on; only its paths are adapted: the work directory
+                # (config, emulated machine, state) lives under /tmp, hidden by PrivateTmp= and
+                # read-only under ProtectSystem=strict, so it is bound in; /run/luo-agent is not
+                # the user manager's RuntimeDirectory=; the interpreter may live under /root.
+                f"BindPaths={self.workdir}\nReadWritePaths=/run/luo-agent\nProtectHome=read-only\n"
+            ),
             "luo-example-workload.service": (
                 f"[Service]\n{env}\nExecStart=\nExecStart={example % 'serve'}\n"
             ),
@@ -108,6 +121,10 @@ class Testbed:
         hooks them into the phase targets); ``start`` is started in order.  The sandbox is stopped
         when ``stack`` closes."""
         sandbox = stack.enter_context(Sandbox(self.workdir / "sandbox"))
+        # What PID 1 provides at boot and the fresh /run lacks: the inaccessible nodes that
+        # ProtectHome=/ProtectKernelTunables=/ProtectKernelLogs= mount over hidden paths, and the
+        # system RuntimeDirectory= of luo-agent.service.
+        sandbox.run(["sh", "-c", _SYSTEM_RUN_NODES])
         sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
         if extra_units:
             sandbox.write_units(dict(extra_units))

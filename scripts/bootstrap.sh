@@ -5,7 +5,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
-debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-linux gcc python3-dev)
+debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-linux gcc python3-dev
+      dpkg-dev debhelper python3-pip python3-setuptools python3-wheel)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

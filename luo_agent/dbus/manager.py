@@ -9,10 +9,11 @@ No ``from __future__ import annotations`` here: dbus-fast reads the annotations 
 import contextlib
 import os
 from collections import OrderedDict
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import structlog
 from dbus_fast import Variant
+from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import (
     DBusBool,
@@ -28,7 +29,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from .. import __version__
-from ..agent import Agent
+from ..agent import UPDATE_ID_RE, Agent
 from ..errors import InvalidArgument, NotAuthorized
 from ..phase import Phase
 from ..records import UpdateRecord
@@ -48,6 +49,31 @@ Sessions = Annotated[list[list[Any]], DBusSignature("a(stss)")]
 HistoryList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 LastResult = Annotated[list[str], DBusSignature("(ssss)")]
 Started = Annotated[tuple[str, str], DBusSignature("so")]
+
+
+# dbus-fast names only in-arguments (after the Python parameters); these name the rest, so
+# introspection and busctl show a self-describing API.
+OUT_ARG_NAMES: Final[dict[str, tuple[str, ...]]] = {
+    "Check": ("report",),
+    "Prepare": ("update_id", "path"),
+    "LoadKernel": ("final_cmdline",),
+    "Retrieve": ("fd",),
+    "ListSessions": ("sessions",),
+    "GetHistory": ("updates",),
+    "PhaseChanged": ("update_id", "phase"),
+    "Finished": ("update_id", "result", "error_name", "message"),
+}
+
+
+def _name_out_args(interface: intr.Interface) -> intr.Interface:
+    members: list[tuple[str, list[intr.Arg]]] = [
+        *((m.name, m.out_args) for m in interface.methods),
+        *((s.name, s.args) for s in interface.signals),
+    ]
+    for member, args in members:
+        for arg, name in zip(args, OUT_ARG_NAMES.get(member, ()), strict=False):
+            arg.name = name
+    return interface
 
 
 def _options(options: dict[str, Variant], allowed: dict[str, str]) -> dict[str, Any]:
@@ -71,6 +97,13 @@ def _session_name(name: str) -> str:
     if not raw or len(raw) > MAX_NAME or "\0" in name:
         raise InvalidArgument(f"a session name is 1-{MAX_NAME} bytes without NUL")
     return name
+
+
+def _update_id(update_id: str) -> str:
+    """Checked before anything else sees it (a 1 MB id must not reach polkit or the log)."""
+    if update_id and not UPDATE_ID_RE.match(update_id):
+        raise InvalidArgument("an update id is 1-64 characters of [A-Za-z0-9_-] ('' = current)")
+    return update_id
 
 
 def _timings(record: UpdateRecord) -> list[list[Any]]:
@@ -130,6 +163,20 @@ class UpdateInterface(ServiceInterface):
             await self._manager.auth.authorize("cancel", {"update_id": self.record.id})
             await self._manager.agent.cancel(self.record.id)
 
+    def announce(self) -> None:
+        self.emit_properties_changed(
+            {
+                "Id": self.record.id,
+                "Phase": self.record.phase,
+                "Progress": self.progress,
+                "StartedBy": self.record.started_by,
+                "Result": self.record.result,
+                "ErrorName": self.record.error_name,
+                "ErrorMessage": self.record.message,
+                "Timings": _timings(self.record),
+            }
+        )
+
     def update(self, record: UpdateRecord) -> None:
         old, self.record = self.record, record
         changed: dict[str, Any] = {
@@ -156,11 +203,15 @@ class ManagerInterface(ServiceInterface):
         self.auth = auth
         self._updates: OrderedDict[str, UpdateInterface] = OrderedDict()
         self._handed_out: dict[tuple[str, int], int] = {}
+        self._ended_id = ""  # the update whose end (Finished) precedes the PhaseChanged to idle
         agent.listeners.append(self)
         if agent.record is not None:
             self._export(agent.record)
         if agent.last is not None:
             self._export(agent.last)
+
+    def introspect(self) -> intr.Interface:
+        return _name_out_args(super().introspect())
 
     # ------------------------------------------------------------------ agent listener
 
@@ -177,7 +228,9 @@ class ManagerInterface(ServiceInterface):
                 "KernelState": self.kernel_state,
             }
         )
-        self.PhaseChanged(record.id if record else "", str(phase))
+        # An ended update is no longer the agent's record, but idle is still its phase change.
+        ended, self._ended_id = self._ended_id, ""
+        self.PhaseChanged(record.id if record else ended if phase is Phase.IDLE else "", str(phase))
 
     def update_finished(self, record: UpdateRecord) -> None:
         self._export(record).update(record)
@@ -185,8 +238,12 @@ class ManagerInterface(ServiceInterface):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._handed_out.clear()
+        self._ended_id = record.id
         self.emit_properties_changed({"LastResult": self.last_result})
         self.Finished(record.id, record.result, record.error_name, record.message)
+
+    def kernel_state_changed(self, value: str) -> None:
+        self.emit_properties_changed({"KernelState": value})
 
     def _export(self, record: UpdateRecord) -> UpdateInterface:
         obj = self._updates.get(record.id)
@@ -194,6 +251,8 @@ class ManagerInterface(ServiceInterface):
             obj = UpdateInterface(self, record)
             self.bus.export(update_path(record.id), obj)
             self._updates[record.id] = obj
+            # Whoever subscribed to the path before Prepare learns the first phase here.
+            obj.announce()
             while len(self._updates) > KEEP_UPDATE_OBJECTS:
                 old_id, _ = self._updates.popitem(last=False)
                 self.bus.unexport(update_path(old_id))
@@ -278,7 +337,7 @@ class ManagerInterface(ServiceInterface):
     async def prepare(self, options: DBusDict) -> Started:
         with dbus_errors("Prepare"):
             opts = _options(options, {"id": "s"})
-            update_id = opts.get("id", "")
+            update_id = _update_id(opts.get("id", ""))
             caller = await self.auth.authorize("prepare", {"update_id": update_id})
             # The update's object is exported before this returns; its path is derived from the id,
             # so a caller that chose the id has subscribed to it before calling.
@@ -289,24 +348,28 @@ class ManagerInterface(ServiceInterface):
     @dbus_method(name="Execute")
     async def execute(self, update_id: DBusStr) -> None:
         with dbus_errors("Execute"):
+            _update_id(update_id)
             await self.auth.authorize("execute", {"update_id": update_id})
             await self.agent.execute(update_id)
 
     @dbus_method(name="Cancel")
     async def cancel(self, update_id: DBusStr) -> None:
         with dbus_errors("Cancel"):
+            _update_id(update_id)
             await self.auth.authorize("cancel", {"update_id": update_id})
             await self.agent.cancel(update_id)
 
     @dbus_method(name="Restore")
     async def restore(self, update_id: DBusStr) -> None:
         with dbus_errors("Restore"):
+            _update_id(update_id)
             await self.auth.authorize("finish", {"update_id": update_id})
             await self.agent.restore(update_id)
 
     @dbus_method(name="Finish")
     async def finish(self, update_id: DBusStr) -> None:
         with dbus_errors("Finish"):
+            _update_id(update_id)
             await self.auth.authorize("finish", {"update_id": update_id})
             await self.agent.finish(update_id)
 
@@ -341,7 +404,15 @@ class ManagerInterface(ServiceInterface):
     async def unpreserve(self, session: DBusStr, token: DBusUInt64) -> None:
         with dbus_errors("Unpreserve"):
             _session_name(session)
-            await self.auth.authorize("preserve", {"session": session})
+            caller = await self.auth.authorize("preserve", {"session": session})
+            registry = self.agent.registry
+            if (
+                caller.uid != 0
+                and (session, token) in registry
+                and registry.get(session, token).owner != f"uid={caller.uid}"
+            ):
+                # One participant must not take back (and so drop) another's fd.
+                raise NotAuthorized("unpreserve (the fd was handed in by another user)")
             self.agent.unpreserve(session, token)
 
     @dbus_method(name="Retrieve")

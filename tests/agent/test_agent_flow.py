@@ -94,6 +94,9 @@ class _Changes:
     def update_finished(self, record: object) -> None:
         self.changed.set()
 
+    def kernel_state_changed(self, value: str) -> None:
+        self.changed.set()
+
 
 async def until(agent: Agent, predicate: Callable[[], bool], limit: float = 10.0) -> None:
     """Wait, on the agent's own change notifications, until ``predicate`` holds."""

@@ -12,7 +12,8 @@ Emulator choices (where the kernel cannot be copied exactly):
   emulated; LIVEUPDATE_IOCTL_SELFTESTS (a debugfs ioctl) is ENOTTY on the device.
 * G1/G3: restoring the same token twice is EINVAL (6.19 RETRIEVE_FD is idempotent instead);
   G3 preserve checks state (EBUSY), then token (EEXIST), then fd (EBADF), then file type
-  (ENOENT); G1 resolves the fd first (EBADF), as RFC v2's ioctl does, then state, then type.  G3 close of the device drops only outgoing files; carried ones wait for FINISH.
+  (ENOENT); G1 resolves the fd first (EBADF), as RFC v2's ioctl does, then state, then type.
+  G3 close of the device drops only outgoing files; carried ones wait for FINISH.
 * Session 6.19 profile: wrong-kind PRESERVE_FD/RETRIEVE_FD/FINISH are EINVAL after the size
   checks (kernel-abi.md §7.3 "fixed behaviour"); on g6 at the dispatcher's kind step.
 * Frozen memfd size: the size at PRESERVE is carried (cut or zero-extended, logged if changed).
