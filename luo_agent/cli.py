@@ -1,13 +1,15 @@
 """liveupdatectl: the operator's client of org.luoagent.LiveUpdate1 (the public D-Bus API only).
 
-Human output by default; ``--json`` prints one JSON document per command (``"schema":
-"liveupdatectl/1"``; docs/cli.md).  Exit codes are stable (``ExitCode``).
+Human output by default; ``--json`` prints JSON lines: live ``event`` documents while it waits, then
+exactly one ``result`` or ``error`` document (``"schema": "liveupdatectl/1"``, described by
+docs/cli-schema.json; docs/cli.md).  Exit codes are stable (``ExitCode``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import enum
 import json
 import os
@@ -16,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -56,8 +58,9 @@ ERROR_EXIT: Final[dict[str, ExitCode]] = {
 
 
 class Output:
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, command: str) -> None:
         self.as_json = as_json
+        self.command = command
 
     def line(self, text: str) -> None:
         if not self.as_json:
@@ -66,11 +69,15 @@ class Output:
     def event(self, **fields: Any) -> None:
         """Live progress: JSON lines with --json, text otherwise."""
         if self.as_json:
-            print(json.dumps({"schema": SCHEMA, "type": "event", **fields}), flush=True)
+            print(
+                json.dumps({"schema": SCHEMA, "type": "event", "command": self.command, **fields}),
+                flush=True,
+            )
 
     def result(self, data: dict[str, Any], human: Callable[[], None]) -> None:
         if self.as_json:
-            print(json.dumps({"schema": SCHEMA, "type": "result", **data}, default=str), flush=True)
+            document = {"schema": SCHEMA, "type": "result", "command": self.command, **data}
+            print(json.dumps(document, default=str), flush=True)
         else:
             human()
 
@@ -81,6 +88,7 @@ class Output:
                     {
                         "schema": SCHEMA,
                         "type": "error",
+                        "command": self.command,
                         "error": name,
                         "message": message,
                         "exit": int(code),
@@ -95,9 +103,11 @@ class Output:
 class Watcher:
     """Subscribes to the agent's signals *before* a call, so nothing is missed."""
 
-    def __init__(self, bus: MessageBus, out: Output, update_id: str) -> None:
+    def __init__(self, bus: MessageBus, out: Output, update_id: str, stream: bool) -> None:
         self.bus, self.out, self.update_id = bus, out, update_id
+        self.stream = stream  # print one line (one JSON event) per phase
         self.phase = ""
+        self.phases: list[str] = []
         self.finished: tuple[str, str, str] | None = None
         self.agent_gone = False
         self.changed = asyncio.Event()
@@ -131,11 +141,16 @@ class Watcher:
             return None
         if msg.member == "PhaseChanged" and msg.body[0] == self.update_id:
             self.phase = msg.body[1]
-            elapsed = time.monotonic() - self.started
-            self.out.line(f"[{elapsed:7.3f}s] {self.update_id}: {self.phase}")
-            self.out.event(
-                event="phase", update=self.update_id, phase=self.phase, elapsed=round(elapsed, 6)
-            )
+            self.phases.append(self.phase)
+            if self.stream:
+                elapsed = time.monotonic() - self.started
+                self.out.line(f"[{elapsed:7.3f}s] {self.update_id}: {self.phase}")
+                self.out.event(
+                    event="phase",
+                    update=self.update_id,
+                    phase=self.phase,
+                    elapsed=round(elapsed, 6),
+                )
             self.changed.set()
         elif msg.member == "Finished" and msg.body[0] == self.update_id:
             self.finished = (msg.body[1], msg.body[2], msg.body[3])
@@ -206,110 +221,172 @@ async def _load_kernel(
     finally:
         os.close(kfd)
         os.close(ifd)
-    out.line(f"kernel loaded: {kernel} cmdline: {full}")
     return str(full)
 
 
 async def cmd_load_kernel(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     full = await _load_kernel(bus, args.kernel, args.initrd, args.cmdline, args.reuse_cmdline, out)
-    out.result({"cmdline": full}, lambda: None)
+    out.result(
+        {"kernel": args.kernel, "cmdline": full},
+        lambda: print(f"kernel loaded: {args.kernel} cmdline: {full}"),
+    )
     return ExitCode.OK
 
 
 async def cmd_prepare(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     update_id = args.id or _new_id()
-    watcher = Watcher(bus, out, update_id)
+    watcher = Watcher(bus, out, update_id, stream=args.wait)
     await watcher.subscribe()
     new_id, path = await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
-    out.line(f"update {new_id} started ({path})")
     if not args.wait:
-        out.result({"update": new_id, "path": path}, lambda: None)
-        return ExitCode.OK
-    return await _wait_phase(watcher, {"prepared"}, args.timeout, out)
-
-
-async def _wait_phase(watcher: Watcher, phases: set[str], timeout: float, out: Output) -> ExitCode:
-    try:
-        await watcher.until(
-            lambda: watcher.phase in phases or watcher.finished is not None or watcher.agent_gone,
-            timeout,
+        out.result(
+            {"update": new_id, "path": path, "phase": "preparing"},
+            lambda: print(f"update {new_id} started ({path})"),
         )
+        return ExitCode.OK
+    out.line(f"update {new_id} started ({path})")
+    failed = await _wait(watcher, _prepared, args.timeout, out)
+    return failed if failed is not None else _outcome(watcher, out)
+
+
+# When a wait is over.  A kexec that failed brings the agent back from rebooting (to prepared, or
+# to cancelling on rfc-v2); a kexec that worked takes the agent (and, on a real machine, this
+# process) away.
+def _prepared(w: Watcher) -> bool:
+    return w.phase == "prepared" or w.finished is not None or w.agent_gone
+
+
+def _rebooted(w: Watcher) -> bool:
+    kexec_failed = "rebooting" in w.phases and w.phase != "rebooting"
+    return w.finished is not None or w.agent_gone or kexec_failed
+
+
+async def _wait(
+    watcher: Watcher, done: Callable[[Watcher], bool], timeout: float, out: Output
+) -> ExitCode | None:
+    """Wait until ``done``; an exit code only when the wait itself failed (timeout)."""
+    try:
+        await watcher.until(lambda: done(watcher), timeout)
     except TimeoutError:
-        out.error("Timeout", f"no result within {timeout:.0f} s", ExitCode.FAILURE)
+        out.error(
+            "liveupdatectl.Timeout",
+            f"update {watcher.update_id}: still {watcher.phase or 'waiting'} after {timeout:g} s",
+            ExitCode.FAILURE,
+        )
         return ExitCode.FAILURE
-    return _outcome(watcher, out)
+    if watcher.finished is not None:
+        # The agent sends Finished, then the PhaseChanged to idle: show that last phase too.
+        with contextlib.suppress(TimeoutError):
+            await watcher.until(lambda: watcher.phase == "idle" or watcher.agent_gone, 2.0)
+    return None
 
 
 def _outcome(watcher: Watcher, out: Output) -> ExitCode:
+    """Print the one result (or error) of a wait and return its exit code."""
+    update_id = watcher.update_id
     if watcher.finished is not None:
         result, error_name, message = watcher.finished
         out.result(
             {
-                "update": watcher.update_id,
+                "update": update_id,
+                "phase": "idle",
                 "result": result,
                 "error": error_name,
                 "message": message,
             },
-            lambda: print(
-                f"update {watcher.update_id}: {result}" + (f": {message}" if message else "")
-            ),
+            lambda: print(f"update {update_id}: {result}" + (f": {message}" if message else "")),
         )
         return ExitCode.OK if result == "success" else ExitCode.FAILURE
-    if watcher.agent_gone and watcher.phase != "rebooting":
-        out.error("AgentGone", "the agent left the bus", ExitCode.UNAVAILABLE)
+    if watcher.agent_gone and watcher.phase == "rebooting":
+        message = "kexec issued; the new kernel's agent finishes the update"
+    elif watcher.agent_gone:
+        out.error(
+            "liveupdatectl.AgentGone",
+            f"the agent left the bus in phase {watcher.phase or 'unknown'}",
+            ExitCode.UNAVAILABLE,
+        )
         return ExitCode.UNAVAILABLE
+    elif "rebooting" in watcher.phases:
+        out.error(
+            "liveupdatectl.KexecFailed",
+            f"update {update_id}: the kexec failed; the agent is back in phase {watcher.phase}",
+            ExitCode.FAILURE,
+        )
+        return ExitCode.FAILURE
+    else:
+        message = ""
     out.result(
-        {"update": watcher.update_id, "phase": watcher.phase},
-        lambda: print(f"update {watcher.update_id}: {watcher.phase}"),
+        {
+            "update": update_id,
+            "phase": watcher.phase,
+            "result": "",
+            "error": "",
+            "message": message,
+        },
+        lambda: print(f"update {update_id}: {watcher.phase}" + (f": {message}" if message else "")),
     )
     return ExitCode.OK
 
 
 async def cmd_execute(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
-    (current,) = [(await get_all(bus))["CurrentUpdate"]]
-    update_id = args.id or current
-    watcher = Watcher(bus, out, update_id)
+    update_id = args.id or (await get_all(bus))["CurrentUpdate"]
+    watcher = Watcher(bus, out, update_id, stream=args.wait)
     await watcher.subscribe()
     await call(bus, "Execute", "s", [args.id or ""])
     if not args.wait:
-        out.result({"update": update_id}, lambda: None)
+        out.result(
+            {"update": update_id, "phase": "freezing"},
+            lambda: print(f"update {update_id}: freezing"),
+        )
         return ExitCode.OK
-    return await _wait_phase(watcher, {"rebooting"}, args.timeout, out)
+    failed = await _wait(watcher, _rebooted, args.timeout, out)
+    return failed if failed is not None else _outcome(watcher, out)
 
 
 async def cmd_update(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
-    """prepare → execute, streaming progress; returns once the kexec is issued (or failed)."""
+    """The whole update: load the kernel (if given), prepare, execute.  With --wait it streams
+    every phase and ends with the update's result; without, it returns once Execute is accepted."""
     if args.from_environment:
         args.kernel = args.kernel or os.environ.get("LIVEUPDATE_KERNEL")
         args.initrd = args.initrd or os.environ.get("LIVEUPDATE_INITRD") or None
         args.cmdline = args.cmdline or os.environ.get("LIVEUPDATE_CMDLINE")
-    if args.kernel:
-        await _load_kernel(bus, args.kernel, args.initrd, args.cmdline, args.cmdline is None, out)
     update_id = args.id or _new_id()
-    watcher = Watcher(bus, out, update_id)
+    watcher = Watcher(bus, out, update_id, stream=args.wait)
+    if args.kernel:
+        full = await _load_kernel(
+            bus, args.kernel, args.initrd, args.cmdline, args.cmdline is None, out
+        )
+        if args.wait:
+            out.line(f"kernel loaded: {args.kernel} cmdline: {full}")
+            out.event(event="kernel-loaded", kernel=args.kernel, cmdline=full)
     await watcher.subscribe()
     await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
-    out.line(f"update {update_id}: preparing")
-    code = await _wait_phase(watcher, {"prepared"}, args.timeout, out)
-    if watcher.finished is not None or code is not ExitCode.OK or not args.wait:
-        return code
+    failed = await _wait(watcher, _prepared, args.timeout, out)
+    if failed is not None:
+        return failed
+    if watcher.phase != "prepared" or watcher.finished is not None:
+        return _outcome(watcher, out)  # it ended (or the agent left) before prepared
     await call(bus, "Execute", "s", [update_id])
-    return await _wait_phase(watcher, {"rebooting"}, args.timeout, out)
+    if not args.wait:
+        out.result(
+            {"update": update_id, "phase": "freezing", "result": "", "error": "", "message": ""},
+            lambda: print(f"update {update_id}: prepared, executing"),
+        )
+        return ExitCode.OK
+    failed = await _wait(watcher, _rebooted, args.timeout, out)
+    return failed if failed is not None else _outcome(watcher, out)
 
 
 async def cmd_simple(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     member = {"cancel": "Cancel", "finish": "Finish", "restore": "Restore"}[args.command]
     await call(bus, member, "s", [args.id or ""])
-    out.result(
-        {"command": args.command, "update": args.id or ""},
-        lambda: print(f"{args.command}: requested"),
-    )
+    out.result({"update": args.id or ""}, lambda: print(f"{args.command}: requested"))
     return ExitCode.OK
 
 
 async def cmd_preserve(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     fd = os.open(args.file, os.O_RDWR | os.O_CLOEXEC) if args.file else args.fd
-    depends = [[s, int(t)] for s, t in (d.rsplit(":", 1) for d in args.depends_on or [])]
+    depends = [[s, int(t)] for s, t in (d.rsplit(":", 1) for d in args.depends_on or [])]  # checked
     options = {"depends-on": Variant("a(st)", depends)} if depends else {}
     try:
         await call(
@@ -335,7 +412,7 @@ async def cmd_retrieve(bus: MessageBus, args: argparse.Namespace, out: Output) -
     finally:
         os.close(fd)
     out.result(
-        {"session": args.session, "token": args.token, "size": size},
+        {"session": args.session, "token": args.token, "size": size, "output": args.output},
         lambda: print(
             f"{args.session}/{args.token}: {size} bytes"
             + (f" written to {args.output}" if args.output else "")
@@ -402,8 +479,16 @@ def _new_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; 2 is NOTHING_TO_DO here, so usage errors are INVALID."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.INVALID), f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="liveupdatectl", description="Drive luo-agent live updates.")
+    p = _Parser(prog="liveupdatectl", description="Drive luo-agent live updates.")
     p.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
     p.add_argument("--session-bus", action="store_true", help="talk to an agent on the session bus")
     sub = p.add_subparsers(dest="command", required=True)
@@ -452,8 +537,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(Exception):
+    """A bad argument found by liveupdatectl itself (before or instead of a call)."""
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    token = getattr(args, "token", None)
+    if token is not None and not 0 <= token < 2**64:
+        raise UsageError("--token must be 0..2^64-1")
+    for dep in getattr(args, "depends_on", None) or []:
+        session, _, token_text = dep.rpartition(":")
+        if not session or not token_text.isdigit() or int(token_text) >= 2**64:
+            raise UsageError(f"--depends-on {dep!r}: want SESSION:TOKEN")
+
+
 async def run(args: argparse.Namespace) -> ExitCode:
-    out = Output(args.json)
+    out = Output(args.json, args.command)
+    try:
+        _check_arguments(args)
+    except UsageError as exc:
+        out.error("liveupdatectl.InvalidArgument", str(exc), ExitCode.INVALID)
+        return ExitCode.INVALID
     try:
         bus = await connect("session" if args.session_bus else None)
     except (OSError, Exception) as exc:  # no bus at all
@@ -471,8 +575,11 @@ async def run(args: argparse.Namespace) -> ExitCode:
             code = ExitCode.NOTHING_TO_DO
         out.error(exc.name, exc.text, code)
         return code
-    except OSError as exc:
-        out.error("OSError", str(exc), ExitCode.INVALID)
+    except (EOFError, ConnectionError) as exc:  # the bus connection broke mid-command
+        out.error("liveupdatectl.Disconnected", str(exc) or "lost the bus", ExitCode.UNAVAILABLE)
+        return ExitCode.UNAVAILABLE
+    except OSError as exc:  # a file named on the command line
+        out.error("liveupdatectl.OSError", str(exc), ExitCode.INVALID)
         return ExitCode.INVALID
     finally:
         bus.disconnect()
@@ -480,9 +587,6 @@ async def run(args: argparse.Namespace) -> ExitCode:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "token", None) is not None and not 0 <= args.token < 2**64:
-        print("liveupdatectl: --token must be 0..2^64-1", file=sys.stderr)
-        return int(ExitCode.INVALID)
     return int(asyncio.run(run(args)))
 
 

@@ -1,0 +1,298 @@
+"""A private bus and a real agent on it, for the D-Bus and CLI tests.
+
+``PrivateBus``: a ``dbus-daemon --session --nofork --print-address`` of our own (one per test
+module) whose configuration lets any uid connect (the CLI's NotAuthorized test runs as nobody).
+``AgentHost``: the real ``Agent`` on an ``EmulatedMachine`` with a ``FakeGate``, served by
+``luo_agent.dbus.server.serve(agent, "session")`` like the daemon does, including what the daemon
+does after the kexec (stop the agent, leave the bus); ``reboot()`` boots the machine again and
+starts a new agent over the same state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from luo_agent.agent import Agent
+from luo_agent.client import call, connect
+from luo_agent.config import Config, KernelConfig
+from luo_agent.daemon import kernel_factory, make_syscalls
+from luo_agent.dbus.manager import ManagerInterface
+from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
+from luo_agent.dbus.server import serve
+from luo_agent.kernel.emulator import EmulatedMachine
+from luo_agent.persist import History, RuntimeState
+from luo_agent.phase import PhaseTimeouts
+from tests.fakes.gate import FakeGate
+
+# Any uid may connect and talk to anyone: the agent's own authorizer is what the tests exercise.
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow receive_sender="*"/>
+    <allow eavesdrop="true"/>
+  </policy>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    def __init__(self) -> None:
+        if shutil.which("dbus-daemon") is None:
+            pytest.skip("dbus-daemon is not installed")
+        # World-traversable, so a CLI running as another uid reaches the socket.
+        self.directory = Path(tempfile.mkdtemp(prefix="luo-bus-"))
+        self.directory.chmod(0o755)
+        config = self.directory / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.directory / "socket"))
+        self.log = self.directory / "dbus-daemon.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        assert self.proc.stdout is not None
+        readable, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline().decode().strip() if readable else ""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"dbus-daemon did not start: {self.log.read_text()}")
+        self.address = line
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class AgentHost:
+    """One emulated machine; one agent (and its bus connection) per boot."""
+
+    def __init__(self, workdir: Path, abi: str, timeouts: dict[str, float] | None = None) -> None:
+        self.workdir = workdir
+        self.abi = abi
+        self.timeouts = PhaseTimeouts(**(timeouts or {}))
+        self.machine = EmulatedMachine(workdir / "machine", abi)
+        self.boots = 0
+        self.gate = FakeGate()
+        self.agent: Agent | None = None
+        self.bus: MessageBus | None = None
+        self.manager: ManagerInterface | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stopper: asyncio.Task[None] | None = None
+        self.down = asyncio.Event()  # set once the agent stopped after a kexec
+
+    def config(self) -> Config:
+        return Config(
+            bus="session",
+            state_directory=self.workdir / "state",
+            # /run is empty after a reboot.
+            runtime_directory=self.workdir / f"run-{self.boots}",
+            auto_finish=False,
+            timeouts=self.timeouts,
+            kernel=KernelConfig(abi=self.abi, emulate_root=self.machine.root),  # type: ignore[arg-type]
+        )
+
+    async def boot(self, gate: FakeGate | None = None) -> None:
+        """Boot the machine and start an agent on it, as the daemon does."""
+        await asyncio.to_thread(self.machine.boot)
+        self.boots += 1
+        self.gate = gate or FakeGate()
+        self.down = asyncio.Event()
+        config = self.config()
+        agent = Agent(
+            config=config,
+            open_kernel=kernel_factory(config, make_syscalls(config)),
+            gate=self.gate,
+            runtime=RuntimeState(config.runtime_directory),
+            history=History(config.state_directory),
+            on_rebooted=self._on_rebooted,
+        )
+        self._runner = asyncio.create_task(agent.run(), name="agent")
+        await agent.start()
+        self.agent = agent
+        self.bus, self.manager = await serve(agent, "session")
+
+    def _on_rebooted(self) -> None:
+        # The daemon stops and leaves the bus once the kexec was issued.
+        self._stopper = asyncio.create_task(self._after_kexec())
+
+    async def _after_kexec(self) -> None:
+        await self.stop_agent()
+        self.down.set()
+
+    async def stop_agent(self) -> None:
+        if self.agent is not None:
+            await self.agent.stop()
+            self.agent = None
+        if self.bus is not None:
+            self.bus.disconnect()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.bus.wait_for_disconnect(), 5)
+            self.bus = None
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+
+    async def reboot(self, gate: FakeGate | None = None) -> None:
+        """After Execute: wait for the kexec to take the machine down, then boot again."""
+        await asyncio.wait_for(self.down.wait(), 30)
+        await asyncio.to_thread(self.machine.wait_down)
+        await self.boot(gate)
+
+    async def close(self) -> None:
+        if self._stopper is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._stopper, 30)
+        await self.stop_agent()
+        await asyncio.to_thread(self.machine.poweroff)
+
+
+class SignalLog:
+    """Every signal a client connection receives for its match rules, and a way to wait for one."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.messages: list[Message] = []
+        self._changed = asyncio.Event()
+        bus.add_message_handler(self._on_message)
+
+    async def match(self, rule: str) -> None:
+        await call(
+            self.bus,
+            "AddMatch",
+            "s",
+            [rule],
+            interface="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            destination="org.freedesktop.DBus",
+        )
+
+    async def match_manager(self) -> None:
+        await self.match(f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}'")
+
+    async def match_path(self, path: str) -> None:
+        await self.match(f"type='signal',sender='{BUS_NAME}',path='{path}'")
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.sender != "org.freedesktop.DBus":
+            self.messages.append(msg)
+            self._changed.set()
+
+    def of(self, member: str, path: str = OBJECT_PATH) -> list[Message]:
+        return [m for m in self.messages if m.member == member and m.path == path]
+
+    def phases(self, update_id: str) -> list[str]:
+        return [
+            str(m.body[1])
+            for m in self.of("PhaseChanged")
+            if m.interface == IFACE_MANAGER and m.body[0] == update_id
+        ]
+
+    def ended(self, update_id: str) -> bool:
+        """Finished, and the PhaseChanged to idle that follows it, have arrived."""
+        finished = any(m.body[0] == update_id for m in self.of("Finished"))
+        return finished and "idle" in self.phases(update_id)
+
+    def changed_props(self, path: str, name: str) -> list[Any]:
+        return [
+            m.body[1][name].value for m in self.of("PropertiesChanged", path) if name in m.body[1]
+        ]
+
+    async def wait_for(self, done: Callable[[], bool], seconds: float = 15.0) -> None:
+        async with asyncio.timeout(seconds):
+            while not done():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def client_bus() -> MessageBus:
+    """A client connection like the CLI's (DBUS_SESSION_BUS_ADDRESS names the private bus)."""
+    return await connect("session")
+
+
+async def disconnect(bus: MessageBus) -> None:
+    bus.disconnect()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(bus.wait_for_disconnect(), 5)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+# Re-exported by tests/dbus/conftest.py and tests/cli/conftest.py.
+
+
+@pytest.fixture(scope="module")
+def private_bus() -> Iterator[PrivateBus]:
+    bus = PrivateBus()
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
+@pytest.fixture
+def bus_address(private_bus: PrivateBus, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", private_bus.address)
+    monkeypatch.delenv("DBUS_STARTER_BUS_TYPE", raising=False)
+    monkeypatch.setenv("LUO_AGENT_BUS", "session")
+    return private_bus.address
+
+
+@pytest.fixture
+async def host(
+    bus_address: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[AgentHost]:
+    """The real agent on the private bus; ABI "session" unless parametrised indirectly."""
+    abi = getattr(request, "param", "session")
+    agent_host = AgentHost(tmp_path, abi)
+    try:
+        await agent_host.boot()
+        yield agent_host
+    finally:
+        await agent_host.close()
+
+
+@pytest.fixture
+async def client(host: AgentHost) -> AsyncIterator[MessageBus]:
+    bus = await client_bus()
+    try:
+        yield bus
+    finally:
+        await disconnect(bus)
+
+
+def plain(value: Any) -> Any:
+    """D-Bus values as plain lists (dbus-fast returns structs as tuples or lists)."""
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
