@@ -1,0 +1,142 @@
+"""The shipped security files agree with the code: the bus policy allows exactly the exported
+methods, every polkit action the agent asks about is declared (and closed by default), and the
+unit's hardening parses and keeps its exposure score."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from luo_agent.dbus import manager
+from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, IFACE_UPDATE, POLKIT_PREFIX
+
+REPO = Path(__file__).resolve().parents[2]
+BUS_POLICY = REPO / "policy" / f"{BUS_NAME}.conf"
+POLKIT_POLICY = REPO / "policy" / f"{POLKIT_PREFIX}.policy"
+UNIT = REPO / "units" / "luo-agent.service"
+# systemd-analyze security --offline: the score (x10) the hardened unit must not exceed.
+EXPOSURE_THRESHOLD = 20
+
+
+def exported_methods(cls: type) -> set[str]:
+    return {
+        member.__dict__["__DBUS_METHOD"].name
+        for _, member in inspect.getmembers(cls)
+        if "__DBUS_METHOD" in getattr(member, "__dict__", {})
+    }
+
+
+def default_context_rules() -> list[ET.Element]:
+    root = ET.parse(BUS_POLICY).getroot()
+    (default,) = [p for p in root.iter("policy") if p.get("context") == "default"]
+    return list(default)
+
+
+def test_bus_policy_allows_exactly_the_exported_methods() -> None:
+    allowed: dict[str, set[str]] = {}
+    for rule in default_context_rules():
+        if rule.tag != "allow":
+            continue
+        assert rule.get("send_destination") == BUS_NAME
+        # Exact interface+member pairs only: a new method is denied until listed.
+        assert rule.get("send_member"), ET.tostring(rule)
+        allowed.setdefault(rule.get("send_interface", ""), set()).add(rule.get("send_member", ""))
+    assert allowed.pop(IFACE_MANAGER) == exported_methods(manager.ManagerInterface)
+    assert allowed.pop(IFACE_UPDATE) == exported_methods(manager.UpdateInterface)
+    assert allowed == {
+        "org.freedesktop.DBus.Introspectable": {"Introspect"},
+        "org.freedesktop.DBus.Peer": {"Ping", "GetMachineId"},
+        "org.freedesktop.DBus.Properties": {"Get", "GetAll"},
+    }
+
+
+def test_only_root_owns_the_name() -> None:
+    root = ET.parse(BUS_POLICY).getroot()
+    owners = {
+        (p.get("user") or p.get("context"), rule.tag)
+        for p in root.iter("policy")
+        for rule in p
+        if rule.get("own") == BUS_NAME
+    }
+    assert owners == {("root", "allow"), ("default", "deny")}
+
+
+def test_every_polkit_action_the_agent_asks_about_is_declared_closed() -> None:
+    source = inspect.getsource(manager)
+    asked = set(re.findall(r'authorize\(\s*"([a-z-]+)"', source))
+    assert asked >= {
+        "prepare",
+        "execute",
+        "cancel",
+        "finish",
+        "load-kernel",
+        "preserve",
+        "retrieve",
+    }
+    actions = {
+        action.get("id"): {d.tag: d.text for d in action.find("defaults") or ()}
+        for action in ET.parse(POLKIT_POLICY).getroot().iter("action")
+    }
+    for verb in asked:
+        defaults = actions[f"{POLKIT_PREFIX}.{verb}"]
+        # Remote and inactive sessions never; a local active admin only after authenticating.
+        assert defaults["allow_any"] == "no", verb
+        assert defaults["allow_inactive"] == "no", verb
+        assert defaults["allow_active"] in ("auth_admin", "auth_admin_keep"), verb
+
+
+def unit_directives() -> dict[str, list[str]]:
+    directives: dict[str, list[str]] = {}
+    section = ""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif "=" in line and not line.startswith("#") and section == "Service":
+            key, _, value = line.partition("=")
+            directives.setdefault(key, []).append(value)
+    return directives
+
+
+def test_unit_hardening_keeps_what_the_agent_needs() -> None:
+    service = unit_directives()
+    assert service["CapabilityBoundingSet"] == ["CAP_SYS_BOOT CAP_SYS_ADMIN"]
+    assert service["DevicePolicy"] == ["closed"]
+    assert service["DeviceAllow"] == ["/dev/liveupdate rw"]
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert "@reboot" in service["SystemCallFilter"][0].split()  # kexec_file_load, reboot
+    # No ProcSubset=pid: the agent reads /proc/cmdline.  No PrivateDevices=: /dev/liveupdate.
+    assert "ProcSubset" not in service and "PrivateDevices" not in service
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["StateDirectory"] == ["luo-agent"]
+    assert service["RuntimeDirectory"] == ["luo-agent"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_unit_parses_and_scores(tmp_path: Path) -> None:
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, cwd=tmp_path
+    )
+    complaints = [
+        line
+        for line in verify.stderr.splitlines()
+        # Not installed here: the binary and the man page the unit names.
+        if "/usr/bin/luo-agent" not in line and "man liveupdatectl" not in line
+    ]
+    assert complaints == []
+    security = subprocess.run(
+        [
+            *("systemd-analyze", "security", "--offline=yes"),
+            *(f"--threshold={EXPOSURE_THRESHOLD}", str(UNIT)),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert security.returncode == 0, security.stdout[-2000:]
+    assert re.search(r"Overall exposure level for luo-agent.service: 1\.\d OK", security.stdout)
