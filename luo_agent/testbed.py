@@ -84,6 +84,8 @@ class Testbed:
         ctl = f"{self.python} -m luo_agent.cli --session-bus"
         units = {
             "luo-agent.service": (
+                # The emulated kernel's device node is not /dev/liveupdate: reset the condition.
+                "[Unit]\nConditionPathExists=\n"
                 f"[Service]\n{env}\nExecStart=\nExecStart={agent}\n"
                 # The shipped hardening stays on; only its paths are adapted: the work directory
                 # (config, emulated machine, state) lives under /tmp, hidden by PrivateTmp= and
