@@ -175,6 +175,8 @@ class Agent:
         self._published_phase: ph.Phase | None = None
         self._saved_record: UpdateRecord | None = None
         self._unpublished_reboot: ph.Phase | None = None
+        self._target_stops: list[asyncio.Task[None]] = []
+        self._unstopped: list[str] = []
         self.boot_notes: tuple[str, ...] = ()
         # The last value of the kernel's state file (daemon's sysfs watcher); None if unwatched.
         self.observed_kernel_state: str | None = None
@@ -413,6 +415,8 @@ class Agent:
             self._work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._work
+        with contextlib.suppress(Exception):
+            await self._settle_gates()
         if self.kernel is not None:
             if ph.is_pre_reboot(self.phase) and self.phase is not ph.Phase.REBOOTING:
                 with contextlib.suppress(LuoError, OSError):
@@ -688,6 +692,8 @@ class Agent:
             self._work = asyncio.create_task(
                 self._run_effects(step.next, work), name=f"effects-{step.next}"
             )
+        else:
+            self._stop_targets()  # the phase is at rest now
         if step.arms_timer and (seconds := self._timeouts.timeout_for(step.next)) is not None:
             self._timer = asyncio.get_running_loop().call_later(
                 seconds, self._timer_expired, step.next
@@ -860,6 +866,8 @@ class Agent:
         return None
 
     async def _gate(self, target: str) -> ph.Event:
+        # The previous gate's target must be stopped before another gate starts (job mode fail).
+        await self._settle_gates()
         try:
             outcome = await self.gate.run_target(target)
         except asyncio.CancelledError:
@@ -876,11 +884,29 @@ class Agent:
             self._freeze_gate_done = time.monotonic()
             return ph.GateOk(target)
         self.participants = outcome.culprits or await self._statuses(target)
-        with contextlib.suppress(LuoError):
-            await self.gate.stop_unit(target)  # so the next update runs the participants again
+        self._unstopped.append(target)  # stopped once the phase is at rest: _stop_targets
         if outcome.ok:
             return ph.GateOk(target)
         return ph.GateFailed(target, _describe_gate(outcome))
+
+    def _stop_targets(self) -> None:
+        """Stop the passed gates' targets, so the next update runs the participants again.
+        Not on the phase's own path: a stop is a whole systemd job, and pystemd holds the GIL
+        for each bus call, stalling the loop.  The next gate waits for them (_settle_gates)."""
+        while self._unstopped:
+            target = self._unstopped.pop(0)
+            self._target_stops.append(asyncio.create_task(self._stop_target(target)))
+
+    async def _stop_target(self, target: str) -> None:
+        with contextlib.suppress(LuoError):
+            await self.gate.stop_unit(target)
+
+    async def _settle_gates(self) -> None:
+        self._stop_targets()
+        while self._target_stops:
+            # Shielded: a cancelled gate must not leave its predecessor's target running.
+            await asyncio.shield(self._target_stops[0])
+            self._target_stops.pop(0)
 
     async def _stop_starting(self, units: Sequence[UnitStatus]) -> None:
         for unit in units:

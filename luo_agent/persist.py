@@ -73,17 +73,24 @@ class RuntimeState:
 
     def set_active(self, steps: Iterable[str]) -> None:
         wanted = set(steps)
-        for marker in self.active.iterdir():
-            if marker.name not in wanted:
-                with contextlib.suppress(FileNotFoundError):
-                    marker.unlink()
+        try:
+            for marker in self.active.iterdir():
+                if marker.name not in wanted:
+                    with contextlib.suppress(FileNotFoundError):
+                        marker.unlink()
+        except OSError as exc:  # read-only: reported like a failed write
+            raise PersistError(f"cannot update {self.active}: {exc.strerror}") from None
         for step in wanted:
             write_atomic(self.active / step, b"")
 
     def save_current(self, record: UpdateRecord | None) -> None:
         if record is None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.current_file.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise PersistError(f"cannot remove {self.current_file}: {exc.strerror}") from None
             return
         write_atomic(self.current_file, json.dumps(record.to_json()).encode())
 

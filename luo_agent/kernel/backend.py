@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
-from ..errors import HandoverCorrupt, KernelError, NoSuchSession, WrongKernelState
+from ..errors import DeviceBusy, HandoverCorrupt, KernelError, NoSuchSession, WrongKernelState
 from ..persist import write_atomic
 from ..records import METADATA_CAPACITY, UpdateRecord, decode_metadata, encode_metadata
 from .device import Abi, Event, KernelState
@@ -56,6 +57,32 @@ class BootState:
     # A state-machine kernel left PREPARED/FROZEN with nothing of ours (the agent crashed).
     stale_prepared: bool = False
     notes: tuple[str, ...] = ()
+
+
+class FdCustody(Protocol):
+    """Somewhere session fds outlive the agent's process (systemd's fd store): see
+    ``luo_agent.systemd.fdstore``."""
+
+    def inherited(self) -> dict[str, int]:
+        """Incoming session fds kept by a previous instance of the agent, by session name."""
+        ...
+
+    def keep(self, name: str, fd: int) -> None: ...
+
+    def drop(self, name: str) -> None: ...
+
+
+class NoCustody:
+    """Nothing outlives the process (tests, an agent not run by systemd)."""
+
+    def inherited(self) -> dict[str, int]:
+        return {}
+
+    def keep(self, name: str, fd: int) -> None:
+        pass
+
+    def drop(self, name: str) -> None:
+        pass
 
 
 class KernelBackend(Protocol):
@@ -138,29 +165,59 @@ class SessionBackend(_MetadataMixin):
     abi: Abi = Abi.SESSION
     outgoing: dict[str, LuoSession] = field(default_factory=dict)
     incoming: dict[str, LuoSession] = field(default_factory=dict)
+    # Where incoming sessions outlive a crash of the agent (closing one finishes it).
+    custody: FdCustody = field(default_factory=NoCustody)
+    # EBUSY on open (systemd >= 261 holds the device briefly at boot and shutdown) is retried.
+    busy_retry_seconds: float = 2.0
     _meta_fd: int = -1
 
-    def _device(self) -> SessionDevice:
-        dev = SessionDevice(self.syscalls)
-        dev.open()
-        return dev
+    def _device(self, *, retry_busy: bool = True) -> SessionDevice:
+        """The device, opened; EBUSY retried briefly unless the caller retries itself."""
+        deadline = time.monotonic() + (self.busy_retry_seconds if retry_busy else 0.0)
+        delay = 0.02
+        while True:
+            dev = SessionDevice(self.syscalls)
+            try:
+                dev.open()
+            except DeviceBusy:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # on the kernel thread, never on the loop
+                delay = min(delay * 2, 0.5)
+                continue
+            return dev
+
+    def _hold_incoming(self, name: str, session: LuoSession) -> None:
+        self.incoming[name] = session
+        self.custody.keep(name, session.fd)
 
     def start(self) -> BootState:
-        with self._device() as dev:
-            try:
-                own = dev.retrieve_session(AGENT_SESSION)
-            except NoSuchSession:
-                return BootState(kernel_state=None)
-            self.incoming[AGENT_SESSION] = own
+        for name, fd in self.custody.inherited().items():
+            # A restart in the same boot: the sessions are still open (held by the fd store),
+            # so RETRIEVE_SESSION would be refused; use the fds themselves.
+            self.incoming.setdefault(name, LuoSession(self.syscalls, fd, name, incoming=True))
+        adopted = tuple(self.incoming)
+        notes: list[str] = [f"adopted incoming sessions {sorted(adopted)}"] if adopted else []
+        # The agent retries EBUSY here itself, with back-off and a service status.
+        with self._device(retry_busy=False) as dev:
+            own = self.incoming.get(AGENT_SESSION)
+            if own is None:
+                try:
+                    own = dev.retrieve_session(AGENT_SESSION)
+                except NoSuchSession:
+                    return BootState(kernel_state=None, notes=tuple(notes))
+                self._hold_incoming(AGENT_SESSION, own)
             try:
                 self._meta_fd = own.retrieve_fd(METADATA_TOKEN)
                 record = _read_metadata(self._meta_fd)
             except (KernelError, HandoverCorrupt) as exc:
-                return BootState(kernel_state=None, notes=(f"agent session unusable: {exc}",))
-            notes: list[str] = []
+                notes.append(f"agent session unusable: {exc}")
+                return BootState(kernel_state=None, notes=tuple(notes))
             for name in dict.fromkeys(p.session for p in record.preserved):
+                if name in self.incoming:
+                    continue
                 try:
-                    self.incoming[name] = dev.retrieve_session(name)
+                    self._hold_incoming(name, dev.retrieve_session(name))
                 except KernelError as exc:
                     notes.append(f"session {name!r} not carried: {exc}")
             return BootState(kernel_state=None, incoming=record, notes=tuple(notes))
@@ -225,6 +282,7 @@ class SessionBackend(_MetadataMixin):
                 continue
             session.close()
             del self.incoming[name]
+            self.custody.drop(name)
         if not problems:
             self._drop_metadata()
         return problems

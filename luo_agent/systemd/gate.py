@@ -80,6 +80,17 @@ def select_culprits(
     return tuple(s for s in statuses if s.active_state != "active")
 
 
+class ShutdownWatch(Protocol):
+    """Names of shutdown targets (reboot, poweroff, halt, kexec, ...) for which the manager
+    queued a job, as they are queued; ends when closed."""
+
+    def __aiter__(self) -> ShutdownWatch: ...
+
+    async def __anext__(self) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Gate(Protocol):
     async def run_target(self, target: str) -> GateOutcome:
         """Start ``target`` in job mode ``fail`` and wait for its job to end.
@@ -100,6 +111,10 @@ class Gate(Protocol):
 
     async def reload(self) -> None:
         """daemon-reload; returns once the manager has reloaded."""
+        ...
+
+    async def watch_shutdown_jobs(self) -> ShutdownWatch:
+        """Start watching for shutdown jobs (``JobNew`` of PID 1); registered on return."""
         ...
 
     async def close(self) -> None: ...

@@ -61,9 +61,10 @@ SHUTDOWN_TARGETS: Final = frozenset(
     {"reboot.target", "poweroff.target", "halt.target", "kexec.target", "soft-reboot.target"}
 )
 
-# Backstop for the dispatch loop: pystemd's process() does not say whether it did something,
-# so a message left in sd-bus's read queue without a callback could otherwise wait for the
-# next fd event.
+# Backstop for the dispatch loop while a job is awaited: pystemd's process() does not say whether
+# it did something, so a message left in sd-bus's read queue without a callback could otherwise
+# wait for the next fd event.  With no job awaited the thread sleeps until the bus or a command
+# wakes it (an idle agent must not poll: only its watchdog ping wakes it).
 _POLL_BACKSTOP_MS: Final = 250
 
 
@@ -311,9 +312,11 @@ class PystemdGate:
                 log.exception("systemd_signal_failed")
 
         self._callbacks.append(on_manager_signal)
-        # All Manager signals go through one callback, so the dispatch loop can tell that
-        # process() did something (it returns no status).
-        bus.match_signal(_DEST, _MANAGER_PATH, _MANAGER_IFACE, None, on_manager_signal)
+        # The Manager signals used go through one callback, so the dispatch loop can tell that
+        # process() did something (it returns no status).  Only JobRemoved/JobNew: the bus then
+        # drops UnitNew/UnitRemoved/... before they reach (and, GIL held, stall) the agent.
+        for member in (b"JobRemoved", b"JobNew"):
+            bus.match_signal(_DEST, _MANAGER_PATH, _MANAGER_IFACE, member, on_manager_signal)
         # Without a subscriber systemd does not emit job signals on the API bus.
         self._t_manager_call(b"Subscribe", b"", [])
 
@@ -337,7 +340,7 @@ class PystemdGate:
                     command()  # raises _StopBusThread for close()
                     self._t_dispatch(poller)
                 self._t_dispatch(poller)
-                poller.poll(_POLL_BACKSTOP_MS)
+                poller.poll(_POLL_BACKSTOP_MS if self._waiters else None)
         except _StopBusThread:
             pass
         finally:
@@ -464,7 +467,30 @@ class PystemdGate:
         return list(seen)
 
     def _t_unit_statuses(self, target: str) -> tuple[UnitStatus, ...]:
-        return tuple(self._t_unit_status(unit) for unit in self._t_participants(target))
+        units = self._t_participants(target)
+        if not units:
+            return ()
+        # One ListUnitsByNames call for every unit's states: pystemd holds the GIL for each bus
+        # call, so three calls per participant stalled the agent's loop for tens of ms at 50.
+        rows = self._t_manager_call(b"ListUnitsByNames", b"as", [[u.encode() for u in units]])
+        listed = {_text(row[0]): row for row in rows or []}
+        return tuple(self._t_listed_status(unit, listed.get(unit)) for unit in units)
+
+    def _t_listed_status(self, unit: str, row: Any) -> UnitStatus:
+        # (name, description, load, active, sub, following, path, job id, job type, job path)
+        if row is None:
+            return self._t_unit_status(unit)
+        load, active, sub = _text(row[2]), _text(row[3]), _text(row[4])
+        interface = _RESULT_INTERFACES.get(unit.rpartition(".")[2])
+        if interface is None or load != "loaded":
+            result = ""
+        elif active in ("active", "inactive"):
+            result = "success"  # systemd resets Result at start; any failure makes it "failed"
+        else:
+            result = ""
+            with contextlib.suppress(GateError):
+                result = _text(self._t_property(unit, interface, b"Result", b"s"))
+        return UnitStatus(unit, active, sub, result)
 
     def _t_unit_status(self, unit: str) -> UnitStatus:
         active = _text(self._t_property(unit, _UNIT_IFACE, b"ActiveState", b"s"))

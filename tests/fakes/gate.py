@@ -21,6 +21,12 @@ class FakeGate:
     failing: dict[str, UnitStatus] = field(default_factory=dict)
     hanging: set[str] = field(default_factory=set)
     hooks: dict[str, Hook] = field(default_factory=dict)
+    # Shutdown jobs "queued by PID 1": put a target name with queue_shutdown_job().
+    shutdown_jobs: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    watching: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def queue_shutdown_job(self, target: str) -> None:
+        self.shutdown_jobs.put_nowait(target)
 
     async def run_target(self, target: str) -> GateOutcome:
         self.started.append(target)
@@ -52,5 +58,30 @@ class FakeGate:
     async def reload(self) -> None:
         pass
 
+    async def watch_shutdown_jobs(self) -> FakeShutdownWatch:
+        self.watching.set()
+        return FakeShutdownWatch(self.shutdown_jobs)
+
     async def close(self) -> None:
-        pass
+        self.shutdown_jobs.put_nowait(None)
+
+
+@dataclass
+class FakeShutdownWatch:
+    queue: asyncio.Queue[str | None]
+    closed: bool = False
+
+    def __aiter__(self) -> FakeShutdownWatch:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.closed:
+            raise StopAsyncIteration
+        unit = await self.queue.get()
+        if unit is None:
+            self.closed = True
+            raise StopAsyncIteration
+        return unit
+
+    async def aclose(self) -> None:
+        self.closed = True

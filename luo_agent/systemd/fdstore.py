@@ -1,0 +1,99 @@
+"""Custody of the agent's incoming session fds in the service's systemd fd store.
+
+On the session ABI, closing an incoming session is an implicit FINISH: the kernel discards every
+file not yet retrieved.  An agent killed after a live-update boot would lose its participants'
+data with it, so each incoming session fd is also pushed to the fd store (``FDSTORE=1``,
+``FileDescriptorStoreMax=`` in the unit).  systemd keeps the store across an automatic restart and
+passes the fds back (``LISTEN_FDS``/``LISTEN_FDNAMES``); the restarted agent adopts them instead of
+RETRIEVE_SESSION, which the kernel refuses for a session that is still open.  Once a session is
+finished it is removed from the store (``FDSTOREREMOVE=1``).
+
+fd names allow only a restricted character set (no ``:``), so the session name is hex-encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import MutableMapping
+from typing import Final
+
+import structlog
+
+from . import notify
+
+log = structlog.get_logger(__name__)
+
+SD_LISTEN_FDS_START: Final = 3
+NAME_PREFIX: Final = "luo-in-"
+
+
+def fd_name(session: str) -> str:
+    return NAME_PREFIX + session.encode().hex()
+
+
+def session_of(name: str) -> str | None:
+    if not name.startswith(NAME_PREFIX):
+        return None
+    try:
+        return bytes.fromhex(name.removeprefix(NAME_PREFIX)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def listen_fds(env: MutableMapping[str, str]) -> list[tuple[str, int]]:
+    """The fds systemd passed (sd_listen_fds_with_names(3) with unset_environment=1)."""
+    try:
+        pid = int(env.get("LISTEN_PID", ""))
+        count = int(env.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    if pid != os.getpid() or count <= 0:
+        return []
+    fds = []
+    for index in range(count):
+        fd = SD_LISTEN_FDS_START + index
+        name = names[index] if index < len(names) else "unknown"
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
+            fds.append((name, fd))
+    return fds
+
+
+class SystemdFdStore:
+    """``FdCustody`` over the service's fd store (a no-op outside systemd)."""
+
+    def __init__(self, env: MutableMapping[str, str] | None = None) -> None:
+        self._env = os.environ if env is None else env
+        self._consumed = False
+
+    def inherited(self) -> dict[str, int]:
+        """Session name → fd handed back by systemd; only the first call returns them."""
+        if self._consumed:
+            return {}
+        self._consumed = True
+        sessions: dict[str, int] = {}
+        for name, fd in listen_fds(self._env):
+            session = session_of(name)
+            if session is None or session in sessions:
+                log.warning("fd_store_unknown_fd", name=name, fd=fd)
+                os.close(fd)
+                continue
+            sessions[session] = fd
+        if sessions:
+            log.info("fd_store_adopted", sessions=sorted(sessions))
+        return sessions
+
+    def keep(self, name: str, fd: int) -> None:
+        try:
+            notify.store_fds(fd_name(name), [fd], env=self._env)
+        except OSError as exc:
+            # Without the store the session is still held; only a crash would lose it.
+            log.warning("fd_store_failed", session=name, error=str(exc))
+
+    def drop(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name))
