@@ -19,7 +19,8 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/luo-agent/config.toml")
 
 BusKind = Literal["system", "session"]
 AbiChoice = Literal["auto", "rfc-v2", "v3", "session"]
-RebootStrategy = Literal["direct", "systemd"]
+# "systemd" (Manager.KExec with the fd store, systemd >= 261) is designed but not implemented.
+RebootStrategy = Literal["direct"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ class Config:
 
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "bus": ("system", "session"),
-    "reboot_strategy": ("direct", "systemd"),
+    "reboot_strategy": ("direct",),
     "kernel.abi": ("auto", "rfc-v2", "v3", "session"),
 }
 

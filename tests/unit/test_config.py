@@ -1,0 +1,89 @@
+"""The TOML configuration: real files, every error names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from luo_agent.config import Config, load_config, parse_config
+from luo_agent.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_every_section_overrides(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+bus = "session"
+systemd_user_mode = true
+state_directory = "/srv/luo"
+auto_finish = false
+[timeouts]
+prepare = 5
+freeze = 0.5
+[kernel]
+abi = "v3"
+emulate_root = "/tmp/machine"
+busy_retry_seconds = 2
+[limits]
+max_sessions = 3
+""",
+        )
+    )
+    assert config.bus == "session" and config.systemd_user_mode and not config.auto_finish
+    assert str(config.state_directory) == "/srv/luo"
+    assert (config.timeouts.prepare, config.timeouts.freeze, config.timeouts.cancel) == (
+        5.0,
+        0.5,
+        120.0,
+    )
+    assert config.kernel.abi == "v3" and str(config.kernel.emulate_root) == "/tmp/machine"
+    assert config.kernel.busy_retry_seconds == 2.0
+    assert config.limits.max_sessions == 3 and config.limits.max_fds_total == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("nope = 1", "nope", "unknown key"),
+        ("[timeouts]\nprepare = -1", "timeouts.prepare", "positive number"),
+        ("[timeouts]\nprepare = true", "timeouts.prepare", "positive number"),
+        ("[timeouts]\nwhenever = 1", "timeouts.whenever", "unknown key"),
+        ('bus = "tcp"', "bus", "one of system, session"),
+        ('reboot_strategy = "systemd"', "reboot_strategy", "one of direct"),
+        ('[kernel]\nabi = "g0"', "kernel.abi", "one of auto"),
+        ('[kernel]\nemulate_root = "relative"', "kernel.emulate_root", "absolute path"),
+        ("auto_finish = 1", "auto_finish", "true or false"),
+        ("[limits]\nmax_sessions = 0", "limits.max_sessions", "positive integer"),
+        ("timeouts = 3", "timeouts", "must be a table"),
+        ("bus = [", "-", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == str(path)
+    assert info.value.key == key
+    assert reason in info.value.reason
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_parse_config_defaults_the_path_name() -> None:
+    with pytest.raises(ConfigError, match="<config>: bus"):
+        parse_config('bus = "x"')
