@@ -92,6 +92,8 @@ class Testbed:
                 # read-only under ProtectSystem=strict, so it is bound in; /run/luo-agent is not
                 # the user manager's RuntimeDirectory=; the interpreter may live under /root.
                 f"BindPaths={self.workdir}\nReadWritePaths=/run/luo-agent\nProtectHome=read-only\n"
+                # This checkout and its interpreter may live under /tmp too (a CI clone).
+                f"BindReadOnlyPaths={REPO} {Path(sys.prefix).resolve()}\n"
             ),
             "luo-example-workload.service": (
                 f"[Service]\n{env}\nExecStart=\nExecStart={example % 'serve'}\n"
