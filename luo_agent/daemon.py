@@ -31,7 +31,7 @@ from .kernel.backend import (
 from .kernel.detect import detect_abi
 from .kernel.device import Abi
 from .kernel.syscalls import SYSFS_STATE_PATH, RealSyscalls, Syscalls
-from .log import configure_logging
+from .log import configure_logging, log_update_ids_from
 from .persist import History, RuntimeState
 from .sysfs import watch_state
 from .systemd.fdstore import SystemdFdStore
@@ -87,6 +87,7 @@ async def run(config: Config) -> int:
         status=notify.status,
         on_rebooted=stop.set,
     )
+    log_update_ids_from(lambda: agent.record.id if agent.record is not None else "")
     from .dbus.server import serve
 
     try:
