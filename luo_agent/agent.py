@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -33,6 +34,7 @@ from .errors import (
     KernelError,
     LuoError,
     PhaseError,
+    Unsupported,
 )
 from .fdkind import check_preservable
 from .kernel.backend import BootState, KernelBackend, PreserveItem
@@ -50,6 +52,8 @@ UPDATE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CMDLINE_MARKER: Final = "luo_agent.update="
 # How long an expired phase timer may wait to learn which participants are stuck.
 TIMEOUT_PROBE_SECONDS: Final = 5.0
+# The first systemd whose PID 1 carries fd stores (with LUO session fds) through a kexec.
+SYSTEMD_KEXEC_FDSTORE: Final = 261
 
 # Rough progress of an update per phase, for the Progress property.
 PROGRESS: Final[dict[ph.Phase, int]] = {
@@ -186,6 +190,10 @@ class Agent:
         self._abort_reason = ""
         self._resume_with_finish = False
         self._shutdown_watch: asyncio.Task[None] | None = None
+        # The reboot strategy in effect ("auto" resolved at start) and, for an explicit
+        # "systemd" that cannot work here, why (a Check() blocker; Execute is refused).
+        self.reboot_strategy = "direct"
+        self.reboot_strategy_blocker = ""
 
     # ------------------------------------------------------------------------------ life cycle
 
@@ -207,9 +215,45 @@ class Agent:
         self.boot_notes = boot.notes
         for note in boot.notes:
             log.warning("kernel_boot_note", note=note)
+        await self._choose_reboot_strategy()
         previous = self._load_current()
         await self._recover(boot, previous)
         await self._watch_shutdown()
+
+    async def _choose_reboot_strategy(self) -> None:
+        """Resolve ``reboot_strategy`` (config.py): "auto" takes "systemd" only where it works;
+        an explicit "systemd" that cannot work is reported, never replaced by "direct"."""
+        wanted = self.config.reboot_strategy
+        if wanted == "direct":
+            return
+        missing = await self._systemd_kexec_missing()
+        if wanted == "auto":
+            self.reboot_strategy = "direct" if missing else "systemd"
+        else:
+            self.reboot_strategy, self.reboot_strategy_blocker = "systemd", missing
+        log.info("reboot_strategy", configured=wanted, chosen=self.reboot_strategy, unmet=missing)
+
+    async def _systemd_kexec_missing(self) -> str:
+        """Why PID 1 cannot carry this agent's update through an orderly kexec ("" if it can)."""
+        if self.abi != "session":
+            return (
+                f"reboot_strategy=systemd needs the session ABI: on {self.abi} the update lives "
+                "in the device fd, which must stay open through the reboot while PID 1 needs "
+                "the device at shutdown"
+            )
+        if self.config.systemd_user_mode:
+            return "reboot_strategy=systemd needs the system manager, not a user manager"
+        try:
+            version = await self.gate.manager_version()
+        except (LuoError, OSError) as exc:
+            return f"reboot_strategy=systemd: the systemd version is unknown ({exc})"
+        number = re.match(r"\s*v?(\d+)", version)
+        if number is None or int(number.group(1)) < SYSTEMD_KEXEC_FDSTORE:
+            return (
+                f"reboot_strategy=systemd needs systemd >= {SYSTEMD_KEXEC_FDSTORE} (fd stores "
+                f"carried through kexec); PID 1 is systemd {version}"
+            )
+        return ""
 
     async def _busy_backoff(self, fn: Callable[[], T], deadline: float) -> T:
         """Run ``fn`` on the kernel thread, retrying EBUSY (another owner of the exclusive
@@ -480,6 +524,9 @@ class Agent:
         self._require_update(update_id)
         if not self.kernel_loaded and self.phase is ph.Phase.PREPARED:
             raise PhaseError(self.phase, "Execute without a loaded kernel (LoadKernel first)")
+        if self.reboot_strategy_blocker:
+            # Before the freeze gate: nothing is frozen, the update stays prepared.
+            raise Unsupported("Execute", errno.EOPNOTSUPP, self.reboot_strategy_blocker)
         await self.submit(ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:
@@ -565,6 +612,8 @@ class Agent:
             blockers.append(f"an update is in phase {self.phase}")
         if not self.kernel_loaded:
             blockers.append("no kernel loaded for kexec (LoadKernel)")
+        if self.reboot_strategy_blocker:
+            blockers.append(self.reboot_strategy_blocker)
         warnings: list[str] = []
         if self.kernel_loaded and not _enables_liveupdate(self.kernel_cmdline):
             warnings.append(
@@ -979,7 +1028,7 @@ class Agent:
         record = replace(self.record.with_phase(ph.Phase.REBOOTING))
         started = time.monotonic()
         try:
-            await self._in_kernel(self._reboot_blocking, record)
+            await self._kexec_now(record)
         except (LuoError, OSError) as exc:
             self._publish_reboot()
             log.error("kexec_failed", error=str(exc), update_id=record.id)
@@ -988,9 +1037,35 @@ class Agent:
                 return ph.RebootFailedAfterFreeze(reason)
             return ph.RebootFailed(reason)
         self._publish_reboot()
-        log.info("kexec_issued", update_id=record.id, seconds=round(time.monotonic() - started, 6))
+        log.info(
+            "kexec_issued",
+            update_id=record.id,
+            seconds=round(time.monotonic() - started, 6),
+            strategy=self.reboot_strategy,
+        )
         self._on_rebooted()
         return None
+
+    async def _kexec_now(self, record: UpdateRecord) -> None:
+        if self.reboot_strategy != "systemd":
+            await self._in_kernel(self._reboot_blocking, record)
+            return
+        assert self.kernel is not None
+        # The systemd strategy: the session fds go to the fd store, PID 1 stops every unit (this
+        # agent too) and carries the store through reboot(KEXEC) (systemd >= 261).
+        await self._in_kernel(self._entrust_blocking, record)
+        try:
+            await self.gate.kexec()
+        except (LuoError, OSError):
+            # No kexec coming: the store must not carry the sessions into some later one.
+            await self._in_kernel(self.kernel.reclaim_outgoing)
+            raise
+
+    def _entrust_blocking(self, record: UpdateRecord) -> None:
+        assert self.kernel is not None
+        blackout = time.monotonic() - self._freeze_gate_done
+        self.kernel.update_metadata(replace(record, blackout_critical=blackout))
+        self.kernel.entrust_outgoing()
 
     def _reboot_blocking(self, record: UpdateRecord) -> None:
         assert self.kernel is not None

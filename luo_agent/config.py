@@ -19,8 +19,14 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/luo-agent/config.toml")
 
 BusKind = Literal["system", "session"]
 AbiChoice = Literal["auto", "rfc-v2", "v3", "session"]
-# "systemd" (Manager.KExec with the fd store, systemd >= 261) is designed but not implemented.
-RebootStrategy = Literal["direct"]
+# How the kexec happens (design.md §5, docs/configuration.md):
+# - "direct": after the freeze gate the agent issues reboot(KEXEC) itself (shortest blackout).
+# - "systemd": the agent pushes its outgoing session fds into its fd store and asks PID 1 for an
+#   orderly kexec (Manager.KExec); needs the session ABI and a system manager >= 261, which carries
+#   fd stores through kexec.  Anything else is a Check() blocker and Execute is refused.
+# - "auto": "systemd" when those requirements hold, else "direct".
+# The default stays "direct": a systemd upgrade must not change the blackout behind the operator.
+RebootStrategy = Literal["direct", "systemd", "auto"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +61,7 @@ class Config:
 
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "bus": ("system", "session"),
-    "reboot_strategy": ("direct",),
+    "reboot_strategy": ("direct", "systemd", "auto"),
     "kernel.abi": ("auto", "rfc-v2", "v3", "session"),
 }
 

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
-from ..errors import DeviceBusy, HandoverCorrupt, KernelError, NoSuchSession, WrongKernelState
+from ..errors import (
+    DeviceBusy,
+    HandoverCorrupt,
+    KernelError,
+    NoSuchSession,
+    Unsupported,
+    WrongKernelState,
+)
 from ..persist import write_atomic
 from ..records import METADATA_CAPACITY, UpdateRecord, decode_metadata, encode_metadata
 from .device import Abi, Event, KernelState
@@ -64,12 +71,26 @@ class FdCustody(Protocol):
     ``luo_agent.systemd.fdstore``."""
 
     def inherited(self) -> dict[str, int]:
-        """Incoming session fds kept by a previous instance of the agent, by session name."""
+        """Incoming session fds handed back, by session name: kept by a previous instance of
+        the agent in this boot, or carried through the kexec by PID 1 (the systemd strategy)."""
         ...
 
-    def keep(self, name: str, fd: int) -> None: ...
+    def keep(self, name: str, fd: int) -> None:
+        """Keep an incoming session (best effort: the agent holds it too)."""
+        ...
 
-    def drop(self, name: str) -> None: ...
+    def drop(self, name: str) -> None:
+        """The incoming session is finished: forget it, under whichever name it was kept."""
+        ...
+
+    def keep_outgoing(self, name: str, fd: int) -> None:
+        """Keep an outgoing session through the kexec (the systemd strategy); raises OSError if
+        the fd could not be handed over, since the update would then be lost."""
+        ...
+
+    def drop_outgoing(self, name: str) -> None:
+        """Take back an outgoing session kept for a kexec that did not happen."""
+        ...
 
 
 class NoCustody:
@@ -82,6 +103,12 @@ class NoCustody:
         pass
 
     def drop(self, name: str) -> None:
+        pass
+
+    def keep_outgoing(self, name: str, fd: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "no fd store to keep outgoing sessions in")
+
+    def drop_outgoing(self, name: str) -> None:
         pass
 
 
@@ -101,6 +128,15 @@ class KernelBackend(Protocol):
     def update_metadata(self, record: UpdateRecord) -> None: ...
 
     def reboot(self) -> None: ...
+
+    def entrust_outgoing(self) -> None:
+        """Hand every outgoing handle to the custody so it survives the agent through an
+        orderly kexec (the systemd strategy); only the session ABI can."""
+        ...
+
+    def reclaim_outgoing(self) -> None:
+        """Undo ``entrust_outgoing`` (the kexec was not done); the update stays prepared."""
+        ...
 
     def cancel(self) -> None: ...
 
@@ -170,6 +206,8 @@ class SessionBackend(_MetadataMixin):
     # EBUSY on open (systemd >= 261 holds the device briefly at boot and shutdown) is retried.
     busy_retry_seconds: float = 2.0
     _meta_fd: int = -1
+    # Names of the outgoing sessions currently kept by the custody (the systemd strategy).
+    _entrusted: list[str] = field(default_factory=list)
 
     def _device(self, *, retry_busy: bool = True) -> SessionDevice:
         """The device, opened; EBUSY retried briefly unless the caller retries itself."""
@@ -193,8 +231,9 @@ class SessionBackend(_MetadataMixin):
 
     def start(self) -> BootState:
         for name, fd in self.custody.inherited().items():
-            # A restart in the same boot: the sessions are still open (held by the fd store),
-            # so RETRIEVE_SESSION would be refused; use the fds themselves.
+            # A restart in the same boot, or a kexec by systemd >= 261 (PID 1 retrieved the
+            # sessions and returned them to our fd store): the sessions are open, so
+            # RETRIEVE_SESSION would be refused; use the fds themselves.
             self.incoming.setdefault(name, LuoSession(self.syscalls, fd, name, incoming=True))
         adopted = tuple(self.incoming)
         notes: list[str] = [f"adopted incoming sessions {sorted(adopted)}"] if adopted else []
@@ -251,8 +290,28 @@ class SessionBackend(_MetadataMixin):
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
 
+    def entrust_outgoing(self) -> None:
+        # The agent's own session (metadata) travels like the others; nothing is closed here:
+        # the agent's copies go when PID 1 stops it, the custody's stay open to reboot(KEXEC).
+        try:
+            for name, session in self.outgoing.items():
+                self.custody.keep_outgoing(name, session.fd)
+                self._entrusted.append(name)
+        except BaseException:
+            self.reclaim_outgoing()
+            raise
+
+    def reclaim_outgoing(self) -> None:
+        # Otherwise the store would keep the sessions open, preserved, into any later kexec.
+        while self._entrusted:
+            self.custody.drop_outgoing(self._entrusted.pop())
+
     def cancel(self) -> None:
         # Closing an outgoing session unpreserves its files: that is the session ABI's cancel.
+        self.reclaim_outgoing()
+        self._close_outgoing()
+
+    def _close_outgoing(self) -> None:
         for session in self.outgoing.values():
             session.close()
         self.outgoing.clear()
@@ -294,7 +353,9 @@ class SessionBackend(_MetadataMixin):
         return f"{len(self.outgoing)} outgoing, {len(self.incoming)} incoming sessions"
 
     def close(self) -> None:
-        self.cancel()
+        # Only the agent's own copies: entrusted sessions stay with the custody for the kexec
+        # that PID 1 is carrying out (it stops the agent on the way).
+        self._close_outgoing()
         for session in self.incoming.values():
             with contextlib.suppress(KernelError, OSError):
                 session.close()
@@ -315,6 +376,16 @@ class _GlobalListBackend(_MetadataMixin):
 
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
+
+    def entrust_outgoing(self) -> None:
+        # The held device fd must stay open through the reboot, and PID 1 >= 261 needs the
+        # device itself at shutdown: an fd store cannot carry a state-machine update.
+        raise Unsupported(
+            "entrust_outgoing", errno.EOPNOTSUPP, f"{self.abi} keeps the update in the device fd"
+        )
+
+    def reclaim_outgoing(self) -> None:
+        pass
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None:
         self.syscalls.kexec_file_load(kernel_fd, initrd_fd, cmdline, 0)

@@ -8,12 +8,18 @@ passes the fds back (``LISTEN_FDS``/``LISTEN_FDNAMES``); the restarted agent ado
 RETRIEVE_SESSION, which the kernel refuses for a session that is still open.  Once a session is
 finished it is removed from the store (``FDSTOREREMOVE=1``).
 
+The systemd reboot strategy also pushes every *outgoing* session fd (``luo-out-<hex>``) before it
+asks PID 1 for ``Manager.KExec``: systemd >= 261 with ``FileDescriptorStorePreserve=yes`` carries
+them through the kexec (PID 1 keeps session fds open to ``reboot(KEXEC)`` and retrieves them by
+name on the next boot), so they come back under the same name as *incoming* sessions.
+
 fd names allow only a restricted character set (no ``:``), so the session name is hex-encoded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import MutableMapping
 from typing import Final
@@ -26,19 +32,23 @@ log = structlog.get_logger(__name__)
 
 SD_LISTEN_FDS_START: Final = 3
 NAME_PREFIX: Final = "luo-in-"
+OUTGOING_PREFIX: Final = "luo-out-"
 
 
-def fd_name(session: str) -> str:
-    return NAME_PREFIX + session.encode().hex()
+def fd_name(session: str, prefix: str = NAME_PREFIX) -> str:
+    return prefix + session.encode().hex()
 
 
 def session_of(name: str) -> str | None:
-    if not name.startswith(NAME_PREFIX):
-        return None
-    try:
-        return bytes.fromhex(name.removeprefix(NAME_PREFIX)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
+    """The session an fd store name stands for: ``luo-in-`` (kept incoming) or ``luo-out-``
+    (carried through a kexec by PID 1, incoming now)."""
+    for prefix in (NAME_PREFIX, OUTGOING_PREFIX):
+        if name.startswith(prefix):
+            try:
+                return bytes.fromhex(name.removeprefix(prefix)).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
 
 
 def listen_fds(env: MutableMapping[str, str]) -> list[tuple[str, int]]:
@@ -95,5 +105,18 @@ class SystemdFdStore:
             log.warning("fd_store_failed", session=name, error=str(exc))
 
     def drop(self, name: str) -> None:
+        # After a systemd kexec the session came back under its outgoing name.
+        for prefix in (NAME_PREFIX, OUTGOING_PREFIX):
+            with contextlib.suppress(OSError):
+                notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name, prefix))
+
+    def keep_outgoing(self, name: str, fd: int) -> None:
+        # Not best effort: a session missing from the store is lost at the kexec.  (systemd does
+        # not acknowledge FDSTORE=1; FileDescriptorStoreMax= in the unit must leave room.)
+        if not notify.store_fds(fd_name(name, OUTGOING_PREFIX), [fd], env=self._env):
+            raise OSError(errno.EOPNOTSUPP, "not run by systemd: no fd store (NOTIFY_SOCKET)")
+        log.info("fd_store_outgoing", session=name)
+
+    def drop_outgoing(self, name: str) -> None:
         with contextlib.suppress(OSError):
-            notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name))
+            notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name, OUTGOING_PREFIX))

@@ -24,6 +24,11 @@ class FakeGate:
     # Shutdown jobs "queued by PID 1": put a target name with queue_shutdown_job().
     shutdown_jobs: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     watching: asyncio.Event = field(default_factory=asyncio.Event)
+    # The manager's Version property; kexec() records the request, then runs on_kexec (what
+    # PID 1 does for Manager.KExec: tests/fakes/pid1.py emulates systemd >= 261).
+    version: str = "252.38-1~deb12u1"
+    kexec_requests: int = 0
+    on_kexec: Hook | None = None
 
     def queue_shutdown_job(self, target: str) -> None:
         self.shutdown_jobs.put_nowait(target)
@@ -61,6 +66,14 @@ class FakeGate:
     async def watch_shutdown_jobs(self) -> FakeShutdownWatch:
         self.watching.set()
         return FakeShutdownWatch(self.shutdown_jobs)
+
+    async def kexec(self) -> None:
+        self.kexec_requests += 1
+        if self.on_kexec is not None:
+            await self.on_kexec()
+
+    async def manager_version(self) -> str:
+        return self.version
 
     async def close(self) -> None:
         self.shutdown_jobs.put_nowait(None)
