@@ -108,6 +108,9 @@ class AgentListener(Protocol):
         """The kernel's state file (sysfs ``state``) now reads ``value``."""
         ...
 
+    # Optional (looked up with getattr, so a listener may leave it out):
+    # ``participants_changed() -> None`` — ``Agent.participants`` was read anew after a gate.
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedKernel:
@@ -180,6 +183,8 @@ class Agent:
         self._saved_record: UpdateRecord | None = None
         self._unpublished_reboot: ph.Phase | None = None
         self._target_stops: list[asyncio.Task[None]] = []
+        self._participants_refresh: asyncio.Task[None] | None = None
+        self._unread_participants = ""  # the passed gate whose participants are still to read
         self._unstopped: list[str] = []
         self.boot_notes: tuple[str, ...] = ()
         # The last value of the kernel's state file (daemon's sysfs watcher); None if unwatched.
@@ -451,6 +456,10 @@ class Agent:
             self._timeout_probe.cancel()
         if self._state_check is not None:
             self._state_check.cancel()
+        if self._participants_refresh is not None:
+            self._participants_refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._participants_refresh
         if self._shutdown_watch is not None:
             self._shutdown_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -741,8 +750,9 @@ class Agent:
             self._work = asyncio.create_task(
                 self._run_effects(step.next, work), name=f"effects-{step.next}"
             )
-        else:
-            self._stop_targets()  # the phase is at rest now
+        else:  # the phase is at rest now
+            self._refresh_participants()  # before the stops: those stop the participants too
+            self._stop_targets()
         if step.arms_timer and (seconds := self._timeouts.timeout_for(step.next)) is not None:
             self._timer = asyncio.get_running_loop().call_later(
                 seconds, self._timer_expired, step.next
@@ -917,6 +927,10 @@ class Agent:
     async def _gate(self, target: str) -> ph.Event:
         # The previous gate's target must be stopped before another gate starts (job mode fail).
         await self._settle_gates()
+        self._unread_participants = ""
+        if self._participants_refresh is not None:
+            self._participants_refresh.cancel()  # this gate's reading supersedes it
+            self._participants_refresh = None
         try:
             outcome = await self.gate.run_target(target)
         except asyncio.CancelledError:
@@ -932,11 +946,39 @@ class Agent:
             # The blackout-critical path starts here: nothing slow until the kexec.
             self._freeze_gate_done = time.monotonic()
             return ph.GateOk(target)
-        self.participants = outcome.culprits or await self._statuses(target)
         self._unstopped.append(target)  # stopped once the phase is at rest: _stop_targets
         if outcome.ok:
+            # The participants' states are for display (the Participants property): read once
+            # the phase is at rest, off its path (pystemd holds the GIL for each bus call, so
+            # a read overlapping the kernel work only slows that), and announced on their own.
+            self._unread_participants = target
             return ph.GateOk(target)
+        self.participants = outcome.culprits or await self._statuses(target)
         return ph.GateFailed(target, _describe_gate(outcome))
+
+    def _refresh_participants(self) -> None:
+        target, self._unread_participants = self._unread_participants, ""
+        if not target:
+            return
+        if self._participants_refresh is not None:
+            self._participants_refresh.cancel()  # a stale reading must not overwrite a newer one
+        self._participants_refresh = asyncio.create_task(
+            self._read_participants(target), name=f"participants-{target}"
+        )
+
+    async def _read_participants(self, target: str) -> None:
+        try:
+            statuses = await self.gate.unit_statuses(target)
+        except Exception as exc:  # display only: the phase has moved on regardless
+            log.warning("participants_unreadable", target=target, error=str(exc))
+            return
+        if statuses == self.participants:
+            return
+        self.participants = statuses
+        for listener in self.listeners:
+            notify = getattr(listener, "participants_changed", None)  # optional in listeners
+            if notify is not None:
+                notify()
 
     def _stop_targets(self) -> None:
         """Stop the passed gates' targets, so the next update runs the participants again.

@@ -245,6 +245,9 @@ class ManagerInterface(ServiceInterface):
     def kernel_state_changed(self, value: str) -> None:
         self.emit_properties_changed({"KernelState": value})
 
+    def participants_changed(self) -> None:
+        self.emit_properties_changed({"Participants": self.participants})
+
     def _export(self, record: UpdateRecord) -> UpdateInterface:
         obj = self._updates.get(record.id)
         if obj is None:
