@@ -80,7 +80,9 @@ async def run(config: Config) -> int:
     gate = PystemdGate(user_mode=config.systemd_user_mode)
     agent = Agent(
         config=config,
-        open_kernel=kernel_factory(config, syscalls, SystemdFdStore()),
+        open_kernel=kernel_factory(
+            config, syscalls, SystemdFdStore(runtime_directory=config.runtime_directory)
+        ),
         gate=gate,
         runtime=RuntimeState(config.runtime_directory),
         history=History(config.state_directory),

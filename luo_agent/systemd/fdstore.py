@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -33,6 +34,7 @@ log = structlog.get_logger(__name__)
 SD_LISTEN_FDS_START: Final = 3
 NAME_PREFIX: Final = "luo-in-"
 OUTGOING_PREFIX: Final = "luo-out-"
+OUTGOING_MARKER: Final = "outgoing-in-fd-store"
 
 
 def fd_name(session: str, prefix: str = NAME_PREFIX) -> str:
@@ -76,9 +78,17 @@ def listen_fds(env: MutableMapping[str, str]) -> list[tuple[str, int]]:
 class SystemdFdStore:
     """``FdCustody`` over the service's fd store (a no-op outside systemd)."""
 
-    def __init__(self, env: MutableMapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        env: MutableMapping[str, str] | None = None,
+        runtime_directory: Path | None = None,
+    ) -> None:
         self._env = os.environ if env is None else env
         self._consumed = False
+        # Written when outgoing sessions go into the store for a systemd kexec.  It lives on the
+        # runtime tmpfs, which no reboot survives: found at start, it means the kexec never
+        # happened and the luo-out- fds are still this boot's outgoing sessions.
+        self._marker = runtime_directory / OUTGOING_MARKER if runtime_directory else None
 
     def inherited(self) -> dict[str, int]:
         """Session name → fd handed back by systemd; only the first call returns them."""
@@ -86,7 +96,15 @@ class SystemdFdStore:
             return {}
         self._consumed = True
         sessions: dict[str, int] = {}
+        same_boot = self._marker is not None and self._marker.exists()
         for name, fd in listen_fds(self._env):
+            if same_boot and name.startswith(OUTGOING_PREFIX):
+                # Still outgoing: the kexec PID 1 accepted never happened.  Closing the last
+                # reference unpreserves the session: the update is cancelled, not half-restored.
+                log.warning("fd_store_stale_outgoing", name=name)
+                notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=name)
+                os.close(fd)
+                continue
             session = session_of(name)
             if session is None or session in sessions:
                 log.warning("fd_store_unknown_fd", name=name, fd=fd)
@@ -95,7 +113,13 @@ class SystemdFdStore:
             sessions[session] = fd
         if sessions:
             log.info("fd_store_adopted", sessions=sorted(sessions))
+        self._clear_marker()
         return sessions
+
+    def _clear_marker(self) -> None:
+        if self._marker is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._marker.unlink()
 
     def keep(self, name: str, fd: int) -> None:
         try:
@@ -113,10 +137,15 @@ class SystemdFdStore:
     def keep_outgoing(self, name: str, fd: int) -> None:
         # Not best effort: a session missing from the store is lost at the kexec.  (systemd does
         # not acknowledge FDSTORE=1; FileDescriptorStoreMax= in the unit must leave room.)
+        if self._marker is not None:
+            self._marker.parent.mkdir(parents=True, exist_ok=True)
+            self._marker.touch()
         if not notify.store_fds(fd_name(name, OUTGOING_PREFIX), [fd], env=self._env):
             raise OSError(errno.EOPNOTSUPP, "not run by systemd: no fd store (NOTIFY_SOCKET)")
         log.info("fd_store_outgoing", session=name)
 
     def drop_outgoing(self, name: str) -> None:
+        # PID 1 refused the kexec: the agent holds its outgoing sessions itself again.
+        self._clear_marker()
         with contextlib.suppress(OSError):
             notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name, OUTGOING_PREFIX))

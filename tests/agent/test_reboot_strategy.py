@@ -264,3 +264,53 @@ def test_fd_store_keeps_outgoing_sessions_under_their_own_name(tmp_path: Path) -
     # What PID 1 hands back after the kexec (LISTEN_FDNAMES) is adopted as the session.
     assert session_of("luo-out-766d2d31") == session_of("luo-in-766d2d31") == "vm-1"
     assert session_of("luo-out-zz") is None and session_of("other") is None
+
+
+_INHERIT = r"""
+import json, os, sys
+from pathlib import Path
+from luo_agent.systemd.fdstore import SystemdFdStore
+runtime = Path(sys.argv[1])
+fd = os.memfd_create("session-stand-in")
+if fd != 3:  # systemd passes stored fds from 3 on
+    os.dup2(fd, 3)
+    os.close(fd)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "luo-out-766d2d31"}
+got = SystemdFdStore(env=env, runtime_directory=runtime).inherited()
+try:
+    os.fstat(3)
+    still_open = True
+except OSError:
+    still_open = False
+print(json.dumps({"sessions": sorted(got), "fd3_open": still_open}))
+"""
+
+
+@pytest.mark.parametrize("kexec_happened", [True, False])
+def test_outgoing_sessions_left_in_the_store_by_a_kexec_that_never_happened(
+    tmp_path: Path, kexec_happened: bool
+) -> None:
+    """The runtime directory is a tmpfs no reboot survives: the marker written when outgoing
+    sessions went into the store tells a restart in the same boot (the kexec PID 1 accepted did
+    not happen: release them, which cancels) from the live-update boot (adopt them)."""
+    import json
+    import subprocess
+    import sys
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    if not kexec_happened:
+        (runtime / "outgoing-in-fd-store").touch()
+    out = subprocess.run(
+        [sys.executable, "-c", _INHERIT, str(runtime)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    result = json.loads(out.splitlines()[-1])
+    if kexec_happened:
+        assert result == {"sessions": ["vm-1"], "fd3_open": True}
+    else:
+        assert result == {"sessions": [], "fd3_open": False}
+    assert not (runtime / "outgoing-in-fd-store").exists()
