@@ -4,24 +4,20 @@ and the whole update under a real systemd manager are tested in tests/systemd an
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import errno
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from luo_agent import phase as ph
-from luo_agent.agent import Agent
-from luo_agent.config import Config
-from luo_agent.daemon import kernel_factory
 from luo_agent.errors import Busy, InvalidArgument, PhaseError
-from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
-from luo_agent.persist import History, RuntimeState
+from luo_agent.kernel.emulator import EmulatedMachine
+from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
+from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 ABIS = ["session", "v3", "rfc-v2"]
@@ -30,100 +26,14 @@ CANCEL = ph.PHASE_TARGETS[ph.Phase.CANCELLING]
 RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
 
 
-@dataclasses.dataclass
-class Host:
-    """One emulated machine and the agent's persistent directories, across boots."""
-
-    tmp: Path
-    abi: str
-    machine: EmulatedMachine
-
-    def config(self, **timeouts: float) -> Config:
-        cfg = Config(state_directory=self.tmp / "state", runtime_directory=self.tmp / "run")
-        kernel = dataclasses.replace(cfg.kernel, abi=self.abi, emulate_root=self.machine.root)
-        return dataclasses.replace(
-            cfg, kernel=kernel, timeouts=dataclasses.replace(cfg.timeouts, **timeouts)
-        )
-
-    @contextlib.asynccontextmanager
-    async def agent(self, gate: FakeGate, **timeouts: float) -> AsyncIterator[Agent]:
-        cfg = self.config(**timeouts)
-        agent = Agent(
-            config=cfg,
-            open_kernel=kernel_factory(cfg, EmulatedSyscalls(self.machine.root)),
-            gate=gate,
-            runtime=RuntimeState(cfg.runtime_directory),
-            history=History(cfg.state_directory),
-        )
-        runner = asyncio.create_task(agent.run())
-        try:
-            await agent.start()
-            yield agent
-        finally:
-            if self.machine.running:
-                await agent.stop()
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-    def kernel_image(self) -> int:
-        path = self.tmp / "vmlinuz"
-        path.write_bytes(b"kernel" * 100)
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
 @pytest.fixture(params=ABIS)
-def host(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Host]:
+def host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
     machine = EmulatedMachine(tmp_path / "machine", request.param)
     machine.boot()
     try:
         yield Host(tmp_path, request.param, machine)
     finally:
         machine.poweroff()
-
-
-class _Changes:
-    """An AgentListener that wakes waiters on every phase change and every finished update."""
-
-    def __init__(self) -> None:
-        self.changed = asyncio.Event()
-
-    def phase_changed(self, record: object, phase: object) -> None:
-        self.changed.set()
-
-    def update_finished(self, record: object) -> None:
-        self.changed.set()
-
-    def kernel_state_changed(self, value: str) -> None:
-        self.changed.set()
-
-
-async def until(agent: Agent, predicate: Callable[[], bool], limit: float = 10.0) -> None:
-    """Wait, on the agent's own change notifications, until ``predicate`` holds."""
-    changes = _Changes()
-    agent.listeners.append(changes)
-    try:
-        async with asyncio.timeout(limit):
-            while not predicate():
-                changes.changed.clear()
-                await changes.changed.wait()
-    finally:
-        agent.listeners.remove(changes)
-
-
-def memfd_with(data: bytes, pos: int) -> int:
-    fd = os.memfd_create("participant", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    os.lseek(fd, pos, os.SEEK_SET)
-    return fd
-
-
-def kernel_files(host: Host) -> int:
-    """How many files the emulated kernel holds preserved for the next kexec."""
-    info = host.machine.inspect()
-    if host.abi == "session":
-        return sum(len(s["files"]) for s in info["outgoing_sessions"])
-    return len(info["files"])
 
 
 async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
@@ -137,7 +47,7 @@ async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
         os.close(kfd)
         record = await agent.prepare("upd-1", caller="test")
         await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
-        assert kernel_files(host) == 2  # the participant's memfd and the agent's metadata
+        assert host.kernel_files() == 2  # the participant's memfd and the agent's metadata
         await agent.execute("upd-1")
         await asyncio.to_thread(host.machine.wait_down, 10)
     assert record.id == "upd-1"
@@ -188,7 +98,7 @@ async def test_failing_prepare_participant_cancels(host: Host) -> None:
         assert agent.last.error_name.endswith(".ParticipantFailed")
         assert "bad.service" in agent.last.message and "exit-code" in agent.last.message
         assert gate.started == [PREPARE, CANCEL]
-        assert kernel_files(host) == 0  # nothing left preserved in the kernel
+        assert host.kernel_files() == 0  # nothing left preserved in the kernel
         assert len(agent.registry) == 0
         if host.abi != "session":
             assert host.machine.inspect()["state"] == "normal"
@@ -237,7 +147,7 @@ async def test_reboot_failure_keeps_the_update_prepared(host: Host) -> None:
             # FROZEN before the reboot: only cancel is left, and it ran.
             assert agent.last is not None and agent.last.result == "failed"
         else:
-            assert kernel_files(host) == 2  # sessions / files intact, reported, retryable
+            assert host.kernel_files() == 2  # sessions / files intact, reported, retryable
             await agent.execute()
             await asyncio.to_thread(host.machine.wait_down, 10)
 
@@ -276,7 +186,7 @@ async def test_restart_in_the_same_boot_reports_the_aborted_update(host: Host) -
         assert agent.last is not None
         assert agent.last.id == "upd-8"
         assert agent.last.result in ("aborted", "failed")
-        assert kernel_files(host) == 0
+        assert host.kernel_files() == 0
         if host.abi != "session":
             assert host.machine.inspect()["state"] == "normal"
 

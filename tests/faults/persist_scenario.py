@@ -20,9 +20,8 @@ from typing import Any
 
 from luo_agent import phase as ph
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.fakes.agent_host import Host, until
 from tests.fakes.gate import FakeGate
-
-from .inprocess import Host, until
 
 
 def mount_tmpfs(path: Path) -> None:

@@ -18,9 +18,8 @@ from luo_agent.errors import DeviceBusy
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 from luo_agent.persist import History
+from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
-
-from .inprocess import Host, memfd_with, until
 
 ABIS = ["session", "v3", "rfc-v2"]
 CANCEL = ph.PHASE_TARGETS[ph.Phase.CANCELLING]

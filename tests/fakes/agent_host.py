@@ -1,5 +1,6 @@
 """The real Agent in this process on a real emulated kernel, with the recording FakeGate: for the
-faults where systemd is irrelevant (EBUSY, kexec failures, state files, shutdown jobs)."""
+agent's own tests and the faults where systemd is irrelevant (EBUSY, kexec failures, state files,
+shutdown jobs).  The whole update under a real systemd manager is tests/e2e's."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Host:
     machine: EmulatedMachine
     statuses: list[str] = dataclasses.field(default_factory=list)
 
-    def config(self, busy_retry_seconds: float = 5.0) -> Config:
+    def config(self, busy_retry_seconds: float = 5.0, **timeouts: float) -> Config:
         cfg = Config(state_directory=self.tmp / "state", runtime_directory=self.tmp / "run")
         kernel = dataclasses.replace(
             cfg.kernel,
@@ -35,7 +36,9 @@ class Host:
             emulate_root=self.machine.root,
             busy_retry_seconds=busy_retry_seconds,
         )
-        return dataclasses.replace(cfg, kernel=kernel)
+        return dataclasses.replace(
+            cfg, kernel=kernel, timeouts=dataclasses.replace(cfg.timeouts, **timeouts)
+        )
 
     def build(self, gate: FakeGate, cfg: Config) -> Agent:
         return Agent(
@@ -106,7 +109,10 @@ async def until(agent: Agent, predicate: Callable[[], bool], limit: float = 10.0
         agent.listeners.remove(changes)
 
 
-def memfd_with(data: bytes) -> int:
-    fd = os.memfd_create("fault-inprocess", os.MFD_CLOEXEC)
+def memfd_with(data: bytes, pos: int | None = None) -> int:
+    """A participant's memfd holding ``data``, its file position at ``pos`` (default: the end)."""
+    fd = os.memfd_create("participant", os.MFD_CLOEXEC)
     os.write(fd, data)
+    if pos is not None:
+        os.lseek(fd, pos, os.SEEK_SET)
     return fd
