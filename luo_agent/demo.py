@@ -28,9 +28,12 @@ from .testbed import Testbed
 
 
 class Demo(Testbed):
+    _shown: dict[str, int]
+
     # ---------------------------------------------------------------- the story
 
     def run(self, keep: bool) -> int:
+        self._shown = {}
         say(f"luo_agent demo: a live update on the emulated '{self.abi}' kernel ABI")
         say(f"work directory: {self.workdir}")
         with contextlib.ExitStack() as stack:
@@ -54,6 +57,8 @@ class Demo(Testbed):
                 started = time.monotonic()
                 proc = sandbox.systemctl("start", "liveupdate.service", check=False)
                 print(indent(sandbox.journal("liveupdate.service")))
+                say("the participant (luo-example-workload.service) during prepare:")
+                print(indent(self.new_log_lines(sandbox, "luo-example-workload.service")))
                 if proc.returncode != 0:
                     say("the update failed before the kexec; the agent's log:")
                     print(indent(sandbox.journal("luo-agent.service")))
@@ -66,12 +71,21 @@ class Demo(Testbed):
             sandbox = self.boot_sandbox(stack)
             step("5/6 restore (participant retrieves and verifies) and finish")
             record = self.wait_result(sandbox, timeout=60)
+            say("the participant after the live-update boot:")
+            print(indent(self.new_log_lines(sandbox, "luo-example-workload.service")))
             print(indent(self.ctl(sandbox, "history", "--limit", "3")))
             step("6/6 summary")
             ok = self.summary(record)
             if keep:
                 self.keep_running(sandbox)
             return 0 if ok else 1
+
+    def new_log_lines(self, sandbox: Sandbox, unit: str) -> str:
+        """The unit's log lines not shown yet (its log file outlives the emulated reboot)."""
+        lines = sandbox.journal(unit).splitlines()
+        seen = self._shown.get(unit, 0)
+        self._shown[unit] = len(lines)
+        return "\n".join(lines[seen:])
 
     def wait_result(self, sandbox: Sandbox, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -81,7 +95,10 @@ class Demo(Testbed):
             props = status.get("status", {})
             phase = props.get("Phase", "")
             if phase != last_phase:
-                say(f"agent phase: {phase}")
+                units = ", ".join(
+                    f"{u} {a}/{r or '-'}" for u, a, _s, r in props.get("Participants", [])
+                )
+                say(f"agent phase: {phase}" + (f" (participants: {units})" if units else ""))
                 last_phase = phase
             last = props.get("LastResult", ["", "", "", ""])
             if phase == "idle" and last[0]:
