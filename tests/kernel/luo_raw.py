@@ -293,3 +293,8 @@ def kexec_reboot(target: Target, image: Path, cmdline: str = "luo_emu liveupdate
     target.machine.wait_down(10.0)
     target.close_all()
     target.machine.boot()
+
+
+def ioctl_errno(t: Target, fd: int, request: int, buf: bytes | bytearray) -> int:
+    """The errno of one raw ioctl on target ``t`` (a copy of ``buf`` is passed, as C would)."""
+    return errno_of(t.sc.ioctl, fd, request, bytearray(buf))

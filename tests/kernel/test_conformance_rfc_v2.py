@@ -26,6 +26,7 @@ from tests.kernel.luo_raw import (
     g1_preserve,
     g1_restore,
     g1_unpreserve,
+    ioctl_errno,
     kexec_reboot,
     memfd,
     read_all,
@@ -39,10 +40,6 @@ UPDATED = S.LIVEUPDATE_STATE_UPDATED
 PRESERVE = rfc_v2.LIVEUPDATE_IOCTL_FD_PRESERVE
 UNPRESERVE = rfc_v2.LIVEUPDATE_IOCTL_FD_UNPRESERVE
 RESTORE = rfc_v2.LIVEUPDATE_IOCTL_FD_RESTORE
-
-
-def ioctl_errno(t: Target, fd: int, request: int, buf: bytes | bytearray) -> int:
-    return errno_of(t.sc.ioctl, fd, request, bytearray(buf))
 
 
 def assert_state(t: Target, dev: int, state: S) -> None:

@@ -26,6 +26,7 @@ from tests.kernel.luo_raw import (
     errno_of,
     finish,
     get_name,
+    ioctl_errno,
     kexec_reboot,
     memfd,
     name_bytes,
@@ -41,10 +42,6 @@ PRESERVE_FD = session.LIVEUPDATE_SESSION_PRESERVE_FD
 RETRIEVE_FD = session.LIVEUPDATE_SESSION_RETRIEVE_FD
 FINISH = session.LIVEUPDATE_SESSION_FINISH
 GET_NAME = session.LIVEUPDATE_SESSION_GET_NAME
-
-
-def ioctl_errno(t: Target, fd: int, request: int, buf: bytes | bytearray) -> int:
-    return errno_of(t.sc.ioctl, fd, request, bytearray(buf))
 
 
 def new_session(t: Target, dev: int, name: str | bytes) -> int:

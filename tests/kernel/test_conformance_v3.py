@@ -19,6 +19,7 @@ from tests.kernel.luo_raw import (
     Target,
     cloexec,
     errno_of,
+    ioctl_errno,
     kexec_reboot,
     memfd,
     read_all,
@@ -35,10 +36,6 @@ UNPRESERVE = v3.LIVEUPDATE_IOCTL_FD_UNPRESERVE
 RESTORE = v3.LIVEUPDATE_IOCTL_FD_RESTORE
 GET_STATE = v3.LIVEUPDATE_IOCTL_GET_STATE
 SET_EVENT = v3.LIVEUPDATE_IOCTL_SET_EVENT
-
-
-def ioctl_errno(t: Target, fd: int, request: int, buf: bytes | bytearray) -> int:
-    return errno_of(t.sc.ioctl, fd, request, bytearray(buf))
 
 
 def event_errno(t: Target, dev: int, event: int) -> int:
