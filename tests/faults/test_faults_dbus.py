@@ -8,44 +8,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from luo_agent.client import CallError, call
 from luo_agent.dbus.names import BUS_NAME, ERROR_PREFIX, IFACE_MANAGER, OBJECT_PATH
 
+from .conftest import needs_sandbox
 from .harness import (
-    ABIS,
     AGENT,
-    SANDBOX_UNAVAILABLE,
     AgentBus,
     FaultBed,
     main_pid,
     unit_property,
 )
 
-pytestmark = [
-    pytest.mark.skipif(
-        SANDBOX_UNAVAILABLE is not None,
-        reason=f"real systemd user manager unavailable: {SANDBOX_UNAVAILABLE}",
-    ),
-]
-
-
-@pytest.fixture(params=ABIS)
-async def bed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultBed]:
-    fb = FaultBed(tmp_path, str(request.param))
-    fb.machine.boot()
-    try:
-        yield fb
-    finally:
-        fb.close()
-        fb.machine.poweroff()
+pytestmark = [needs_sandbox]
 
 
 def open_fds(pid: int) -> int:

@@ -12,30 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from .harness import ABIS, AGENT, SANDBOX_UNAVAILABLE, AgentBus, FaultBed, unit_property
+from .conftest import needs_sandbox
+from .harness import AGENT, AgentBus, FaultBed, unit_property
 
-pytestmark = [
-    pytest.mark.skipif(
-        SANDBOX_UNAVAILABLE is not None,
-        reason=f"real systemd user manager unavailable: {SANDBOX_UNAVAILABLE}",
-    ),
-]
-
-
-@pytest.fixture(params=ABIS)
-async def bed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultBed]:
-    fb = FaultBed(tmp_path, str(request.param))
-    fb.machine.boot()
-    try:
-        yield fb
-    finally:
-        fb.close()
-        fb.machine.poweroff()
+pytestmark = [needs_sandbox]
 
 
 async def _kill_and_wait_back(fb: FaultBed, box: object, ab: AgentBus) -> None:

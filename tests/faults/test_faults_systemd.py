@@ -8,34 +8,15 @@ tests/e2e/test_e2e_participant_failures.py (same sandbox, same checks)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
+from .conftest import needs_sandbox
+from .harness import AGENT, AgentBus, FaultBed, unit_property
 
-from .harness import ABIS, AGENT, SANDBOX_UNAVAILABLE, AgentBus, FaultBed, unit_property
-
-pytestmark = [
-    pytest.mark.skipif(
-        SANDBOX_UNAVAILABLE is not None,
-        reason=f"real systemd user manager unavailable: {SANDBOX_UNAVAILABLE}",
-    ),
-]
+pytestmark = [needs_sandbox]
 
 # The user manager has no reboot.target of its own: a stand-in with the system unit's name is
 # what PID 1 would queue for `systemctl reboot` (the agent watches JobNew by unit name).
 STAND_IN_REBOOT = "[Unit]\nDescription=stand-in for reboot.target\nDefaultDependencies=no\n"
-
-
-@pytest.fixture(params=ABIS)
-async def bed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultBed]:
-    fb = FaultBed(tmp_path, str(request.param))
-    fb.machine.boot()
-    try:
-        yield fb
-    finally:
-        fb.close()
-        fb.machine.poweroff()
 
 
 async def test_participant_stopped_from_outside_mid_phase_cancels(bed: FaultBed) -> None:
