@@ -1067,7 +1067,7 @@ class Agent:
 
     async def _reboot(self) -> ph.Event | None:
         assert self.kernel is not None and self.record is not None
-        record = replace(self.record.with_phase(ph.Phase.REBOOTING))
+        record = self.record.with_phase(ph.Phase.REBOOTING)
         started = time.monotonic()
         try:
             await self._kexec_now(record)
@@ -1103,17 +1103,21 @@ class Agent:
             await self._in_kernel(self.kernel.reclaim_outgoing)
             raise
 
-    def _entrust_blocking(self, record: UpdateRecord) -> None:
+    def _write_final_metadata(self, record: UpdateRecord) -> None:
+        """O(1) before the jump: one pwrite of the small metadata, stamped with the agent's share
+        of the blackout so far."""
         assert self.kernel is not None
         blackout = time.monotonic() - self._freeze_gate_done
         self.kernel.update_metadata(replace(record, blackout_critical=blackout))
+
+    def _entrust_blocking(self, record: UpdateRecord) -> None:
+        assert self.kernel is not None
+        self._write_final_metadata(record)
         self.kernel.entrust_outgoing()
 
     def _reboot_blocking(self, record: UpdateRecord) -> None:
         assert self.kernel is not None
-        # O(1) before the jump: one pwrite of the small metadata, then the syscall.
-        blackout = time.monotonic() - self._freeze_gate_done
-        self.kernel.update_metadata(replace(record, blackout_critical=blackout))
+        self._write_final_metadata(record)
         self.kernel.reboot()
 
     async def _cancel(self, target: str) -> ph.Event:
