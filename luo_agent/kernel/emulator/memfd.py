@@ -14,24 +14,15 @@ import stat
 from dataclasses import dataclass, field
 from typing import Final
 
+from luo_agent.fdkind import TMPFS_MAGIC, fs_magic
+
 log = logging.getLogger("luo_emu.memfd")
 
-TMPFS_MAGIC: Final = 0x01021994
 _SYS_pidfd_getfd: Final = {"x86_64": 438, "aarch64": 438, "riscv64": 438}
 _CHUNK: Final = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-
-
-def fs_type(fd: int) -> int:
-    """``fstatfs(fd).f_type`` (first field of struct statfs: a long on every 64-bit ABI)."""
-    buf = ctypes.create_string_buffer(256)
-    if _libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
 
 
 def take_fd(pid: int, target_fd: int) -> int:
@@ -62,7 +53,7 @@ def can_preserve(fd: int) -> bool:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
         return False
-    return fs_type(fd) == TMPFS_MAGIC
+    return fs_magic(fd) == TMPFS_MAGIC
 
 
 def file_identity(fd: int) -> tuple[int, int]:
