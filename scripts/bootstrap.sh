@@ -6,7 +6,9 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
 debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-linux gcc python3-dev
-      dpkg-dev debhelper python3-pip python3-setuptools python3-wheel)
+      dpkg-dev debhelper python3-pip python3-setuptools python3-wheel
+      # The real-kernel lab (lab/): QEMU, kexec in the VM, the kernel build, the private apt.
+      qemu-system-x86 kexec-tools flex bison libelf-dev bc rsync cpio debian-archive-keyring)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

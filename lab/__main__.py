@@ -1,0 +1,76 @@
+"""``./scripts/vm``: the real-kernel lab from the command line.
+
+./scripts/vm kernel                 fetch the source and build the kernel (cached), print it
+./scripts/vm selftests              the kernel's liveupdate selftests, across a real kexec
+./scripts/vm run [--systemd] CMD    run a shell command in the VM, print its output
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .build import ensure_kernel
+from .vm import Vm, qemu_missing_reason
+
+
+def _run_dir(kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"luo-lab-{kind}-"))
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    kernel = ensure_kernel()
+    manifest = kernel.manifest
+    print(f"kernel: {kernel.bzimage}")
+    print(f"source: {manifest['source_package']} {manifest['source_version']}")
+    print(
+        f"built in {manifest['build_seconds']} s on {manifest['cpus']} CPUs at "
+        f"{manifest['built_at']}; this call took {time.monotonic() - started:.1f} s"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kernel = ensure_kernel()
+    vm = Vm(kernel.bzimage, mode="systemd" if args.systemd else "job", echo=sys.stdout)
+    result = vm.run(" ".join(args.command) + "\n", _run_dir("run"), args.timeout)
+    print(f"lab: {result.describe()}", file=sys.stderr)
+    return result.exit_code if result.status == "exited" and result.exit_code is not None else 124
+
+
+def cmd_selftests(args: argparse.Namespace) -> int:
+    from .selftests import run_selftests
+
+    results = run_selftests(ensure_kernel(), _run_dir("selftests"), echo=sys.stdout)
+    for line in results.summary():
+        print(line)
+    return 0 if results.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/vm",
+        description="Build a Linux kernel with the Live Update Orchestrator from Debian's source "
+        "and run jobs on it in a QEMU VM that shares this machine's root file system.",
+    )
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    sub.add_parser("kernel", help="fetch and build the kernel and selftests (cached)")
+    sub.add_parser("selftests", help="run the kernel's liveupdate selftests, across a real kexec")
+    run = sub.add_parser("run", help="run a shell command in the VM")
+    run.add_argument("--systemd", action="store_true", help="boot systemd as PID 1 first")
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the shell command")
+    args = parser.parse_args(argv)
+    if (reason := qemu_missing_reason()) is not None:
+        print(f"lab: cannot run a VM here: {reason}", file=sys.stderr)
+        return 2
+    handlers = {"kernel": cmd_kernel, "run": cmd_run, "selftests": cmd_selftests}
+    return handlers[args.command_name](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
