@@ -80,6 +80,18 @@ class VmResult:
         }[self.status]
         return f"{what} after {self.boots} boot(s), {self.elapsed:.0f} s (log: {self.serial_log})"
 
+    def console_times(self, pattern: str) -> list[float]:
+        """Host-monotonic arrival times of the console lines matching ``pattern`` (a regex)."""
+        timed = self.run_dir / "serial.timed"
+        if not timed.exists():
+            return []
+        found = []
+        for line in timed.read_text(errors="replace").splitlines():
+            stamp, _, text = line.partition(" ")
+            if re.search(pattern, text):
+                found.append(float(stamp))
+        return found
+
     def job_log(self, boot: int) -> str:
         path = self.run_dir / f"job.{boot}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -142,7 +154,7 @@ class Vm:
         command = self.command(run_dir)
         (run_dir / "qemu.cmd").write_text(shlex.join(command) + "\n")
         started = time.monotonic()
-        with open(serial_log, "w") as log:
+        with open(serial_log, "w") as log, open(run_dir / "serial.timed", "w") as timed:
             proc = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -151,7 +163,9 @@ class Vm:
                 start_new_session=True,
             )
             assert proc.stdout is not None
-            copier = threading.Thread(target=_copy, args=(proc.stdout, log, self.echo), daemon=True)
+            copier = threading.Thread(
+                target=_copy, args=(proc.stdout, log, timed, self.echo), daemon=True
+            )
             copier.start()
             timed_out = False
             try:
@@ -169,11 +183,16 @@ class Vm:
         return _result(run_dir, serial_log, elapsed, timed_out, proc.returncode)
 
 
-def _copy(src: IO[bytes], log: IO[str], echo: IO[str] | None) -> None:
+def _copy(src: IO[bytes], log: IO[str], timed: IO[str], echo: IO[str] | None) -> None:
     for raw in iter(src.readline, b""):
+        arrived = time.monotonic()
         line = raw.decode(errors="replace").replace("\r", "")
         log.write(line)
         log.flush()
+        # The host's clock on each console line: the one clock that a kexec in the VM does
+        # not reset, for intervals that span boots (serial latency is well under a millisecond).
+        timed.write(f"{arrived:.6f} {line}")
+        timed.flush()
         if echo is not None:
             echo.write(line)
             echo.flush()
