@@ -128,6 +128,7 @@ def _build_selftests(tree: Path, obj: Path, out: Path, log_file: Path) -> None:
         log_file=log_file,
     )
     selftests = obj / "selftests"
+    selftests.mkdir()
     _make(
         tree / "tools/testing/selftests/liveupdate",
         f"OUTPUT={selftests}",
@@ -163,14 +164,22 @@ def _build(source: KernelSource, fragment_path: Path, final: Path) -> None:
         _build_selftests(source.tree, obj, staging, log_file)
     except (subprocess.CalledProcessError, RuntimeError) as exc:
         tail = log_file.read_text(errors="replace").splitlines()[-25:] if log_file.exists() else []
+        shutil.rmtree(obj, ignore_errors=True)  # the log stays, for the reader of the error
         raise RuntimeError(f"kernel build failed: {exc}\n" + "\n".join(tail)) from exc
-    shutil.rmtree(obj)
+    _finish(staging, final, source, fragment_path, time.monotonic() - started)
+
+
+def _finish(
+    staging: Path, final: Path, source: KernelSource, fragment_path: Path, elapsed: float
+) -> None:
+    """Writes the manifest and renames the staging directory into place: the entry exists only
+    once it is complete."""
+    shutil.rmtree(staging / "obj")
     files = {
         str(p.relative_to(staging)): _sha256(p)
         for p in sorted(staging.rglob("*"))
         if p.is_file() and p.name != "build.log"
     }
-    elapsed = time.monotonic() - started
     manifest = {
         "source_package": source.package,
         "source_version": source.version,

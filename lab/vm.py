@@ -179,6 +179,7 @@ class Vm:
                     proc.kill()
                     proc.wait()
             copier.join(10)
+            proc.stdout.close()
         elapsed = time.monotonic() - started
         return _result(run_dir, serial_log, elapsed, timed_out, proc.returncode)
 
