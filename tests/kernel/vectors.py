@@ -43,6 +43,7 @@ import stat
 import struct
 import sys
 import tempfile
+import termios
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -295,6 +296,15 @@ def _device_vectors() -> list[Vector]:
         nr_steps.append(raw(d, request, arg, f"CREATE_SESSION {label}", "ENOTTY"))
     nr_steps += [create(d, "s", b"v-mismatch"), Close("s"), Close(d)]
     vectors.append(_v("device.request-numbers", *nr_steps))
+    vfs: list[Step] = [OpenDevice(d), create(d, "s", b"v-vfs-ioctls"), Close(d), OpenDevice(d)]
+    for handle in (d, "s"):
+        vfs += [
+            raw(handle, termios.FIONCLEX, bytes(8), "FIONCLEX (answered by the VFS)", OK),
+            Inspect(handle),
+            raw(handle, termios.FIOCLEX, bytes(8), "FIOCLEX (answered by the VFS)", OK),
+            Inspect(handle),
+        ]
+    vectors.append(_v("device.vfs-ioctls", *vfs, Close("s"), Close(d)))
     return vectors
 
 
@@ -385,7 +395,34 @@ def _create_vectors() -> list[Vector]:
                 (4, "x"),
                 no_free_fd=True,
             ),
+            Ioctl(
+                d,
+                CREATE,
+                (struct.pack("<Ii", 72, -1) + bytes(64),),
+                "empty name, no free fd: the fd is taken first",
+                "EMFILE",
+                (4, "x"),
+                no_free_fd=True,
+            ),
             create(d, "s", b"v-no-fd"),  # the failed create left nothing behind
+            Ioctl(
+                d,
+                CREATE,
+                (struct.pack("<Ii", 72, -1) + name_field(b"v-no-fd"),),
+                "duplicate, no free fd",
+                "EMFILE",
+                (4, "x"),
+                no_free_fd=True,
+            ),
+            Ioctl(
+                d,
+                RETRIEVE,
+                (struct.pack("<Ii", 72, -1) + name_field(b"v-no-such-session"),),
+                "RETRIEVE_SESSION of no session, no free fd",
+                "EMFILE",
+                (4, "x"),
+                no_free_fd=True,
+            ),
             Close("s"),
             Close(d),
         ),
@@ -656,6 +693,24 @@ def _kexec_vectors() -> list[Vector]:
             create(d, "out", b"v-k-files"),  # incoming and outgoing names are separate
             Close(d),
             retrieve_fd("s", "x", 99, "ENOENT"),
+            Ioctl(
+                "s",
+                RETRIEVE_FD,
+                (struct.pack("<IiQ", 16, -1, 99),),
+                "RETRIEVE_FD of no token, no free fd",
+                "EMFILE",
+                (4, "x"),
+                no_free_fd=True,
+            ),
+            Ioctl(
+                "s",
+                RETRIEVE_FD,
+                (struct.pack("<IiQ", 16, -1, 30),),
+                "RETRIEVE_FD, no free fd",
+                "EMFILE",
+                (4, "x"),
+                no_free_fd=True,
+            ),
             retrieve_fd("s", "f30", 30),
             retrieve_fd("s", "f10", 10),
             retrieve_fd("s", "again", 10),  # the same open file again

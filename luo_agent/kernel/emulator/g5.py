@@ -118,11 +118,18 @@ class SessionKernel(GenerationKernel):
             uapi.LIVEUPDATE_CMD_BASE,
             request,
             ubuf,
-            self._device_execute,
+            lambda op, kbuf: self._device_execute(op, kbuf, pid),
             faults=self.faults,
         )
 
-    def _device_execute(self, op: IoctlOp, kbuf: bytearray) -> IoctlResult:
+    def _need_free_fd(self, pid: int) -> None:
+        """7.2 takes the new fd first (get_unused_fd_flags, luo_core.c:276, 306;
+        luo_session.c:289): EMFILE before any other check of the op."""
+        if self.g6 and not memfd.caller_has_free_fd(pid):
+            raise Errno(errno.EMFILE, "no free fd in the caller")
+
+    def _device_execute(self, op: IoctlOp, kbuf: bytearray, pid: int) -> IoctlResult:
+        self._need_free_fd(pid)
         raw_name = bytes(kbuf[8 : 8 + NAME_LEN])
         if op.name == "CREATE_SESSION":
             session = self._create(raw_name)
@@ -207,6 +214,7 @@ class SessionKernel(GenerationKernel):
                 self._preserve(session, pid, fd, token)
                 return IoctlResult()
             case "RETRIEVE_FD":
+                self._need_free_fd(pid)
                 (token,) = struct.unpack_from("<Q", kbuf, 8)
                 pf = session.files.get(token)
                 if pf is None:

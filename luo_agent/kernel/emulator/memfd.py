@@ -9,8 +9,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import logging
 import os
+import resource
 import stat
 from dataclasses import dataclass, field
 from typing import Final
@@ -47,6 +49,18 @@ def take_fd(pid: int, target_fd: int) -> int:
         return got
     finally:
         os.close(pidfd)
+
+
+def caller_has_free_fd(pid: int) -> bool:
+    """Would ``get_unused_fd_flags()`` succeed in process ``pid``: is its lowest free fd below
+    its RLIMIT_NOFILE?  Unknown (the caller raced away) counts as yes: delivery then decides."""
+    try:
+        soft, _hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    except (OSError, ValueError):
+        return True
+    lowest = next(n for n in itertools.count() if n not in used)
+    return soft == resource.RLIM_INFINITY or lowest < soft
 
 
 def can_preserve(fd: int) -> bool:
