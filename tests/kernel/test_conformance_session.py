@@ -272,12 +272,15 @@ def test_double_preservation(session_target: Target) -> None:
             assert ioctl_errno(t, s1, PRESERVE_FD, struct.pack("<IiQ", 16, m, 2)) == errno.EBUSY
             assert ioctl_errno(t, s2, PRESERVE_FD, struct.pack("<IiQ", 16, m, 1)) == errno.EBUSY
             dup = os.dup(m)  # another fd, same file: still the same file
+            # another open file of the same inode: 7.2 keys its table by inode (memfd_luo_get_id)
+            again = os.open(f"/proc/self/fd/{m}", os.O_RDWR | os.O_CLOEXEC)
             try:
-                assert (
-                    ioctl_errno(t, s2, PRESERVE_FD, struct.pack("<IiQ", 16, dup, 3)) == errno.EBUSY
-                )
+                for other in (dup, again):
+                    buf = struct.pack("<IiQ", 16, other, 3)
+                    assert ioctl_errno(t, s2, PRESERVE_FD, buf) == errno.EBUSY
             finally:
                 os.close(dup)
+                os.close(again)
         else:
             preserve_fd(t.sc, s1, m, 2)
             preserve_fd(t.sc, s2, m, 1)
@@ -818,6 +821,30 @@ def test_create_session_without_a_free_fd_is_emfile(session_target: Target) -> N
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert err == errno.EMFILE
     new_session(t, dev, "no-fd")
+
+
+def test_the_new_fd_is_taken_before_any_check(session_target: Target) -> None:
+    """7.2 calls get_unused_fd_flags first (luo_core.c:276, 306): with no free fd an empty name,
+    a duplicate name and an unknown session are all EMFILE."""
+    t = session_target
+    if not t.g6:
+        pytest.skip("G6 (Linux 7.2) only")
+    dev = t.open_device()
+    new_session(t, dev, "taken")
+    bufs = [
+        (CREATE, create_session_buf(b"")),
+        (CREATE, create_session_buf("taken")),
+        (RETRIEVE, bytearray(struct.pack("<Ii64s", 72, -1, name_bytes("no-such")))),
+    ]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+    try:
+        errs = [ioctl_errno(t, dev, request, buf) for request, buf in bufs]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert errs == [errno.EMFILE] * 3
 
 
 def test_open_without_a_running_kernel_is_enoent(session_machine: Target) -> None:
