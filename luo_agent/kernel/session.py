@@ -100,8 +100,8 @@ class LuoSession(FdHandle):
 
     def get_name(self) -> str:
         """The kernel's name for this session (G6).  ``Unsupported`` on 6.19."""
-        # The G6 op table describes GET_NAME with a 16-byte struct: bytes 16..71 must be zero on
-        # input or the kernel answers E2BIG; a fresh struct is all zeros.
+        # A fresh struct is all zeros: the kernel writes name + NUL over the input bytes and
+        # leaves the rest of the field as the caller passed it.
         arg = sized(uapi.liveupdate_session_get_name)
         out = self._call(Op.GET_NAME, uapi.LIVEUPDATE_SESSION_GET_NAME, arg, f"fd {self._fd}")
         raw = bytes(out.name).split(b"\0", 1)[0]

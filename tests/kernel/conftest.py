@@ -2,7 +2,8 @@
 
 The real target only runs as root on a machine with ``/dev/liveupdate`` whose generation (detected
 with the kernel-abi.md §12 probe order, or named by ``LUO_REAL_ABI=rfc-v2|v3|session[:6.19|:g6]``)
-is the one the test is for.  It never kexecs: tests that need a reboot use the emulated machine.
+is the one the test is for; a bare ``session`` gets its profile from the GET_NAME probe, and
+Linux 7.2 is G6).  It never kexecs: tests that need a reboot use the emulated machine.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def _detect_real() -> tuple[str, str | None] | str:
             _real_generation = "real-kernel tests need root"
         elif env := os.environ.get("LUO_REAL_ABI"):
             abi, _, profile = env.partition(":")
-            _real_generation = (abi, profile or ("6.19" if abi == "session" else None))
+            if abi == "session" and not profile:
+                # The GET_NAME probe tells 6.19 from G6 (Linux 7.2, the reference kernel).
+                probed = probe_generation(RealSyscalls())
+                profile = (probed[1] if isinstance(probed, tuple) else None) or "g6"
+            _real_generation = (abi, profile or None)
         else:
             _real_generation = probe_generation(RealSyscalls())
     return _real_generation

@@ -272,12 +272,15 @@ def test_double_preservation(session_target: Target) -> None:
             assert ioctl_errno(t, s1, PRESERVE_FD, struct.pack("<IiQ", 16, m, 2)) == errno.EBUSY
             assert ioctl_errno(t, s2, PRESERVE_FD, struct.pack("<IiQ", 16, m, 1)) == errno.EBUSY
             dup = os.dup(m)  # another fd, same file: still the same file
+            # another open file of the same inode: 7.2 keys its table by inode (memfd_luo_get_id)
+            again = os.open(f"/proc/self/fd/{m}", os.O_RDWR | os.O_CLOEXEC)
             try:
-                assert (
-                    ioctl_errno(t, s2, PRESERVE_FD, struct.pack("<IiQ", 16, dup, 3)) == errno.EBUSY
-                )
+                for other in (dup, again):
+                    buf = struct.pack("<IiQ", 16, other, 3)
+                    assert ioctl_errno(t, s2, PRESERVE_FD, buf) == errno.EBUSY
             finally:
                 os.close(dup)
+                os.close(again)
         else:
             preserve_fd(t.sc, s1, m, 2)
             preserve_fd(t.sc, s2, m, 1)
@@ -401,23 +404,31 @@ def test_get_session_name(session_target: Target, name: str) -> None:
 
 
 def test_get_name_quirks(session_target: Target) -> None:
-    """GET_NAME's table entry uses the retrieve_fd struct: input bytes 16..71 must be zero
-    (E2BIG), reserved != 0 is EINVAL, size < 16 is EINVAL."""
+    """Linux 7.2 luo_session_get_name: min_size 72 (EINVAL below), reserved != 0 is EINVAL,
+    non-zero bytes past 72 are E2BIG; the name field's input bytes are not checked, and
+    strscpy writes only the name and one NUL over them (the rest is copied back as given)."""
     t = session_target
     if not t.g6:
         pytest.skip("G6 only")
     sess = new_session(t, t.open_device(), "quirk")
-    buf = bytearray(72)
-    struct.pack_into("<I", buf, 0, 72)
-    buf[40] = ord("x")
-    assert ioctl_errno(t, sess, GET_NAME, buf) == errno.E2BIG
-    buf[40] = 0
+    for size in (8, 16, 71):
+        short = bytearray(72)
+        struct.pack_into("<I", short, 0, size)
+        assert ioctl_errno(t, sess, GET_NAME, short) == errno.EINVAL, size
+    buf = bytearray(b"\xaa" * 72)
     struct.pack_into("<II", buf, 0, 72, 1)
     assert ioctl_errno(t, sess, GET_NAME, buf) == errno.EINVAL
-    assert ioctl_errno(t, sess, GET_NAME, struct.pack("<II", 8, 0)) == errno.EINVAL
+    long = bytearray(80)
+    struct.pack_into("<I", long, 0, 80)
+    long[79] = 1
+    assert ioctl_errno(t, sess, GET_NAME, long) == errno.E2BIG
     struct.pack_into("<II", buf, 0, 72, 0)
     assert t.sc.ioctl(sess, GET_NAME, buf) == 0
-    assert buf[8:14] == b"quirk\0"
+    assert bytes(buf) == struct.pack("<II", 72, 0) + b"quirk\0" + b"\xaa" * 58
+    long[79] = 0
+    long[8:72] = b"\xbb" * 64
+    assert t.sc.ioctl(sess, GET_NAME, long) == 0
+    assert bytes(long[8:]) == b"quirk\0" + b"\xbb" * 58 + bytes(8)
 
 
 def test_wrong_kind_ops_on_outgoing_session(session_target: Target) -> None:
@@ -586,11 +597,14 @@ def test_retrieve_fd_semantics(session_machine: Target, kexec_image: Path) -> No
     assert again != f10
     os.lseek(f10, 3, os.SEEK_SET)
     assert os.lseek(again, 0, os.SEEK_CUR) == 3
-    # restored memfd: O_RDWR, unsealed
     assert fcntl.fcntl(f10, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
-    # seals are not carried (§7.6); F_SEAL_SEAL alone only means "no ALLOW_SEALING"
-    carried_seals = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE
-    assert fcntl.fcntl(f10, fcntl.F_GET_SEALS) & carried_seals == 0
+    if t.g6:
+        # Linux 7.2 memfd_luo_retrieve re-applies the seals recorded at PRESERVE.
+        assert fcntl.fcntl(f10, fcntl.F_GET_SEALS) == fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+    else:
+        # The emulator's 6.19 profile carries no seals (kernel-abi.md §7.6).
+        carried_seals = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE
+        assert fcntl.fcntl(f10, fcntl.F_GET_SEALS) & carried_seals == 0
     finish(t.sc, inc)
     finish(t.sc, inc)  # repeating FINISH returns 0
     # after FINISH the session has no files; token 20 was never retrieved and is discarded
@@ -600,15 +614,50 @@ def test_retrieve_fd_semantics(session_machine: Target, kexec_image: Path) -> No
     assert read_all(f30) == b"file 30"
 
 
-def test_finish_reserved_is_not_checked_on_6_19(session_machine: Target, kexec_image: Path) -> None:
-    """§1.2/§7.3: 6.19's FINISH never looks at `reserved`."""
+def test_finish_reserved(session_machine: Target, kexec_image: Path) -> None:
+    """§1.2/§7.3: 6.19's FINISH never looks at `reserved`; 7.2's is EINVAL (luo_session.c:321)."""
     t = session_machine
-    if t.g6:
-        pytest.skip("only stated for 6.19")
     new_session(t, t.open_device(), "reserved")
     kexec_reboot(t, kexec_image)
     inc = t.track(retrieve_session(t.sc, t.open_device(), "reserved"))
-    finish(t.sc, inc, reserved=0xDEAD)
+    if t.g6:
+        assert ioctl_errno(t, inc, FINISH, struct.pack("<II", 8, 0xDEAD)) == errno.EINVAL
+        finish(t.sc, inc)
+    else:
+        finish(t.sc, inc, reserved=0xDEAD)
+
+
+def test_retrieved_file_is_busy_until_finish(session_machine: Target, kexec_image: Path) -> None:
+    """7.2: a retrieved file sits in luo_preserved_files until FINISH (luo_file.c:602, 702):
+    preserving it into an outgoing session is EBUSY before, fine after."""
+    t = session_machine
+    if not t.g6:
+        pytest.skip("G6 only")
+    m = memfd(b"carried")
+    preserve_fd(t.sc, new_session(t, t.open_device(), "busy-src"), m, 1)
+    os.close(m)
+    kexec_reboot(t, kexec_image)
+    dev = t.open_device()
+    inc = t.track(retrieve_session(t.sc, dev, "busy-src"))
+    got = t.track(retrieve_fd(t.sc, inc, 1))
+    out = new_session(t, dev, "busy-dst")
+    assert ioctl_errno(t, out, PRESERVE_FD, struct.pack("<IiQ", 16, got, 1)) == errno.EBUSY
+    finish(t.sc, inc)
+    preserve_fd(t.sc, out, got, 1)
+
+
+def test_retrieve_unterminated_name_is_enoent(session_machine: Target, kexec_image: Path) -> None:
+    """7.2 luo_session_retrieve compares 64 bytes (strncmp): 63 matching bytes and no NUL do not
+    match a 63-byte name."""
+    t = session_machine
+    if not t.g6:
+        pytest.skip("G6 only")
+    new_session(t, t.open_device(), b"N" * 63)
+    kexec_reboot(t, kexec_image)
+    dev = t.open_device()
+    raw = struct.pack("<Ii64s", 72, -1, b"N" * 64)
+    assert ioctl_errno(t, dev, RETRIEVE, raw) == errno.ENOENT
+    t.track(retrieve_session(t.sc, dev, b"N" * 63))
 
 
 def test_incoming_session_kind_rejects_preserve(session_machine: Target, kexec_image: Path) -> None:
@@ -772,6 +821,30 @@ def test_create_session_without_a_free_fd_is_emfile(session_target: Target) -> N
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert err == errno.EMFILE
     new_session(t, dev, "no-fd")
+
+
+def test_the_new_fd_is_taken_before_any_check(session_target: Target) -> None:
+    """7.2 calls get_unused_fd_flags first (luo_core.c:276, 306): with no free fd an empty name,
+    a duplicate name and an unknown session are all EMFILE."""
+    t = session_target
+    if not t.g6:
+        pytest.skip("G6 (Linux 7.2) only")
+    dev = t.open_device()
+    new_session(t, dev, "taken")
+    bufs = [
+        (CREATE, create_session_buf(b"")),
+        (CREATE, create_session_buf("taken")),
+        (RETRIEVE, bytearray(struct.pack("<Ii64s", 72, -1, name_bytes("no-such")))),
+    ]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+    try:
+        errs = [ioctl_errno(t, dev, request, buf) for request, buf in bufs]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert errs == [errno.EMFILE] * 3
 
 
 def test_open_without_a_running_kernel_is_enoent(session_machine: Target) -> None:

@@ -14,10 +14,12 @@ Emulator choices (where the kernel cannot be copied exactly):
   G3 preserve checks state (EBUSY), then token (EEXIST), then fd (EBADF), then file type
   (ENOENT); G1 resolves the fd first (EBADF), as RFC v2's ioctl does, then state, then type.
   G3 close of the device drops only outgoing files; carried ones wait for FINISH.
+* Session g6 profile: a copy of Linux 7.2 (docs/emulator.md, "The g6 profile is Linux 7.2").
 * Session 6.19 profile: wrong-kind PRESERVE_FD/RETRIEVE_FD/FINISH are EINVAL after the size
   checks (kernel-abi.md §7.3 "fixed behaviour"); on g6 at the dispatcher's kind step.
-* Frozen memfd size: the size at PRESERVE is carried (cut or zero-extended, logged if changed).
-  File identity for G6 double preservation is the inode.  Retrieved memfds have no seals.
+* Frozen memfd size: the size at PRESERVE is carried (cut or zero-extended, logged if changed);
+  7.2 refuses the resize (EPERM), which the emulator cannot.  File identity for double
+  preservation is the inode.  g6 carries the seals recorded at PRESERVE; 6.19 none.
 * Corrupt handover image: moved to ``handover.img.rejected``; rfc-v2/v3 "panic" (boot() raises
   HandoverCorrupt, the next boot is cold); session boots with every device open failing EIO.
 * After a kexec or power-off, ioctls on old emulator fds raise EIO; opening the device and the

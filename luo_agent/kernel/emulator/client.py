@@ -8,9 +8,11 @@ server has gone (after a kexec or power-off) raises OSError(EIO).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,9 @@ from .protocol import (
     send_with_fds,
 )
 
+# do_vfs_ioctl (fs/ioctl.c) answers these for every file before a driver's ioctl sees them; on
+# the emulator's sockets the host kernel does exactly the same to the caller's fd.
+_VFS_FD_FLAG_IOCTLS = frozenset({termios.FIOCLEX, termios.FIONCLEX})
 _DOWN_ERRORS = (FileNotFoundError, ConnectionRefusedError)
 _GONE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -81,6 +86,8 @@ class EmulatedSyscalls:
         return sock.detach()
 
     def ioctl(self, fd: int, request: int, buf: bytearray) -> int:
+        if request & 0xFFFFFFFF in _VFS_FD_FLAG_IOCTLS:
+            return int(fcntl.ioctl(fd, request & 0xFFFFFFFF, 0))
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:

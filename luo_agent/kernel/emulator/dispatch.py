@@ -64,7 +64,8 @@ class Faults:
 
 
 # Executes one op on the kernel-side copy of the struct (mutating it in place).  Returns the
-# result; ``out`` is filled in by the dispatcher unless the executor set it (GET_NAME quirk).
+# result; ``out`` (``luo_ucmd_respond``: min(size, ksize) bytes of the kernel's copy) is filled
+# in by the dispatcher unless the executor set it.
 Executor = Callable[[IoctlOp, bytearray], IoctlResult]
 
 

@@ -2,6 +2,9 @@
 
 No global state.  ``/dev/liveupdate`` creates outgoing and retrieves incoming named sessions;
 session fds preserve, retrieve and finish.  Every kexec carries every open outgoing session.
+
+The g6 profile is a copy of Linux 7.2 (kernel/liveupdate/luo_session.c, luo_file.c,
+mm/memfd_luo.c); docs/emulator.md lists each behaviour with its source line.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import mmap
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -29,6 +33,12 @@ PROFILES: Final = ("6.19", "g6")
 MAX_OUTGOING_SESSIONS_619: Final = 744
 MAX_FILES_PER_SESSION_619: Final = 128
 NAME_LEN: Final = uapi.LIVEUPDATE_SESSION_NAME_LENGTH
+# 7.2 grows KHO serialization blocks (one page each, 16-byte header) on demand, at most
+# KHO_MAX_BLOCKS = 10000 per block set (kho_block.c:38, kho_block_add): ENOSPC beyond.
+_KHO_MAX_BLOCKS: Final = 10000
+_KHO_BLOCK_ENTRIES: Final = mmap.PAGESIZE - 16
+MAX_OUTGOING_SESSIONS_G6: Final = _KHO_MAX_BLOCKS * (_KHO_BLOCK_ENTRIES // 80)  # luo_session_ser
+MAX_FILES_PER_SESSION_G6: Final = _KHO_MAX_BLOCKS * (_KHO_BLOCK_ENTRIES // 64)  # luo_file_ser
 
 
 @dataclass(eq=False, slots=True)
@@ -63,6 +73,13 @@ class Session:
 def _strscpy_name(raw: bytes) -> bytes:
     """``strscpy(session->name, argp->name, 64)``: up to the first NUL, at most 63 bytes."""
     return raw[:NAME_LEN].split(b"\0", 1)[0][: NAME_LEN - 1]
+
+
+def _strncmp_matches(stored: bytes, raw: bytes) -> bool:
+    """7.2 ``strncmp(it->name, name, 64) == 0`` (luo_session.c:513): an unterminated 64-byte
+    name never equals a stored name (at most 63 bytes and a NUL)."""
+    field = raw[:NAME_LEN]
+    return b"\0" in field and field.split(b"\0", 1)[0] == stored
 
 
 class SessionKernel(GenerationKernel):
@@ -101,11 +118,18 @@ class SessionKernel(GenerationKernel):
             uapi.LIVEUPDATE_CMD_BASE,
             request,
             ubuf,
-            self._device_execute,
+            lambda op, kbuf: self._device_execute(op, kbuf, pid),
             faults=self.faults,
         )
 
-    def _device_execute(self, op: IoctlOp, kbuf: bytearray) -> IoctlResult:
+    def _need_free_fd(self, pid: int) -> None:
+        """7.2 takes the new fd first (get_unused_fd_flags, luo_core.c:276, 306;
+        luo_session.c:289): EMFILE before any other check of the op."""
+        if self.g6 and not memfd.caller_has_free_fd(pid):
+            raise Errno(errno.EMFILE, "no free fd in the caller")
+
+    def _device_execute(self, op: IoctlOp, kbuf: bytearray, pid: int) -> IoctlResult:
+        self._need_free_fd(pid)
         raw_name = bytes(kbuf[8 : 8 + NAME_LEN])
         if op.name == "CREATE_SESSION":
             session = self._create(raw_name)
@@ -118,12 +142,16 @@ class SessionKernel(GenerationKernel):
 
     def _create(self, raw_name: bytes) -> Session:
         if self.g6 and (raw_name[0] == 0 or b"\0" not in raw_name):
+            # luo_session_create (luo_session.c:469-474): strnlen 0 or 64.
             raise Errno(errno.EINVAL, "empty or unterminated session name")
         name = _strscpy_name(raw_name)
-        if not self.g6 and len(self.outgoing) >= MAX_OUTGOING_SESSIONS_619:
+        limit = MAX_OUTGOING_SESSIONS_G6 if self.g6 else MAX_OUTGOING_SESSIONS_619
+        if len(self.outgoing) >= limit:
             self._reap_outgoing()
-            if len(self.outgoing) >= MAX_OUTGOING_SESSIONS_619:
-                raise Errno(errno.ENOMEM, "outgoing session table full")
+            if len(self.outgoing) >= limit:
+                # 6.19: fixed array; 7.2: kho_block_set_grow before the EEXIST loop.
+                code = errno.ENOSPC if self.g6 else errno.ENOMEM
+                raise Errno(code, "outgoing session table full")
         for other in self.outgoing:
             if other.name == name and not self.host.reap_if_closed(other):
                 raise Errno(errno.EEXIST, f"outgoing session {other.display_name()!r} exists")
@@ -139,7 +167,7 @@ class SessionKernel(GenerationKernel):
     def _retrieve(self, raw_name: bytes) -> Session:
         name = _strscpy_name(raw_name)
         for session in self.incoming:
-            if session.name == name:
+            if _strncmp_matches(session.name, raw_name) if self.g6 else session.name == name:
                 if session.open and not self.host.reap_if_closed(session):
                     raise Errno(errno.EINVAL, f"session {session.display_name()!r} is open")
                 if session in self.incoming:
@@ -186,6 +214,7 @@ class SessionKernel(GenerationKernel):
                 self._preserve(session, pid, fd, token)
                 return IoctlResult()
             case "RETRIEVE_FD":
+                self._need_free_fd(pid)
                 (token,) = struct.unpack_from("<Q", kbuf, 8)
                 pf = session.files.get(token)
                 if pf is None:
@@ -194,16 +223,19 @@ class SessionKernel(GenerationKernel):
                 struct.pack_into("<i", kbuf, 4, -1)
                 return IoctlResult(fd=pf.fd, fd_offset=4)
             case "FINISH":
+                (reserved,) = struct.unpack_from("<I", kbuf, 4)
+                if self.g6 and reserved != 0:  # luo_session_finish (luo_session.c:321)
+                    raise Errno(errno.EINVAL, "reserved must be 0")
                 self._finish(session)
                 return IoctlResult()
             case "GET_NAME":
+                # luo_session_get_name (luo_session.c:331-342): strscpy writes the name and one
+                # NUL over the caller's bytes; the rest of the field is copied back as it came.
                 (reserved,) = struct.unpack_from("<I", kbuf, 4)
                 if reserved != 0:
                     raise Errno(errno.EINVAL, "reserved must be 0")
-                size = struct.unpack_from("<I", kbuf, 0)[0]
-                name = session.name.ljust(NAME_LEN, b"\0")
-                out = bytes(kbuf[:8]) + name  # the 72-byte get_name struct
-                return IoctlResult(out=out[: min(size, len(out))])
+                kbuf[8 : 8 + len(session.name) + 1] = session.name + b"\0"
+                return IoctlResult()
             case _:
                 raise AssertionError(op.name)
 
@@ -211,16 +243,28 @@ class SessionKernel(GenerationKernel):
         """``luo_preserve_file`` check order: EEXIST, ENOSPC, EBADF, ENOENT, (G6) EBUSY."""
         if token in session.files:
             raise Errno(errno.EEXIST, f"token {token:#x} already in session")
-        if not self.g6 and len(session.files) >= MAX_FILES_PER_SESSION_619:
+        limit = MAX_FILES_PER_SESSION_G6 if self.g6 else MAX_FILES_PER_SESSION_619
+        if len(session.files) >= limit:
             raise Errno(errno.ENOSPC, "session file table full")
         pf = memfd.preserve(pid, fd, token)
-        if self.g6:
-            for other in self.outgoing:
-                clash = any(f.identity == pf.identity for f in other.files.values())
-                if clash and (other is session or not self.host.reap_if_closed(other)):
-                    pf.close()
-                    raise Errno(errno.EBUSY, "file is already preserved")
+        if self.g6 and self._already_preserved(session, pf.identity):
+            pf.close()
+            raise Errno(errno.EBUSY, "file is already preserved")
         session.files[token] = pf
+
+    def _already_preserved(self, session: Session, identity: tuple[int, int]) -> bool:
+        """7.2's ``luo_preserved_files`` xarray, keyed by inode (memfd_luo_get_id): every file of
+        an open outgoing session, and every *retrieved* file of an incoming session until its
+        FINISH (luo_retrieve_file xa_insert, luo_file_finish xa_erase)."""
+        for other in [*self.outgoing, *self.incoming]:
+            files = other.files.values()
+            if other.outgoing:
+                clash = any(f.identity == identity for f in files)
+            else:
+                clash = any(f.retrieved and f.identity == identity for f in files)
+            if clash and (other is session or not self.host.reap_if_closed(other)):
+                return True
+        return False
 
     def _finish(self, session: Session) -> None:
         if not session.finished:
@@ -258,7 +302,8 @@ class SessionKernel(GenerationKernel):
             for pf in session.files.values():
                 pos, chunks = memfd.iter_frozen_bytes(pf)
                 offset, _length = sink.add(chunks)
-                files.append(CarriedFile(pf.token, pf.frozen_size, pos, offset).to_json())
+                seals = pf.seals if self.g6 else 0  # 6.19: seals not carried (unchanged)
+                files.append(CarriedFile(pf.token, pf.frozen_size, pos, offset, seals).to_json())
             sessions.append({"name": session.name.hex(), "files": files})
         skipped = [s.display_name() for s in self.incoming if not s.open]
         if skipped:
@@ -297,9 +342,11 @@ class SessionKernel(GenerationKernel):
                 sessions.append(session)
                 for cf in files:
                     fd = memfd.new_incoming_memfd(
-                        image.fd, image.blob_base + cf.offset, cf.size, cf.pos
+                        image.fd, image.blob_base + cf.offset, cf.size, cf.pos, cf.seals
                     )
-                    session.files[cf.token] = memfd.PreservedFile(cf.token, fd, cf.size)
+                    session.files[cf.token] = memfd.PreservedFile(
+                        cf.token, fd, cf.size, identity=memfd.file_identity(fd)
+                    )
         except BaseException:
             for session in sessions:
                 session.drop_files()

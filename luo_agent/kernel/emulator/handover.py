@@ -179,15 +179,23 @@ def _validate(fd: int, path: os.PathLike[str], generation: str) -> Image:
 
 @dataclass(frozen=True, slots=True)
 class CarriedFile:
-    """One file in the image: token, frozen size, final position, byte range in the blob area."""
+    """One file in the image: token, frozen size, final position, byte range in the blob area,
+    and the seals recorded at PRESERVE (G6 only; 0 = none carried)."""
 
     token: int
     size: int
     pos: int
     offset: int
+    seals: int = 0
 
     def to_json(self) -> dict[str, int]:
-        return {"token": self.token, "size": self.size, "pos": self.pos, "offset": self.offset}
+        return {
+            "token": self.token,
+            "size": self.size,
+            "pos": self.pos,
+            "offset": self.offset,
+            "seals": self.seals,
+        }
 
 
 def parse_files(raw: object, blob_length: int, where: str) -> list[CarriedFile]:
@@ -202,7 +210,10 @@ def parse_files(raw: object, blob_length: int, where: str) -> list[CarriedFile]:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
             raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: bad fields")
         token, size, pos, offset = (int(v) for v in values)  # type: ignore[arg-type]
+        seals = item.get("seals", 0)
+        if not isinstance(seals, int) or isinstance(seals, bool) or not 0 <= seals < 1 << 32:
+            raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: bad seals")
         if token >= 1 << 64 or offset + size > blob_length:
             raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: out of range")
-        files.append(CarriedFile(token, size, pos, offset))
+        files.append(CarriedFile(token, size, pos, offset, seals))
     return files

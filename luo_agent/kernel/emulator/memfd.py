@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import itertools
 import logging
 import os
+import resource
 import stat
 from dataclasses import dataclass, field
 from typing import Final
@@ -20,6 +23,7 @@ log = logging.getLogger("luo_emu.memfd")
 
 _SYS_pidfd_getfd: Final = {"x86_64": 438, "aarch64": 438, "riscv64": 438}
 _CHUNK: Final = 1 << 20
+_MFD_EXEC: Final = 0x0010  # <linux/memfd.h>, Linux 6.3+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -47,6 +51,18 @@ def take_fd(pid: int, target_fd: int) -> int:
         os.close(pidfd)
 
 
+def caller_has_free_fd(pid: int) -> bool:
+    """Would ``get_unused_fd_flags()`` succeed in process ``pid``: is its lowest free fd below
+    its RLIMIT_NOFILE?  Unknown (the caller raced away) counts as yes: delivery then decides."""
+    try:
+        soft, _hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    except (OSError, ValueError):
+        return True
+    lowest = next(n for n in itertools.count() if n not in used)
+    return soft == resource.RLIM_INFINITY or lowest < soft
+
+
 def can_preserve(fd: int) -> bool:
     """memfd_luo's ``can_preserve``: a shmem file with no links.  Hugetlb memfds (hugetlbfs),
     pipes, sockets, device nodes and linked files are refused."""
@@ -68,12 +84,14 @@ class PreservedFile:
 
     ``frozen_size`` is the size at PRESERVE: the kernel refuses resizes of a preserved memfd; the
     emulator cannot stop a resize, so it carries exactly this size (truncated or zero-extended).
+    ``seals`` are F_GET_SEALS at PRESERVE (7.2 memfd_luo_preserve records them there, once).
     """
 
     token: int
     fd: int
     frozen_size: int
     identity: tuple[int, int] = (0, 0)
+    seals: int = 0
     retrieved: bool = False
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -104,7 +122,13 @@ def preserve(pid: int, caller_fd: int, token: int) -> PreservedFile:
         if not can_preserve(fd):
             raise OSError(errno.ENOENT, "no file handler accepts this file")
         size = os.fstat(fd).st_size
-        return PreservedFile(token=token, fd=fd, frozen_size=size, identity=file_identity(fd))
+        return PreservedFile(
+            token=token,
+            fd=fd,
+            frozen_size=size,
+            identity=file_identity(fd),
+            seals=fcntl.fcntl(fd, fcntl.F_GET_SEALS),
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -136,11 +160,25 @@ def iter_frozen_bytes(pf: PreservedFile) -> tuple[int, list[bytes]]:
     return pos, chunks
 
 
-def new_incoming_memfd(source_fd: int, source_offset: int, size: int, pos: int) -> int:
-    """A fresh unnamed memfd (O_RDWR|O_LARGEFILE, O_CLOEXEC, no seals carried) holding ``size``
-    bytes copied from ``source_fd`` at ``source_offset``, positioned at ``pos``."""
-    # MFD_ALLOW_SEALING: the retrieved file reports no seals at all (F_GET_SEALS == 0).
-    fd = os.memfd_create("", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def _fresh_sealable_memfd() -> int:
+    """``memfd_alloc_file("", MFD_ALLOW_SEALING)``: no seals, exec bits set (the kernel-internal
+    call ignores vm.memfd_noexec; MFD_EXEC asks the host for the same)."""
+    try:
+        return os.memfd_create("", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | _MFD_EXEC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a host kernel older than 6.3 has no MFD_EXEC
+            raise
+        return os.memfd_create("", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def new_incoming_memfd(
+    source_fd: int, source_offset: int, size: int, pos: int, seals: int = 0
+) -> int:
+    """A fresh unnamed memfd (O_RDWR|O_LARGEFILE, O_CLOEXEC) holding ``size`` bytes copied from
+    ``source_fd`` at ``source_offset``, positioned at ``pos``, with ``seals`` added
+    (``memfd_luo_retrieve``: F_SEAL_EXEC on the fresh, executable inode also adds the write
+    seals, exactly as the host's F_ADD_SEALS does)."""
+    fd = _fresh_sealable_memfd()
     try:
         os.ftruncate(fd, size)
         offset = 0
@@ -151,6 +189,8 @@ def new_incoming_memfd(source_fd: int, source_offset: int, size: int, pos: int) 
             os.pwrite(fd, data, offset)
             offset += len(data)
         os.lseek(fd, pos, os.SEEK_SET)
+        if seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     except BaseException:
         os.close(fd)
         raise

@@ -45,7 +45,7 @@ class liveupdate_session_finish(ctypes.Structure):
 
 
 class liveupdate_session_get_name(ctypes.Structure):
-    """G6 only.  Offsets UNCONFIRMED against the real header (kernel-abi.md §9)."""
+    """G6 only (``include/uapi/linux/liveupdate.h`` of Linux 7.2)."""
 
     _fields_ = [
         ("size", ctypes.c_uint32),
@@ -98,14 +98,14 @@ SESSION_OPS_G5: Final = (
     ),
 )
 
-# G6 appends GET_NAME.  The post-6.19 op table describes it with the retrieve_fd struct
-# (ksize 16, min_size 16) — a kernel quirk kept on purpose: bytes 16..71 must be zero on input.
+# G6 (Linux 7.2, luo_session.c luo_session_ioctl_ops[]) appends GET_NAME with its own struct:
+# ksize 72, min_size offsetofend(name) = 72.
 SESSION_OPS_G6: Final = (
     *SESSION_OPS_G5,
     IoctlOp(
         "GET_NAME",
         LIVEUPDATE_SESSION_GET_NAME,
-        liveupdate_session_retrieve_fd,
-        min_size_of(liveupdate_session_retrieve_fd, "token"),
+        liveupdate_session_get_name,
+        min_size_of(liveupdate_session_get_name, "name"),
     ),
 )
