@@ -189,12 +189,11 @@ def test_missing_device_is_unavailable(tmp_path: Path) -> None:
     assert recorder.calls == []
 
 
-def test_powered_off_machine_is_unavailable(session_target: Target) -> None:
-    if session_target.machine is None:
-        pytest.skip("powers the machine off: emulated only")
-    session_target.machine.poweroff()
+def test_powered_off_machine_is_unavailable(session_machine: Target) -> None:
+    # Emulated only: powering the real machine off would end the test run.
+    session_machine.machine.poweroff()
     with pytest.raises(DeviceUnavailable):
-        detect_abi(RecordingSyscalls(session_target.sc))
+        detect_abi(RecordingSyscalls(session_machine.sc))
 
 
 def test_busy_device_is_device_busy(v3_target: Target) -> None:
@@ -205,13 +204,12 @@ def test_busy_device_is_device_busy(v3_target: Target) -> None:
     assert recorder.calls == [Call("open", errno=errno.EBUSY)]
 
 
-def test_g0_sysfs_control_is_unsupported(session_target: Target) -> None:
-    if session_target.machine is None:
-        pytest.skip("writes into the machine's sysfs: emulated only")
-    prepare = Path(session_target.sc.path(detect.G0_PREPARE_PATH))
+def test_g0_sysfs_control_is_unsupported(session_machine: Target) -> None:
+    # Emulated only: it writes a G0 control file into the machine's sysfs.
+    prepare = Path(session_machine.sc.path(detect.G0_PREPARE_PATH))
     prepare.parent.mkdir(parents=True, exist_ok=True)
     prepare.write_text("0\n")
-    recorder = RecordingSyscalls(session_target.sc)
+    recorder = RecordingSyscalls(session_machine.sc)
     with pytest.raises(Unsupported, match="G0"):
         detect_abi(recorder)
     assert recorder.calls == []

@@ -229,12 +229,15 @@ class SessionKernel(GenerationKernel):
                 self._finish(session)
                 return IoctlResult()
             case "GET_NAME":
-                # luo_session_get_name (luo_session.c:331-342): strscpy writes the name and one
-                # NUL over the caller's bytes; the rest of the field is copied back as it came.
+                # luo_session_get_name (luo_session.c:331-342): strscpy over the caller's bytes.
+                # On x86-64 it copies whole words (CONFIG_DCACHE_WORD_ACCESS, lib/string.c:131-143):
+                # the word holding the NUL is written with zeros after it; the rest of the field
+                # is copied back as it came.  Found by the VM's differential vectors.
                 (reserved,) = struct.unpack_from("<I", kbuf, 4)
                 if reserved != 0:
                     raise Errno(errno.EINVAL, "reserved must be 0")
-                kbuf[8 : 8 + len(session.name) + 1] = session.name + b"\0"
+                written = min(NAME_LEN, (len(session.name) // 8 + 1) * 8)
+                kbuf[8 : 8 + written] = (session.name + b"\0").ljust(written, b"\0")
                 return IoctlResult()
             case _:
                 raise AssertionError(op.name)
