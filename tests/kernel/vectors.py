@@ -889,7 +889,6 @@ class Unbound(Exception):
 @dataclass(slots=True)
 class Live:
     fd: int
-    path: str | None = None  # a linked regular file, removed at close
 
 
 @contextmanager
@@ -967,15 +966,12 @@ class Runner:
         live = self.handles.pop(handle)
         try:
             self.sc.close(live.fd)
-            result = OK
+            return OK
         except OSError as exc:
-            result = _errname(exc)
-        if live.path is not None:
-            os.unlink(live.path)
-        return result
+            return _errname(exc)
 
-    def _bind(self, handle: str, fd: int, path: str | None = None) -> dict[str, Any]:
-        self.handles[self._unused(handle)] = Live(fd, path)
+    def _bind(self, handle: str, fd: int) -> dict[str, Any]:
+        self.handles[self._unused(handle)] = Live(fd)
         return describe(fd)
 
     def _unused(self, handle: str) -> str:
@@ -1059,10 +1055,8 @@ class Runner:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             b.close()
             self._bind(handle, a.detach())
-        elif kind == "regular":
-            fd, path = tempfile.mkstemp(prefix="luo-vector-")
-            os.write(fd, b"on disk")
-            self._bind(handle, fd, path)
+        elif kind == "regular":  # a linked file; read-only, so a read-only root will do
+            self._bind(handle, os.open(sys.executable, os.O_RDONLY | os.O_CLOEXEC))
         else:
             raise ValueError(kind)
 
@@ -1154,8 +1148,6 @@ def close_kept(sc: Syscalls, kept: Iterable[Live]) -> None:
             sc.close(live.fd)
         except OSError:
             pass
-        if live.path is not None:
-            os.unlink(live.path)
 
 
 def kexec(sc: Syscalls, image: str, cmdline: str) -> None:
