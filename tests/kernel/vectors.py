@@ -329,6 +329,8 @@ def _create_vectors() -> list[Vector]:
             create(d, "a", b"v-a"),
             create(d, "b", b"v-b"),
             create(d, "x", b"v-a", "EEXIST"),
+            retrieve(d, "x", b"v-a", "ENOENT"),  # outgoing names are not incoming ones
+            retrieve(d, "x", b"v-never-preserved", "ENOENT"),
             get_name("a"),
             get_name("b"),
             Close("a"),
