@@ -69,6 +69,7 @@ PAGE: Final = 4096
 # <linux/fcntl.h>; Python's fcntl module lacks the newer two.
 F_SEAL_FUTURE_WRITE: Final = 0x0010
 F_SEAL_EXEC: Final = 0x0020
+MFD_EXEC: Final = 0x0010  # <linux/memfd.h>, Linux 6.3+
 SEAL_ALL: Final = (
     fcntl.F_SEAL_SEAL
     | fcntl.F_SEAL_SHRINK
@@ -1030,7 +1031,8 @@ class Runner:
         raise AssertionError(step)
 
     def _memfd(self, step: Memfd) -> dict[str, Any]:
-        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if step.sealing else 0)
+        # MFD_EXEC: the same seals whatever vm.memfd_noexec (0 or 1) the machine runs with.
+        flags = os.MFD_CLOEXEC | MFD_EXEC | (os.MFD_ALLOW_SEALING if step.sealing else 0)
         fd = os.memfd_create(f"vec-{step.handle}", flags)
         if step.data:
             os.pwrite(fd, step.data, 0)
