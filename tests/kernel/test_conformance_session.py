@@ -722,7 +722,7 @@ def test_position_and_late_writes_are_carried(session_machine: Target, kexec_ima
 
 
 def test_frozen_size_is_carried(session_machine: Target, kexec_image: Path) -> None:
-    """A preserved memfd's size is frozen (§7.6; kernel refuses resizes, errno UNCONFIRMED).
+    """A preserved memfd's size is frozen (§7.6; 7.2 refuses resizes with EPERM, shmem_freeze).
     The emulator cannot refuse ftruncate; it documents that it carries exactly the size frozen at
     PRESERVE (cut or zero-filled) — asserted here."""
     t = session_machine

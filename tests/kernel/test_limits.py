@@ -1,5 +1,6 @@
 """Fixed 6.19 limits (744 sessions, 128 files per session; kernel-abi.md §7.2/§7.3, exact 6.19.0
-values UNCONFIRMED) and the dynamic G6 ones (selftests: 2000 sessions, 500 files, §9/§10)."""
+values UNCONFIRMED) and the dynamic G6 ones (selftests: 2000 sessions, 500 files, §9/§10; Linux 7.2
+stops only at 10000 KHO blocks, see docs/emulator.md)."""
 
 from __future__ import annotations
 

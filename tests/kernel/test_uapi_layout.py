@@ -58,7 +58,7 @@ LAYOUTS = [
     (session.liveupdate_session_preserve_fd, 16, {"size": (0, 4), "fd": (4, 4), "token": (8, 8)}),
     (session.liveupdate_session_retrieve_fd, 16, {"size": (0, 4), "fd": (4, 4), "token": (8, 8)}),
     (session.liveupdate_session_finish, 8, {"size": (0, 4), "reserved": (4, 4)}),
-    # §9 G6 (offsets UNCONFIRMED against the real header, as the doc says)
+    # §9 G6: as in include/uapi/linux/liveupdate.h of Linux 7.2
     (
         session.liveupdate_session_get_name,
         72,

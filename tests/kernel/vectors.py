@@ -69,6 +69,7 @@ PAGE: Final = 4096
 # <linux/fcntl.h>; Python's fcntl module lacks the newer two.
 F_SEAL_FUTURE_WRITE: Final = 0x0010
 F_SEAL_EXEC: Final = 0x0020
+MFD_EXEC: Final = 0x0010  # <linux/memfd.h>, Linux 6.3+
 SEAL_ALL: Final = (
     fcntl.F_SEAL_SEAL
     | fcntl.F_SEAL_SHRINK
@@ -329,6 +330,8 @@ def _create_vectors() -> list[Vector]:
             create(d, "a", b"v-a"),
             create(d, "b", b"v-b"),
             create(d, "x", b"v-a", "EEXIST"),
+            retrieve(d, "x", b"v-a", "ENOENT"),  # outgoing names are not incoming ones
+            retrieve(d, "x", b"v-never-preserved", "ENOENT"),
             get_name("a"),
             get_name("b"),
             Close("a"),
@@ -889,7 +892,6 @@ class Unbound(Exception):
 @dataclass(slots=True)
 class Live:
     fd: int
-    path: str | None = None  # a linked regular file, removed at close
 
 
 @contextmanager
@@ -967,15 +969,12 @@ class Runner:
         live = self.handles.pop(handle)
         try:
             self.sc.close(live.fd)
-            result = OK
+            return OK
         except OSError as exc:
-            result = _errname(exc)
-        if live.path is not None:
-            os.unlink(live.path)
-        return result
+            return _errname(exc)
 
-    def _bind(self, handle: str, fd: int, path: str | None = None) -> dict[str, Any]:
-        self.handles[self._unused(handle)] = Live(fd, path)
+    def _bind(self, handle: str, fd: int) -> dict[str, Any]:
+        self.handles[self._unused(handle)] = Live(fd)
         return describe(fd)
 
     def _unused(self, handle: str) -> str:
@@ -1032,7 +1031,8 @@ class Runner:
         raise AssertionError(step)
 
     def _memfd(self, step: Memfd) -> dict[str, Any]:
-        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if step.sealing else 0)
+        # MFD_EXEC: the same seals whatever vm.memfd_noexec (0 or 1) the machine runs with.
+        flags = os.MFD_CLOEXEC | MFD_EXEC | (os.MFD_ALLOW_SEALING if step.sealing else 0)
         fd = os.memfd_create(f"vec-{step.handle}", flags)
         if step.data:
             os.pwrite(fd, step.data, 0)
@@ -1059,10 +1059,8 @@ class Runner:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             b.close()
             self._bind(handle, a.detach())
-        elif kind == "regular":
-            fd, path = tempfile.mkstemp(prefix="luo-vector-")
-            os.write(fd, b"on disk")
-            self._bind(handle, fd, path)
+        elif kind == "regular":  # a linked file; read-only, so a read-only root will do
+            self._bind(handle, os.open(sys.executable, os.O_RDONLY | os.O_CLOEXEC))
         else:
             raise ValueError(kind)
 
@@ -1154,8 +1152,6 @@ def close_kept(sc: Syscalls, kept: Iterable[Live]) -> None:
             sc.close(live.fd)
         except OSError:
             pass
-        if live.path is not None:
-            os.unlink(live.path)
 
 
 def kexec(sc: Syscalls, image: str, cmdline: str) -> None:
