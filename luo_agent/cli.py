@@ -502,7 +502,7 @@ NO_BUS_HINT: Final = {
 
 
 def _bus_address(kind: str) -> str:
-    """ " at ADDRESS" for an error message, as far as the environment tells."""
+    """The bus's address for an error message (" at ADDRESS"), if the environment names it."""
     if kind == "session":
         address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
     else:
