@@ -23,7 +23,8 @@ from typing import Any, Final, NoReturn
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .client import CallError, call, connect, get_all
+from . import __version__
+from .client import CallError, bus_kind, call, connect, get_all
 from .dbus.names import BUS_NAME, ERROR_PREFIX, IFACE_MANAGER, OBJECT_PATH
 
 SCHEMA: Final = "liveupdatectl/1"
@@ -81,7 +82,8 @@ class Output:
         else:
             human()
 
-    def error(self, name: str, message: str, code: ExitCode) -> None:
+    def error(self, name: str, message: str, code: ExitCode, hint: str = "") -> None:
+        """The error document (--json), or the error and a hint for a person (systemd's style)."""
         if self.as_json:
             print(
                 json.dumps(
@@ -98,6 +100,8 @@ class Output:
             )
         else:
             print(f"liveupdatectl: {message or name} ({name})", file=sys.stderr, flush=True)
+            if hint:
+                print(f"Hint: {hint}", file=sys.stderr, flush=True)
 
 
 class Watcher:
@@ -479,6 +483,33 @@ def _new_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+AGENT_ABSENT: Final = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+)
+NO_AGENT_HINT: Final = {
+    "system": "luo-agent is not running on the system bus: start it with "
+    "'systemctl start luo-agent.service'; for an agent on the session bus (the demo, tests) "
+    "use --session-bus.",
+    "session": "luo-agent is not running on the session bus named by DBUS_SESSION_BUS_ADDRESS.",
+}
+NO_BUS_HINT: Final = {
+    "system": "is dbus running? For an agent on the session bus (the demo, tests) use "
+    "--session-bus.",
+    "session": "DBUS_SESSION_BUS_ADDRESS must name a running bus "
+    "(./scripts/demo --keep prints one).",
+}
+
+
+def _bus_address(kind: str) -> str:
+    """The bus's address for an error message (" at ADDRESS"), if the environment names it."""
+    if kind == "session":
+        address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    else:
+        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+    return f" at {address}" if address else ""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error; 2 is NOTHING_TO_DO here, so usage errors are INVALID."""
 
@@ -487,53 +518,113 @@ class _Parser(argparse.ArgumentParser):
         self.exit(int(ExitCode.INVALID), f"{self.prog}: error: {message}\n")
 
 
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default,
+        help="print JSON lines (schema liveupdatectl/1, docs/cli.md) instead of text",
+    )
+    parser.add_argument(
+        "--session-bus",
+        action="store_true",
+        default=default,
+        help="talk to an agent on the session bus (the demo, tests) instead of the system bus",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="liveupdatectl", description="Drive luo-agent live updates.")
-    p.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
-    p.add_argument("--session-bus", action="store_true", help="talk to an agent on the session bus")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="phase, kernel, current and last update")
-    sub.add_parser("check", help="preflight: is a live update possible now?")
-    for name in ("update", "prepare"):
-        s = sub.add_parser(name, help="run a whole update" if name == "update" else "prepare")
-        s.add_argument("--id", help="the update id (default: generated)")
-        s.add_argument("--wait", action="store_true", help="stream progress until the result")
-        s.add_argument("--timeout", type=float, default=900.0)
+    p = _Parser(
+        prog="liveupdatectl",
+        description="Drive Linux live updates through luo-agent (org.luoagent.LiveUpdate1): "
+        "check, load the next kernel, prepare, execute; status and history.",
+        epilog="Exit codes: 0 done, 1 failed, 2 nothing to do, 3 busy, 4 blocked (not possible "
+        "now), 5 not authorized, 6 invalid argument, 69 agent not reachable.  See docs/cli.md.",
+    )
+    _global_options(p, default=False)
+    # They are accepted after the command too, as systemctl's are; there, SUPPRESS keeps an
+    # option that is absent from undoing one given before the command.
+    after = _Parser(add_help=False)
+    _global_options(after, default=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"liveupdatectl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, parents=[after])
+
+    command("status", "show the phase, the kernel, the current and last update, the participants")
+    command("check", "preflight: can a live update start now? (exit 4 with blockers)")
+    for name, summary, timeout in (
+        ("update", "the whole update: load the kernel (--kernel), prepare, then execute", 900.0),
+        ("prepare", "start an update: run the prepare gate, participants hand their fds in", 900.0),
+        ("execute", "freeze and kexec the prepared update", 300.0),
+    ):
+        s = command(name, summary)
+        s.add_argument(
+            "--id",
+            help="the update's id (default: generated)"
+            if name != "execute"
+            else "the update's id (default: the current update)",
+        )
+        s.add_argument(
+            "--wait",
+            action="store_true",
+            help="print each phase until the update is prepared (prepare) or the kexec is "
+            "issued, then the result",
+        )
+        s.add_argument(
+            "--timeout",
+            type=float,
+            default=timeout,
+            metavar="SECONDS",
+            help="how long --wait waits (default %(default)g)",
+        )
         if name == "update":
             s.add_argument("--kernel", help="kernel image to load first")
-            s.add_argument("--initrd")
-            s.add_argument("--cmdline")
+            s.add_argument("--initrd", help="initrd to load with it")
+            s.add_argument(
+                "--cmdline", help="the new kernel's command line (default: /proc/cmdline)"
+            )
             s.add_argument(
                 "--from-environment",
                 action="store_true",
-                help="LIVEUPDATE_KERNEL/_INITRD/_CMDLINE from the environment",
+                help="take --kernel, --initrd and --cmdline from LIVEUPDATE_KERNEL, "
+                "LIVEUPDATE_INITRD and LIVEUPDATE_CMDLINE (what liveupdate.service passes)",
             )
-    s = sub.add_parser("execute", help="freeze and kexec the prepared update")
-    s.add_argument("--id")
-    s.add_argument("--wait", action="store_true")
-    s.add_argument("--timeout", type=float, default=300.0)
-    for name in ("cancel", "finish", "restore"):
-        s = sub.add_parser(name)
-        s.add_argument("--id")
-    s = sub.add_parser("load-kernel", help="kexec_file_load the next kernel (by fd)")
-    s.add_argument("kernel")
-    s.add_argument("--initrd")
-    s.add_argument("--cmdline")
-    s.add_argument("--reuse-cmdline", action="store_true")
-    s = sub.add_parser("preserve", help="hand a memfd to the next update")
-    s.add_argument("--session", required=True)
-    s.add_argument("--token", type=int, required=True)
+    for name, summary in (
+        ("cancel", "cancel the update before the kexec (exit 2 when there is none)"),
+        ("restore", "after a live-update boot: run the restore gate (again)"),
+        ("finish", "after a live-update boot: run the finish gate and finish in the kernel"),
+    ):
+        command(name, summary).add_argument(
+            "--id", help="the update's id (default: the current update)"
+        )
+    s = command("load-kernel", "load the next kernel (kexec_file_load, by fd)")
+    s.add_argument("kernel", help="the kernel image")
+    s.add_argument("--initrd", help="initrd to load with it")
+    s.add_argument("--cmdline", help="the new kernel's command line (default: empty)")
+    s.add_argument(
+        "--reuse-cmdline", action="store_true", help="use this kernel's command line instead"
+    )
+    s = command("preserve", "hand a memfd in, to be carried through the next update")
+    s.add_argument("--session", required=True, help="the session to put it in")
+    s.add_argument("--token", type=int, required=True, help="its token there (0..2^64-1)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", help="a path to open (e.g. /proc/PID/fd/N of a memfd)")
     src.add_argument("--fd", type=int, help="an fd number this process inherited")
-    s.add_argument("--depends-on", action="append", metavar="SESSION:TOKEN")
-    s = sub.add_parser("retrieve", help="after a live-update boot: get a preserved fd")
-    s.add_argument("--session", required=True)
-    s.add_argument("--token", type=int, required=True)
+    s.add_argument(
+        "--depends-on",
+        action="append",
+        metavar="SESSION:TOKEN",
+        help="restore it only after this one (repeatable)",
+    )
+    s = command("retrieve", "after a live-update boot: take a carried fd back")
+    s.add_argument("--session", required=True, help="the session it was preserved in")
+    s.add_argument("--token", type=int, required=True, help="its token there")
     s.add_argument("--output", help="write its contents to this file")
-    sub.add_parser("sessions", help="list preserved file descriptors")
-    s = sub.add_parser("history", help="past updates")
-    s.add_argument("--limit", type=int, default=20)
+    command("sessions", "list the preserved file descriptors")
+    s = command("history", "list past updates, oldest first")
+    s.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     return p
 
 
@@ -558,13 +649,16 @@ async def run(args: argparse.Namespace) -> ExitCode:
     except UsageError as exc:
         out.error("liveupdatectl.InvalidArgument", str(exc), ExitCode.INVALID)
         return ExitCode.INVALID
+    kind = bus_kind("session" if args.session_bus else None)
     try:
-        bus = await connect("session" if args.session_bus else None)
-    except (OSError, Exception) as exc:  # no bus at all
+        bus = await connect(kind)
+    except Exception as exc:  # no bus at all
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         out.error(
             "org.freedesktop.DBus.Error.NoServer",
-            f"cannot reach the bus: {exc}",
+            f"cannot connect to the {kind} bus{_bus_address(kind)}: {reason}",
             ExitCode.UNAVAILABLE,
+            hint=NO_BUS_HINT[kind],
         )
         return ExitCode.UNAVAILABLE
     try:
@@ -573,7 +667,8 @@ async def run(args: argparse.Namespace) -> ExitCode:
         code = ERROR_EXIT.get(exc.name, ExitCode.FAILURE)
         if args.command == "cancel" and exc.name == f"{ERROR_PREFIX}.WrongPhase":
             code = ExitCode.NOTHING_TO_DO
-        out.error(exc.name, exc.text, code)
+        hint = NO_AGENT_HINT[kind] if exc.name in AGENT_ABSENT else ""
+        out.error(exc.name, exc.text, code, hint=hint)
         return code
     except (EOFError, ConnectionError) as exc:  # the bus connection broke mid-command
         out.error("liveupdatectl.Disconnected", str(exc) or "lost the bus", ExitCode.UNAVAILABLE)

@@ -17,8 +17,9 @@ import structlog
 
 import luo_agent.systemd.notify as notify
 
+from . import __version__
 from .agent import Agent
-from .config import Config, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, LuoError
 from .kernel.backend import (
     FdCustody,
@@ -154,27 +155,71 @@ async def _watchdog() -> None:
         await asyncio.sleep(interval / 2)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="luo-agent", description=__doc__)
-    parser.add_argument("--config", type=Path, help="configuration file (TOML)")
-    parser.add_argument("--session-bus", action="store_true", help="serve on the session bus")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="luo-agent",
+        description="The live update agent: holds the kernel's Live Update Orchestrator "
+        "(/dev/liveupdate), gates each phase of a live update on systemd units and offers "
+        "org.luoagent.LiveUpdate1 on D-Bus.  It normally runs as luo-agent.service; operators "
+        "drive it with liveupdatectl.",
+        epilog="Exit codes: 69 the kernel or the bus is unavailable, 70 an internal error, "
+        "78 a bad configuration.  See docs/operator-guide.md and docs/configuration.md.",
+    )
+    p.add_argument("--version", action="version", version=f"luo-agent {__version__}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"configuration file, TOML (default {DEFAULT_CONFIG_PATH}, if it exists)",
+    )
+    p.add_argument(
+        "--session-bus",
+        action="store_true",
+        help="serve on the session bus instead of the system bus (tests, the demo)",
+    )
+    p.add_argument(
         "--user-manager",
         action="store_true",
         help="gate on the systemd user manager instead of PID 1",
     )
-    parser.add_argument(
+    p.add_argument(
         "--emulate",
         type=Path,
         metavar="ROOT",
-        help="drive the emulated kernel of the machine at ROOT",
+        help="drive the emulated kernel of the machine at ROOT (luo-emukernel) instead of "
+        "/dev/liveupdate",
     )
-    parser.add_argument("--abi", choices=("auto", "rfc-v2", "v3", "session"))
-    parser.add_argument("--state-directory", type=Path)
-    parser.add_argument("--runtime-directory", type=Path)
-    parser.add_argument("--log", choices=("auto", "journal", "console"), default="auto")
-    parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
+    p.add_argument(
+        "--abi",
+        choices=("auto", "rfc-v2", "v3", "session"),
+        help="the kernel's LUO ABI (default: the configuration's kernel.abi, auto: detected)",
+    )
+    p.add_argument(
+        "--state-directory",
+        type=Path,
+        metavar="DIR",
+        help="where update records and the history are kept (default /var/lib/luo-agent)",
+    )
+    p.add_argument(
+        "--runtime-directory",
+        type=Path,
+        metavar="DIR",
+        help="where this boot's state is kept (default /run/luo-agent)",
+    )
+    p.add_argument(
+        "--log",
+        choices=("auto", "journal", "console"),
+        default="auto",
+        help="log format (default auto: journal under systemd or without a terminal)",
+    )
+    p.add_argument(
+        "--log-level", default="info", metavar="LEVEL", help="debug, info, warning or error"
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:

@@ -16,14 +16,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .sandbox import Sandbox
+from .sandbox import Sandbox, missing_requirements
+from .sandbox import _cgroup_dirs_of_self as cgroup_dirs_of_self
 from .testbed import Testbed
 
 
@@ -126,22 +126,59 @@ class Demo(Testbed):
         return bool(verify["verified"] and record["result"] == "success")
 
     def keep_running(self, sandbox: Sandbox) -> None:
-        address = sandbox.bus_address
-        say("the sandbox keeps running; from another terminal try:")
-        print(
-            indent(
-                f"export DBUS_SESSION_BUS_ADDRESS={address}\n"
-                f"{self.python} -m luo_agent.cli --session-bus status\n"
-                f"busctl --user introspect org.luoagent.LiveUpdate1 /org/luoagent/LiveUpdate1\n"
-                f"nsenter -t {sandbox.manager_pid} -m systemctl --user list-units 'liveupdate*'"
-            )
-        )
+        bindir = Path(self.python).parent
+        installed = (bindir / "liveupdatectl").exists()  # the console script of .venv/bin
+        ctl = "liveupdatectl" if installed else f"{self.python} -m luo_agent.cli"
+        hints = [f"export DBUS_SESSION_BUS_ADDRESS={sandbox.bus_address}"]
+        if installed:
+            hints.append(f"export PATH={bindir}:$PATH")
+        hints += [
+            f"{ctl} --session-bus status",
+            f"{ctl} --session-bus history",
+            "busctl --user introspect org.luoagent.LiveUpdate1 /org/luoagent/LiveUpdate1",
+            # The sandbox's manager is reached through its own /run (XDG_RUNTIME_DIR=/run/user/0
+            # there); its units are luo-agent, luo-example-* and liveupdate*.
+            f"nsenter -t {sandbox.manager_pid} -m systemctl --user list-units 'luo*' 'liveupdate*'",
+        ]
+        say("the sandbox keeps running; from another root shell try:")
+        print(indent("\n".join(hints)), flush=True)
         say("press Ctrl-C to stop and clean up")
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+class OwnCgroup:
+    """A fresh cgroup the demo moves itself into before it starts anything: whatever it starts
+    lands inside however it detaches (the emulated kernel's new session, the sandboxes' managers
+    and their units, double forks), and nothing else does.  So a process in it at the end was
+    left behind by the demo, however busy the machine is."""
+
+    def __init__(self) -> None:
+        dirs = cgroup_dirs_of_self()
+        if not dirs:
+            raise RuntimeError("no writable cgroup hierarchy")
+        self.parent = dirs[0]  # one hierarchy is enough: every process is in each of them
+        self.path = self.parent / f"luo-demo-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+    def processes(self) -> set[int]:
+        """Every process in it or below it (the sandboxes' cgroups), but the demo itself."""
+        pids: set[int] = set()
+        for procs in self.path.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):  # a sandbox's cgroup removed meanwhile
+                pids.update(int(p) for p in procs.read_text().split())
+        pids.discard(os.getpid())
+        return pids
+
+    def leave(self) -> None:
+        """Move back; the cgroup is removed unless something was left in it."""
+        (self.parent / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
 
 def say(text: str) -> None:
@@ -164,41 +201,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the sandbox running at the end")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("the demo needs root (mount namespaces, a systemd manager)", file=sys.stderr)
+    reason = missing_requirements()
+    if reason is not None:
+        print(f"the demo cannot run here: {reason}", file=sys.stderr)
         return 77
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="luo-demo-"))
     # SIGTERM (timeout, systemd) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    before = _processes()
+    cgroup = OwnCgroup()
     try:
         return Demo(workdir, args.abi, args.profile, args.size).run(args.keep)
     finally:
-        left = _processes() - before
+        left = cgroup.processes()
         deadline = time.monotonic() + 5
         while left and time.monotonic() < deadline:  # let exiting processes be reaped
             time.sleep(0.1)
-            left &= _processes()
+            left = cgroup.processes()
+        cgroup.leave()
         if left:
-            say(f"warning: processes left behind: {sorted(left)}")
+            say(f"warning: processes left behind (in {cgroup.path}):")
+            print(indent("\n".join(f"{pid} {_command_line(pid)}" for pid in sorted(left))))
         else:
             say("cleaned up: no process left behind")
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _processes() -> set[int]:
-    """User-space processes (kernel threads, children of kthreadd, come and go on their own)."""
-    out = subprocess.run(
-        ["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True
-    ).stdout
-    me = os.getpid()
-    pids = set()
-    for line in out.splitlines():
-        pid, ppid = (int(x) for x in line.split())
-        if pid != me and pid != 2 and ppid != 2:
-            pids.add(pid)
-    return pids
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "(gone)"
 
 
 if __name__ == "__main__":

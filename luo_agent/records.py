@@ -68,6 +68,10 @@ class UpdateRecord:
     blackout_critical: float = -1.0
 
     def with_phase(self, phase: str, now: float | None = None, mono: float | None = None) -> Self:
+        """Entering the phase the update is in already (the kexec path, the new boot's first
+        announcement) is no new phase: one timing per phase entered."""
+        if phase == self.phase and self.timings:
+            return self
         now = time.time() if now is None else now
         mono = time.monotonic() if mono is None else mono
         timings = list(self.timings)

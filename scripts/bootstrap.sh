@@ -5,19 +5,19 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
-debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-linux gcc python3-dev
-      dpkg-dev debhelper python3-pip python3-setuptools python3-wheel
-      # The real-kernel lab (lab/): QEMU, kexec in the VM, the kernel build, the private apt.
-      qemu-system-x86 kexec-tools flex bison libelf-dev bc rsync cpio debian-archive-keyring)
+debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-linux procps gcc
+      python3-dev dpkg-dev debhelper python3-pip python3-setuptools python3-wheel
+      # The real-kernel lab (lab/): QEMU, kexec in the VM, the kernel build, the private apt,
+      # the sid root of systemd 262.
+      qemu-system-x86 kexec-tools flex bison libelf-dev bc rsync cpio debian-archive-keyring
+      mmdebstrap)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
     echo "bootstrap: installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    scripts/apt-install "${missing[@]}"  # waits while another apt or dpkg holds the locks
 fi
 
 python=${PYTHON:-python3.11}

@@ -50,9 +50,12 @@ async def ctl(
     uid: int | None = None,
     pass_fds: Sequence[int] = (),
     env: dict[str, str] | None = None,
+    session_bus: bool = True,
 ) -> Run:
     """Run liveupdatectl; with ``as_json`` every stdout line must be a valid schema document."""
-    command = [sys.executable, "-m", "luo_agent.cli", "--session-bus"]
+    command = [sys.executable, "-m", "luo_agent.cli"]
+    if session_bus:
+        command.append("--session-bus")
     if as_json:
         command.append("--json")
     command += args
@@ -203,6 +206,11 @@ async def test_update_wait_streams_each_phase_once_then_retrieve_after_the_kexec
     run = await ctl("history", "--limit", "1", as_json=True)
     (entry,) = run.result["history"]
     assert (entry["id"], entry["result"], entry["abi"]) == ("cli-1", "success", host.abi)
+    # One timing per phase entered: the kexec path and the new boot do not enter one twice.
+    assert [t[0] for t in entry["timings"]] == [
+        "preparing", "prepared", "freezing", "rebooting", "updated", "restoring", "restored",
+        "finishing", "idle",
+    ]  # fmt: skip
     run = await ctl("history")
     assert "cli-1" in run.stdout and "success" in run.stdout
 
@@ -326,13 +334,68 @@ async def test_another_uid_is_not_authorized(host: AgentHost, bus_address: str) 
     assert run.result["status"]["Phase"] == "idle"
 
 
-async def test_no_agent_is_unavailable(bus_address: str, tmp_path: Path) -> None:
+async def test_no_agent_is_unavailable_with_a_hint(bus_address: str, tmp_path: Path) -> None:
     run = await ctl("status", as_json=True)
     assert run.code == ExitCode.UNAVAILABLE
     assert run.result["error"] == "org.freedesktop.DBus.Error.ServiceUnknown"
     run = await ctl("check")
     assert run.code == ExitCode.UNAVAILABLE and "ServiceUnknown" in run.stderr
+    assert "Hint: luo-agent is not running on the session bus" in run.stderr
     no_bus = {"DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path / 'no-such-socket'}"}
     run = await ctl("status", env=no_bus, as_json=True)
     assert run.code == ExitCode.UNAVAILABLE
     assert run.result["error"] == "org.freedesktop.DBus.Error.NoServer"
+    assert run.stderr == ""  # with --json, the error document is all
+
+
+async def test_on_the_system_bus_the_hints_name_the_unit_and_session_bus(
+    bus_address: str, tmp_path: Path
+) -> None:
+    """Without --session-bus: a bus without the agent (the private bus, posing as the system
+    bus), then no bus at all."""
+    system = {"LUO_AGENT_BUS": "", "DBUS_SYSTEM_BUS_ADDRESS": bus_address}
+    run = await ctl("status", env=system, session_bus=False)
+    assert run.code == ExitCode.UNAVAILABLE
+    (error, hint) = run.stderr.splitlines()
+    assert error.startswith("liveupdatectl: ") and error.endswith(
+        "(org.freedesktop.DBus.Error.ServiceUnknown)"
+    )
+    assert hint.startswith("Hint: luo-agent is not running on the system bus")
+    assert "systemctl start luo-agent.service" in hint and "--session-bus" in hint
+    socket = tmp_path / "no-such-socket"
+    system["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={socket}"
+    run = await ctl("status", env=system, session_bus=False)
+    assert run.code == ExitCode.UNAVAILABLE
+    (error, hint) = run.stderr.splitlines()
+    assert error == (
+        f"liveupdatectl: cannot connect to the system bus at unix:path={socket}: "
+        "No such file or directory (org.freedesktop.DBus.Error.NoServer)"
+    )
+    assert hint.startswith("Hint: ") and "--session-bus" in hint
+
+
+async def test_json_and_session_bus_go_before_or_after_the_command(host: AgentHost) -> None:
+    """Where people put them (systemctl accepts its options after the verb too)."""
+    for args in (
+        ["--json", "history"],
+        ["history", "--json"],
+        ["history", "--limit", "5", "--json"],
+    ):
+        run = await ctl(*args)
+        assert run.code == ExitCode.OK, (args, run.stderr)
+        (document,) = [json.loads(line) for line in run.stdout.splitlines()]
+        schema.validate(document)
+        assert (document["type"], document["command"], document["history"]) == (
+            "result",
+            "history",
+            [],
+        )
+    # --session-bus after the command; the environment does not say "session" either.
+    run = await ctl(
+        "status", "--session-bus", "--json", env={"LUO_AGENT_BUS": ""}, session_bus=False
+    )
+    assert run.code == ExitCode.OK, run.stderr
+    assert json.loads(run.stdout)["status"]["Phase"] == "idle"
+    # Given before the command, an option is not undone by its absence after it.
+    run = await ctl("--json", "status", env={"LUO_AGENT_BUS": ""})
+    assert run.code == ExitCode.OK and json.loads(run.stdout)["status"]["Phase"] == "idle"

@@ -1,29 +1,69 @@
-"""``python -m luo_agent.kernel.emulator {boot,poweroff,status,inspect} --root R``."""
+"""``luo-emukernel`` (``python -m luo_agent.kernel.emulator``): boot, power off, check and inspect
+an emulated machine's kernel server from a shell."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from luo_agent.errors import HandoverCorrupt
 
 from .machine import EmulatedMachine
 
+COMMANDS = {
+    "boot": "start the kernel (after an emulated kexec: the new one, over the handover)",
+    "poweroff": "stop the kernel without a handover (a power cycle: its state is lost)",
+    "status": "print running or down (exit 3 when down)",
+    "inspect": "print the kernel's state as JSON (sessions, preserved files, ...)",
+}
+DESCRIPTION = (
+    "Run and inspect an emulated Live Update Orchestrator kernel: a stand-in for /dev/liveupdate "
+    "that answers the same requests as the kernel does, for machines without a LUO kernel (the "
+    "demo and the tests use it; luo-agent --emulate ROOT drives it).  The emulated machine lives "
+    "in the directory ROOT; see docs/emulator.md."
+)
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="luo-emukernel", description=__doc__)
-    parser.add_argument("command", choices=("boot", "poweroff", "status", "inspect"))
-    parser.add_argument("--root", required=True, type=Path)
-    parser.add_argument("--abi", choices=("rfc-v2", "v3", "session"))
-    parser.add_argument("--profile", choices=("6.19", "g6"))
-    parser.add_argument(
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="luo-emukernel",
+        description=textwrap.fill(DESCRIPTION, 78),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the command table
+        epilog="commands:\n" + "\n".join(f"  {n:9} {text}" for n, text in COMMANDS.items()),
+    )
+    p.add_argument(
+        "command", choices=COMMANDS, metavar="COMMAND", help="what to do (commands below)"
+    )
+    p.add_argument("--root", required=True, type=Path, help="the emulated machine's directory")
+    p.add_argument(
+        "--abi",
+        choices=("rfc-v2", "v3", "session"),
+        help="the kernel's LUO ABI, recorded at the first boot (default: the recorded one)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("6.19", "g6"),
+        help="session ABI only: 6.19 as merged (default) or g6 with the later additions",
+    )
+    p.add_argument(
         "--foreground", action="store_true", help="boot: run the kernel server in this process"
     )
-    parser.add_argument("--timeout", type=float, default=10.0)
-    parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="boot: how long to wait for the kernel to come up (default %(default)g)",
+    )
+    p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     if args.command == "boot" and args.foreground:
         from .server import serve
