@@ -35,10 +35,10 @@ mount -t sysfs sysfs "$new/sys"
 mount -t devtmpfs devtmpfs "$new/dev"
 mount -t tmpfs -o mode=0755 tmpfs "$new/run"
 mount -t debugfs debugfs "$new/sys/kernel/debug" 2>/dev/null
-if [ -n "$LAB_HOST_TAG" ]; then
-    # The host's root under /run/host of a foreign root: the checkout and its venv.
+if [ -n "$LAB_ROOT_TAG" ]; then
+    # Under a root of its own, the host's root (the checkout, the kernel cache) is at /run/host.
     mkdir -p "$new/run/host"
-    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro "$LAB_HOST_TAG" "$new/run/host"
+    mount --bind / "$new/run/host"
 fi
 mkdir -p "$new$LAB_RUN"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 lab "$new$LAB_RUN"
@@ -51,8 +51,13 @@ echo "lab: boot $boot, kernel $(cat /proc/sys/kernel/osrelease), mode ${LAB_MODE
 if [ "$LAB_MODE" = systemd ]; then
     unit_dir="$new/etc/systemd/system"
     mkdir -p "$unit_dir/multi-user.target.wants"
-    # systemd-tmpfiles walks the whole 9p tree for minutes; the job needs none of it.
-    ln -sf /dev/null "$unit_dir/systemd-tmpfiles-setup.service"
+    # systemd-tmpfiles walks the whole 9p tree for minutes; the job needs none of it.  A tmpfs
+    # on /tmp (sid's tmp.mount) would hide a run directory under /tmp; the overlay is writable
+    # anyway.  No login prompts on the console the host reads.
+    for unit in systemd-tmpfiles-setup.service tmp.mount serial-getty@ttyS0.service \
+            getty@tty1.service; do
+        ln -sf /dev/null "$unit_dir/$unit"
+    done
     cat > "$unit_dir/lab-job.service" <<UNIT
 [Unit]
 Description=The lab job (boot $boot)

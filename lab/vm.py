@@ -120,7 +120,7 @@ class Vm:
                 *("-fsdev", f"local,id=sysroot,path={self.root},readonly=on," + _9P_OPTIONS),
                 *("-device", "virtio-9p-pci,fsdev=sysroot,mount_tag=sysroot"),
             ]
-            append += " LAB_ROOT_TAG=sysroot LAB_HOST_TAG=/dev/root"
+            append += " LAB_ROOT_TAG=sysroot"
         append += f" init={INIT} {self.extra_append}".rstrip()
         # TCG, one thread: nested KVM hangs on these machines and MTTCG once oopsed.
         machine = f"-accel tcg,thread=single -cpu max -smp 1 -m {self.memory}".split()
