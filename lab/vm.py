@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import IO
 
 INIT = Path(__file__).with_name("init.sh").resolve()
+# A console line containing MARK is copied to <run_dir>/marks with the host's CLOCK_REALTIME at
+# its arrival: a clock that, unlike the VM's, runs on through a kexec.
+MARK = "lab-mark: "
 QEMU = "qemu-system-x86_64"
 # Kernel command line of every lab boot (kexec --reuse-cmdline carries it to the next kernel).
 BASE_APPEND = (
@@ -142,7 +145,7 @@ class Vm:
         command = self.command(run_dir)
         (run_dir / "qemu.cmd").write_text(shlex.join(command) + "\n")
         started = time.monotonic()
-        with open(serial_log, "w") as log:
+        with open(serial_log, "w") as log, open(run_dir / "marks", "w") as marks:
             proc = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -151,7 +154,9 @@ class Vm:
                 start_new_session=True,
             )
             assert proc.stdout is not None
-            copier = threading.Thread(target=_copy, args=(proc.stdout, log, self.echo), daemon=True)
+            copier = threading.Thread(
+                target=_copy, args=(proc.stdout, log, marks, self.echo), daemon=True
+            )
             copier.start()
             timed_out = False
             try:
@@ -165,13 +170,18 @@ class Vm:
                     proc.kill()
                     proc.wait()
             copier.join(10)
+            proc.stdout.close()
         elapsed = time.monotonic() - started
         return _result(run_dir, serial_log, elapsed, timed_out, proc.returncode)
 
 
-def _copy(src: IO[bytes], log: IO[str], echo: IO[str] | None) -> None:
+def _copy(src: IO[bytes], log: IO[str], marks: IO[str], echo: IO[str] | None) -> None:
     for raw in iter(src.readline, b""):
+        arrived = time.time()
         line = raw.decode(errors="replace").replace("\r", "")
+        if MARK in line:
+            marks.write(f"{arrived:.6f} {line.split(MARK, 1)[1].strip()}\n")
+            marks.flush()
         log.write(line)
         log.flush()
         if echo is not None:
