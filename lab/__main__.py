@@ -3,6 +3,8 @@
 ./scripts/vm kernel                 fetch the source and build the kernel (cached), print it
 ./scripts/vm selftests              the kernel's liveupdate selftests, across a real kexec
 ./scripts/vm run [--systemd] CMD    run a shell command in the VM, print its output
+./scripts/vm demo [--console]       a whole live update of the installed package, across a real
+                                    kexec, and its summary (lab/liveupdate.py)
 """
 
 from __future__ import annotations
@@ -51,6 +53,39 @@ def cmd_selftests(args: argparse.Namespace) -> int:
     return 0 if results.ok else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .liveupdate import ensure_deb, run_scenario, summary_lines, update_ok
+
+    kernel = ensure_kernel()
+    print(f"==> kernel: {kernel.bzimage} ({kernel.version})", flush=True)
+    deb = ensure_deb()
+    print(f"==> package: {deb}", flush=True)
+    run_dir = _run_dir("demo")
+    print(
+        f"==> booting the VM (systemd as PID 1, the package installed with dpkg -i); run "
+        f"directory {run_dir}; a TCG-emulated live update takes a few minutes",
+        flush=True,
+    )
+    run = run_scenario(
+        kernel.bzimage,
+        args.scenario,
+        run_dir,
+        deb=deb,
+        echo=sys.stdout if args.console else None,
+        timeout=args.timeout,
+    )
+    if args.scenario == "whole-update":
+        journal = run.text("journal.1.log") + run.text("journal.2.log")
+        print("==> the agent and the participant (journal of both boots):")
+        for line in journal.splitlines():
+            if ("luo-agent[" in line and "phase_changed" in line) or "luo-example:" in line:
+                print(f"    {line}")
+    print("==> summary (also in summary.json):")
+    for line in summary_lines(run):
+        print(f"    {line}")
+    return 0 if update_ok(run) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/vm",
@@ -64,11 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--systemd", action="store_true", help="boot systemd as PID 1 first")
     run.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the shell command")
+    demo = sub.add_parser("demo", help="a whole live update of the installed package in the VM")
+    demo.add_argument("--console", action="store_true", help="show the VM's serial console")
+    demo.add_argument("--timeout", type=float, help="seconds for the VM (default 600)")
+    demo.add_argument(
+        "--scenario",
+        default="whole-update",
+        choices=("whole-update", "failing-participant", "killed-agent", "no-kernel"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args(argv)
     if (reason := qemu_missing_reason()) is not None:
         print(f"lab: cannot run a VM here: {reason}", file=sys.stderr)
         return 2
-    handlers = {"kernel": cmd_kernel, "run": cmd_run, "selftests": cmd_selftests}
+    handlers = {
+        "kernel": cmd_kernel,
+        "run": cmd_run,
+        "selftests": cmd_selftests,
+        "demo": cmd_demo,
+    }
     return handlers[args.command_name](args)
 
 

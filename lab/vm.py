@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import IO
 
 INIT = Path(__file__).with_name("init.sh").resolve()
+# A console line containing MARK is copied to <run_dir>/marks with the host's CLOCK_REALTIME at
+# its arrival: a clock that, unlike the VM's, runs on through a kexec.
+MARK = "lab-mark: "
 QEMU = "qemu-system-x86_64"
 # Kernel command line of every lab boot (kexec --reuse-cmdline carries it to the next kernel).
 BASE_APPEND = (
@@ -81,7 +84,7 @@ class VmResult:
         return f"{what} after {self.boots} boot(s), {self.elapsed:.0f} s (log: {self.serial_log})"
 
     def console_times(self, pattern: str) -> list[float]:
-        """Host-monotonic arrival times of the console lines matching ``pattern`` (a regex)."""
+        """Host (CLOCK_REALTIME) arrival times of the console lines matching ``pattern``."""
         timed = self.run_dir / "serial.timed"
         if not timed.exists():
             return []
@@ -154,7 +157,11 @@ class Vm:
         command = self.command(run_dir)
         (run_dir / "qemu.cmd").write_text(shlex.join(command) + "\n")
         started = time.monotonic()
-        with open(serial_log, "w") as log, open(run_dir / "serial.timed", "w") as timed:
+        with (
+            open(serial_log, "w") as log,
+            open(run_dir / "serial.timed", "w") as timed,
+            open(run_dir / "marks", "w") as marks,
+        ):
             proc = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -164,7 +171,7 @@ class Vm:
             )
             assert proc.stdout is not None
             copier = threading.Thread(
-                target=_copy, args=(proc.stdout, log, timed, self.echo), daemon=True
+                target=_copy, args=(proc.stdout, log, timed, marks, self.echo), daemon=True
             )
             copier.start()
             timed_out = False
@@ -184,14 +191,19 @@ class Vm:
         return _result(run_dir, serial_log, elapsed, timed_out, proc.returncode)
 
 
-def _copy(src: IO[bytes], log: IO[str], timed: IO[str], echo: IO[str] | None) -> None:
+def _copy(
+    src: IO[bytes], log: IO[str], timed: IO[str], marks: IO[str], echo: IO[str] | None
+) -> None:
     for raw in iter(src.readline, b""):
-        arrived = time.monotonic()
+        arrived = time.time()
         line = raw.decode(errors="replace").replace("\r", "")
+        if MARK in line:
+            marks.write(f"{arrived:.6f} {line.split(MARK, 1)[1].strip()}\n")
+            marks.flush()
         log.write(line)
         log.flush()
-        # The host's clock on each console line: the one clock that a kexec in the VM does
-        # not reset, for intervals that span boots (serial latency is well under a millisecond).
+        # The host's clock on each console line: unlike the VM's clocks, a kexec in the VM does
+        # not reset it; for intervals that span boots (serial latency is well under a millisecond).
         timed.write(f"{arrived:.6f} {line}")
         timed.flush()
         if echo is not None:

@@ -333,7 +333,7 @@ class Agent:
                 log.warning("agent_restarted", update_id=previous.id, phase=str(was))
             else:
                 assert boot.incoming is not None
-                record = boot.incoming.with_phase(ph.Phase.UPDATED)
+                record = boot.incoming.with_phase(ph.Phase.UPDATED, new_boot=True)
                 self.record = replace(
                     record, boot_count=record.boot_count + 1, kernel_cmdline=self._read_cmdline()
                 )

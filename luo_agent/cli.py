@@ -24,7 +24,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from . import __version__
-from .client import CallError, bus_kind, call, connect, get_all
+from .client import CallError, bus_kind, call, connect, get_all, get_property
 from .dbus.names import BUS_NAME, ERROR_PREFIX, IFACE_MANAGER, OBJECT_PATH
 
 SCHEMA: Final = "liveupdatectl/1"
@@ -363,6 +363,16 @@ async def cmd_update(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         if args.wait:
             out.line(f"kernel loaded: {args.kernel} cmdline: {full}")
             out.event(event="kernel-loaded", kernel=args.kernel, cmdline=full)
+    if not await get_property(bus, "KernelLoaded"):
+        # Refused before Prepare: a prepare would have the kernel preserve every participant's fd
+        # and then leave the update prepared when Execute is refused.
+        out.error(
+            "liveupdatectl.NoKernel",
+            "no kernel loaded for the kexec: run load-kernel first or pass --kernel; "
+            "nothing was started",
+            ExitCode.BLOCKED,
+        )
+        return ExitCode.BLOCKED
     await watcher.subscribe()
     await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
     failed = await _wait(watcher, _prepared, args.timeout, out)

@@ -44,9 +44,11 @@ class PhaseTiming:
 
     @property
     def duration(self) -> float | None:
-        if self.monotonic_end is None:
-            return None
-        return self.monotonic_end - self.monotonic_start
+        if self.monotonic_end is not None:
+            return self.monotonic_end - self.monotonic_start
+        # A phase that ended in another boot (the monotonic clock restarts at a kexec): only the
+        # wall clocks compare.
+        return None if self.ended is None else self.ended - self.started
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +69,24 @@ class UpdateRecord:
     # the blackout (-1 until measured).
     blackout_critical: float = -1.0
 
-    def with_phase(self, phase: str, now: float | None = None, mono: float | None = None) -> Self:
-        """Entering the phase the update is in already (the kexec path, the new boot's first
-        announcement) is no new phase: one timing per phase entered."""
+    def with_phase(
+        self,
+        phase: str,
+        now: float | None = None,
+        mono: float | None = None,
+        *,
+        new_boot: bool = False,
+    ) -> Self:
+        """Enters ``phase``, ending the open one; ``new_boot``: that one began before the kexec,
+        on another monotonic clock.  Entering the phase the update is in already (the kexec path,
+        the new boot's first announcement) is no new phase: one timing per phase entered."""
         if phase == self.phase and self.timings:
             return self
         now = time.time() if now is None else now
         mono = time.monotonic() if mono is None else mono
         timings = list(self.timings)
         if timings and timings[-1].ended is None:
-            timings[-1] = replace(timings[-1], ended=now, monotonic_end=mono)
+            timings[-1] = replace(timings[-1], ended=now, monotonic_end=None if new_boot else mono)
         timings.append(PhaseTiming(phase, now, monotonic_start=mono))
         return replace(self, phase=phase, timings=tuple(timings))
 

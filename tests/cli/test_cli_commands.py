@@ -254,6 +254,22 @@ async def test_update_failure_exits_with_the_updates_result(host: AgentHost) -> 
     assert run.code == ExitCode.FAILURE and "failed" in run.stdout
 
 
+async def test_update_without_a_loaded_kernel_is_refused_before_anything_starts(
+    host: AgentHost,
+) -> None:
+    # Seen on the real kernel (tests/vm/test_whole_update.py): `update` used to prepare (the
+    # participants handed in their fds, the kernel preserved them), then fail at Execute and
+    # leave that update prepared.
+    run = await ctl("update", "--wait", as_json=True)
+    assert run.code == ExitCode.BLOCKED
+    assert run.result["error"] == "liveupdatectl.NoKernel"
+    assert "load-kernel" in run.result["message"]
+    assert run.events == []
+    status = (await ctl("status", as_json=True)).result["status"]
+    assert (status["Phase"], status["CurrentUpdate"]) == ("idle", "")
+    assert (await ctl("history", as_json=True)).result["history"] == []
+
+
 async def test_update_without_wait_returns_once_execute_is_accepted(host: AgentHost) -> None:
     await ctl("load-kernel", kernel_image(host))
     run = await ctl("update", "--id", "quiet-1", as_json=True)
