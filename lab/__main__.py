@@ -70,7 +70,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         kernel.bzimage,
         args.scenario,
         run_dir,
-        deb=deb,
         echo=sys.stdout if args.console else None,
         timeout=args.timeout,
     )

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .rootfs import PRIVATE_ENV, ensure_sid_root, install_project_hook
 from .source import cache_root, locked, log
 from .vm import Vm, VmResult
 
@@ -56,7 +57,7 @@ SESSIONS = ("example", "luo-agent")
 EXAMPLE_UNITS = ("luo-example-workload", "luo-example-prepare", "luo-example-restore")
 CONFIG_TOML = """\
 # /etc/luo-agent/config.toml of the lab VM (docs/configuration.md)
-reboot_strategy = "direct"
+reboot_strategy = "{strategy}"
 auto_finish = true
 
 [timeouts]
@@ -66,11 +67,6 @@ restore = 120.0
 """
 
 MASKED = ("postgresql.service", "postgresql@.service", "kexec-load.service", "kexec.service")
-
-# The lab kernel has no POSIX message queues (CONFIG_POSIX_MQUEUE): systemd cannot mount
-# /dev/mqueue for PrivateIPC=yes and the agent fails with 226/NAMESPACE.  A distribution kernel
-# has them; this drop-in is the lab's only change to the shipped units.
-AGENT_DROPIN = "[Service]\nPrivateIPC=no\n"
 
 # Puts the moment the participant holds its verified fd on the host's clock (see the docstring).
 RESTORE_MARK_DROPIN = """\
@@ -152,8 +148,9 @@ def ensure_deb() -> Path:
 # ------------------------------------------------------------------------------ in the VM
 
 
-def systemd_setup(deb: Path, extra_units: dict[str, str]) -> str:
-    """Shell text run by init.sh before systemd starts, with the new root as $1."""
+def systemd_setup(install: str, extra_units: dict[str, str], strategy: str) -> str:
+    """Shell text run by init.sh before systemd starts, with the new root as $1; ``install`` lays
+    the project and the example participant's units into it (``Host.install``)."""
     units = "".join(
         f"cat > \"$root/etc/systemd/system/{name}\" <<'UNIT'\n{text}UNIT\n"
         for name, text in extra_units.items()
@@ -172,15 +169,11 @@ for dir in luo-agent luo-example; do
     mkdir -p "$root$LAB_RUN/state/$dir" "$root/var/lib/$dir"
     mount --bind "$root$LAB_RUN/state/$dir" "$root/var/lib/$dir"
 done
-chroot "$root" dpkg -i {deb} > "$log" 2>&1
+{install}
 mkdir -p "$root/etc/luo-agent"
 cat > "$root/etc/luo-agent/config.toml" <<'TOML'
-{CONFIG_TOML}TOML
-cp "$root"/usr/share/doc/luo-agent/examples/units/luo-example-*.service "$root/etc/systemd/system/"
-mkdir -p "$root/etc/systemd/system/luo-agent.service.d" \\
-    "$root/etc/systemd/system/luo-example-restore.service.d"
-cat > "$root/etc/systemd/system/luo-agent.service.d/lab.conf" <<'UNIT'
-{AGENT_DROPIN}UNIT
+{CONFIG_TOML.format(strategy=strategy)}TOML
+mkdir -p "$root/etc/systemd/system/luo-example-restore.service.d"
 cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'UNIT'
 {RESTORE_MARK_DROPIN}UNIT
 {units}chroot "$root" systemctl enable {enable} >> "$log" 2>&1
@@ -193,9 +186,9 @@ echo "lab-mark: setup-done $(date +%s.%N)" > /dev/console
 """
 
 
-JOB_HEAD = f"""\
-REPO={REPO}
-PY={VENV_PYTHON}
+JOB_HEAD = """\
+REPO={repo}
+PY={python}
 out=$LAB_RUN
 mark() {{ echo "lab-mark: $*" > /dev/console; }}
 wait_active() {{
@@ -219,9 +212,7 @@ ready() {{
 
 
 def whole_update_job(kernel: Path) -> str:
-    return (
-        JOB_HEAD
-        + f"""\
+    return f"""\
 if [ "$LAB_BOOT" = 1 ]; then
     ready
     liveupdatectl --json status > "$out/status.before.json"
@@ -245,13 +236,10 @@ systemctl stop luo-agent.service
 lab probe {" ".join(SESSIONS)} > "$out/probe.agent-stopped.json"
 save_journal
 """
-    )
 
 
 def failing_participant_job(kernel: Path) -> str:
-    return (
-        JOB_HEAD
-        + f"""\
+    return f"""\
 ready
 liveupdatectl load-kernel {kernel} --reuse-cmdline || exit 12
 systemctl start liveupdate.service
@@ -263,13 +251,10 @@ systemctl stop luo-agent.service
 lab probe {" ".join(SESSIONS)} > "$out/probe.agent-stopped.json"
 save_journal
 """
-    )
 
 
 def killed_agent_job(kernel: Path) -> str:
-    return (
-        JOB_HEAD
-        + f"""\
+    return f"""\
 ready
 liveupdatectl load-kernel {kernel} --reuse-cmdline || exit 12
 liveupdatectl --json prepare --wait > "$out/prepare.json" || {{ save_journal; exit 13; }}
@@ -283,14 +268,11 @@ lab wait-ended --timeout 120 > "$out/status.after.json" || {{ save_journal; exit
 liveupdatectl --json history --limit 5 > "$out/history.json"
 save_journal
 """
-    )
 
 
 def no_kernel_job(kernel: Path) -> str:
     del kernel  # never loaded: that is the point
-    return (
-        JOB_HEAD
-        + f"""\
+    return f"""\
 ready
 liveupdatectl --json update --wait > "$out/update.json" 2> "$out/update.stderr"
 echo $? > "$out/update.rc"
@@ -299,7 +281,6 @@ liveupdatectl --json history --limit 5 > "$out/history.json"
 lab probe {" ".join(SESSIONS)} > "$out/probe.agent-running.json"
 save_journal
 """
-    )
 
 
 @dataclass(frozen=True)
@@ -363,22 +344,69 @@ class UpdateRun:
         return f"{self.scenario}: {self.vm.describe()}\n{json.dumps(self.summary, indent=2)}"
 
 
+@dataclass(frozen=True)
+class Host:
+    """The system the VM boots.  ``bookworm``: this machine's own root (Debian 12, systemd 252)
+    with the project's Debian package installed by ``dpkg -i``.  ``sid``: ``lab/rootfs.py``'s
+    root (systemd 262), the project laid out as the package lays it out, its code from the
+    checkout (sid has no Python 3.11 for the Debian 12 package's private environment)."""
+
+    name: str
+    root: Path | None = None
+
+    def seen(self, path: Path) -> str:
+        """Where a host path is inside the VM (a root of its own has the host's at /run/host)."""
+        return str(path) if self.root is None else f"/run/host{path}"
+
+    @property
+    def python(self) -> str:
+        """An interpreter in the VM that imports luo_agent and runs ``lab.liveupdate``."""
+        return str(VENV_PYTHON) if self.root is None else f"{PRIVATE_ENV}/bin/python3"
+
+    def install(self) -> str:
+        """Setup shell text: the project and the example participant's units into $root."""
+        if self.root is None:
+            deb = ensure_deb()
+            return (
+                f'chroot "$root" dpkg -i {deb} > "$log" 2>&1\n'
+                'cp "$root"/usr/share/doc/luo-agent/examples/units/luo-example-*.service '
+                '"$root/etc/systemd/system/"'
+            )
+        # As the package's rules do: the example units run the private environment's python.
+        examples = " ".join(str(REPO / "units" / f"{unit}.service") for unit in EXAMPLE_UNITS)
+        return (
+            f'( {install_project_hook()} ) > "$log" 2>&1\n'
+            f"for unit in {examples}; do\n"
+            f"    sed 's|^ExecStart=/usr/bin/python3 |ExecStart={PRIVATE_ENV}/bin/python3 |' "
+            '"$unit" > "$root/etc/systemd/system/$(basename "$unit")"\n'
+            "done"
+        )
+
+
+BOOKWORM = Host("bookworm")
+
+
+def sid_host() -> Host:
+    return Host("sid", ensure_sid_root().dir)
+
+
 def run_scenario(
     kernel: Path,
     scenario: str,
     run_dir: Path,
     *,
-    deb: Path | None = None,
+    host: Host = BOOKWORM,
+    strategy: str = "direct",
     echo: IO[str] | None = None,
     timeout: float | None = None,
 ) -> UpdateRun:
     spec = SCENARIOS[scenario]
     timeout = timeout or spec.timeout
-    deb = deb or ensure_deb()
-    vm = Vm(kernel, mode="systemd", echo=echo)
-    result = vm.run(
-        spec.job(kernel), run_dir, timeout, systemd_setup=systemd_setup(deb, spec.extra_units)
-    )
+    head = JOB_HEAD.format(repo=host.seen(REPO), python=host.python)
+    job = head + spec.job(Path(host.seen(kernel)))
+    setup = systemd_setup(host.install(), spec.extra_units, strategy)
+    vm = Vm(kernel, mode="systemd", root=host.root, echo=echo)
+    result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(scenario, result, {})
     run.summary = summarize(run)
     (result.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")

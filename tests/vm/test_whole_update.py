@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from lab.liveupdate import SESSIONS, UpdateRun, ensure_deb, run_scenario
 RELEASED = {"retrieve": "ENOENT", "create": "ok"}  # no session of that name anywhere
 HELD = {"retrieve": "ENOENT", "create": "EEXIST"}  # an outgoing session holds the name
 
-RunScenario = Callable[[str], UpdateRun]
+RunScenario = Callable[..., UpdateRun]
 
 
 @pytest.fixture(scope="session")
@@ -36,13 +37,13 @@ def lab_deb(lab_kernel: KernelBuild) -> Path:
 def scenario(lab_kernel: KernelBuild, lab_deb: Path, request: pytest.FixtureRequest) -> RunScenario:
     base = Path(os.environ.get("LUO_LAB_RUNS") or tempfile.mkdtemp(prefix="luo-lab-runs-"))
 
-    def run(name: str) -> UpdateRun:
+    def run(name: str, **options: Any) -> UpdateRun:
         run_dir = base / request.node.name
         n = 1
         while run_dir.exists():
             n += 1
             run_dir = base / f"{request.node.name}.{n}"
-        return run_scenario(lab_kernel.bzimage, name, run_dir, deb=lab_deb)
+        return run_scenario(lab_kernel.bzimage, name, run_dir, **options)
 
     return run
 
