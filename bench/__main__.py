@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("blackout", "phase", "dbus", "daemon"),
-        help="run only these parts (repeatable)",
+        choices=("blackout", "phase", "dbus", "daemon", "real-kernel"),
+        help="run only these parts (repeatable); real-kernel (minutes of VM time) only on request",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         results["dbus"] = on_systemd.dbus(args.quick)
     if "daemon" in parts:
         results["daemon"] = daemon_process.run(args.quick)
+    if "real-kernel" in parts:
+        from . import real_kernel
+
+        results["real_kernel"] = real_kernel.run(args.quick)
     elapsed = time.monotonic() - started
     print(f"\n# whole harness: {elapsed:.0f} s")
     if args.json:

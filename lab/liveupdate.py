@@ -161,6 +161,7 @@ set -e
 root=$1
 log="$root$LAB_RUN/setup.$LAB_BOOT.log"
 echo "lab-mark: setup-start $(date +%s.%N)" > /dev/console
+echo "LAB_RUN=$LAB_RUN" > "$root/etc/lab.env"
 # What shapes this boot's speed under TCG (a kexec'd kernel may choose another clock source).
 {{ cat "$root/sys/devices/system/clocksource/clocksource0/current_clocksource"
   grep MemTotal /proc/meminfo; }} > "$root$LAB_RUN/machine.$LAB_BOOT.txt" 2>&1 || true
@@ -283,6 +284,46 @@ save_journal
 """
 
 
+# The baseline of the benchmark: the kernel's own selftest path in the same VM, with the same
+# package installed and running.  Its stage 2 is a plain service ordered like any other, so the
+# interval kexec call -> verified fd has everything but the agent's own work.
+STAGE2_UNIT = """\
+[Unit]
+Description=lab: the kernel selftest's stage 2 (the benchmark's baseline)
+[Service]
+Type=oneshot
+EnvironmentFile=/etc/lab.env
+ExecCondition=/bin/sh -c 'test -e "$LAB_RUN/stage1.done"'
+ExecStart=/bin/sh -c '"$LAB_RUN/luo_kexec_simple" --stage 2 > "$LAB_RUN/stage2.log" 2>&1'
+ExecStartPost=/bin/sh -c 'echo "lab-mark: restored $(date +%%s.%%N)" > /dev/console'
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def selftest_baseline_job(kernel: Path) -> str:
+    selftests = kernel.parent / "selftests"
+    return f"""\
+if [ "$LAB_BOOT" = 1 ]; then
+    ready
+    cp {selftests}/luo_kexec_simple "$out/"
+    "$out/luo_kexec_simple" --stage 1 > "$out/stage1.log" 2>&1 || exit 12
+    touch "$out/stage1.done"
+    kexec -l -s --reuse-cmdline {kernel} || exit 13
+    mark clock "$(date +%s.%N)"
+    mark kexec-call "$(date +%s.%N)"
+    kexec -e
+    exit 14
+fi
+n=0
+until grep -q "PASSED" "$out/stage2.log" 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 240 ] && exit 20
+    sleep 0.5
+done
+save_journal
+"""
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -305,6 +346,12 @@ SCENARIOS = {
         ),
         Scenario("killed-agent", killed_agent_job, 360.0),
         Scenario("no-kernel", no_kernel_job, 360.0),
+        Scenario(
+            "selftest-baseline",
+            selftest_baseline_job,
+            600.0,
+            {"lab-stage2.service": STAGE2_UNIT},
+        ),
     )
 }
 
@@ -462,6 +509,8 @@ def summarize(run: UpdateRun) -> dict[str, Any]:
     }
     if record is not None:
         summary["clock"] = _kexec_clock(run.run_dir, record)
+    elif (run.run_dir / "stage1.done").exists():  # the baseline: no agent record, its own mark
+        summary["clock"] = _kexec_clock(run.run_dir, {})
     return summary
 
 
@@ -488,6 +537,7 @@ def _kexec_clock(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     systemd starting, the participant's restore hook having verified its fd."""
     rebooting = [t for t in record.get("timings", []) if t.get("phase") == "rebooting"]
     marks = read_marks(run_dir)
+    rebooting += [{"started": vm} for _, what, vm in marks if what == "kexec-call"]
     out: dict[str, Any] = {
         "clock": "host CLOCK_REALTIME; the VM's CLOCK_REALTIME is re-read from the emulated RTC "
         "(whole seconds) at each boot and its monotonic clocks restart, so VM times are put on "
