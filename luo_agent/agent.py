@@ -95,6 +95,8 @@ OWN_KERNEL_STATES: Final[dict[ph.Phase, frozenset[str]]] = {
 }
 # Phases in which the agent holds a prepared kernel: a NORMAL kernel there means the update is gone.
 HOLDS_PREPARED_KERNEL: Final = frozenset({ph.Phase.PREPARED, ph.Phase.FREEZING})
+# How many unconfirmed fds a finished-with-losses record names (the rest are counted).
+MAX_NAMED_FDS: Final = 20
 
 
 class AgentListener(Protocol):
@@ -176,6 +178,10 @@ class Agent:
         self._timeout_probe: asyncio.Task[None] | None = None
         self._stuck: tuple[UnitStatus, ...] = ()
         self._retrieved: dict[tuple[str, int], str] = {}
+        # The agent's own copy of every fd handed out after the reboot, until the update ends: a
+        # Retrieve again (a participant that died after its first one) gets a duplicate of it,
+        # since rfc-v2 and v3 restore a token only once.
+        self._held: dict[tuple[str, int], int] = {}
         self._freeze_gate_done = 0.0
         # What the runtime directory shows, so a step that keeps the phase rewrites nothing; and
         # the phase before "rebooting", published only once the reboot call returns.
@@ -194,6 +200,8 @@ class Agent:
         # whether a restarted agent goes on with Finish (the restore gate had passed) or Restore.
         self._abort_reason = ""
         self._resume_with_finish = False
+        # Set by recovery when the dead agent was cancelling: the cancel is finished, not aborted.
+        self._resume_cancel = False
         self._shutdown_watch: asyncio.Task[None] | None = None
         # The reboot strategy in effect ("auto" resolved at start) and, for an explicit
         # "systemd" that cannot work here, why (a Check() blocker; Execute is refused).
@@ -308,6 +316,7 @@ class Agent:
         * a post-reboot update whose carried files the kernel already finished: aborted.
         """
         assert self.kernel is not None
+        self._record_lost_update(boot, previous)
         if previous is not None and self.last is not None and previous.id == self.last.id:
             # current.json could not be removed when the update ended (read-only /run): the
             # history already has the outcome.
@@ -343,6 +352,7 @@ class Agent:
             if previous is not None:
                 self.kernel.adopt(previous)
             self.record = previous or UpdateRecord(id=_new_id(), abi=self.abi, started_by="unknown")
+            self._resume_cancel = was is ph.Phase.CANCELLING
             self._abort_reason = (
                 f"the agent stopped in phase {was}; the kernel was left {boot.kernel_state} "
                 "and is cancelled"
@@ -352,12 +362,19 @@ class Agent:
             # cancel anyway, so the participants' cancel hooks run.
             self.record = previous
             kernel_state = ph.KernelState.PREPARED
+            self._resume_cancel = was is ph.Phase.CANCELLING
             self._abort_reason = (
                 f"the agent stopped in phase {was}; the kernel discarded the update"
             )
         else:
             kernel_state = ph.KernelState.NORMAL
-            if previous is not None and was is not ph.Phase.IDLE:
+            if previous is not None and was is ph.Phase.FINISHING:
+                # The dead agent's kernel finish went through (rfc-v2/v3 keep the carried files
+                # until FINISH, the session ABI's come back from the fd store): record what it
+                # reached, as the agent would have.
+                log.warning("finish_completed_by_the_kernel", update_id=previous.id)
+                self._finish_record(self._finished(previous))
+            elif previous is not None and was is not ph.Phase.IDLE:
                 # After the reboot with the carried files gone (incoming sessions closed with
                 # the dead agent and finished by the kernel): nothing left to restore.
                 aborted = previous.ended(
@@ -485,6 +502,7 @@ class Agent:
             with contextlib.suppress(LuoError, OSError):
                 await self._in_kernel(self.kernel.close)
         self.registry.close_all()
+        self._release_held()
         if self._kexec is not None:
             _close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
         self._pool.shutdown(wait=True)
@@ -608,10 +626,13 @@ class Agent:
         if self.phase not in (ph.Phase.UPDATED, ph.Phase.RESTORING, ph.Phase.RESTORED):
             raise PhaseError(self.phase, "Retrieve (only after a live-update boot)")
         assert self.kernel is not None
-        fd = await self._in_kernel(self.kernel.retrieve, session, token)
-        self._retrieved[(session, token)] = caller
+        key = (session, token)
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = await self._in_kernel(self.kernel.retrieve, session, token)
+        self._retrieved[key] = caller
         log.info("fd_retrieved", session=session, token=token, caller=caller)
-        return fd
+        return os.dup(held)
 
     def check(self) -> CheckReport:
         blockers: list[str] = []
@@ -806,6 +827,8 @@ class Agent:
             self._end_update(previous)
         else:
             self._save(self.record)
+            if new in (ph.Phase.PREPARED, ph.Phase.FREEZING) and new is not previous:
+                self._save_in_flight()
         if new is ph.Phase.RESTORED and self.config.auto_finish:
             self._post(ph.Finish())
         if new is ph.Phase.PREPARED:
@@ -831,19 +854,48 @@ class Agent:
                     record.message or "cancelled",
                 )
         elif previous is ph.Phase.FINISHING:
-            record = record.ended("success")
+            record = self._finished(record)
         else:
             record = record.ended(record.result or "success")
         self.record = None
         self.registry.close_all()
-        self._retrieved.clear()
-        self._save(None)
+        self._release_held()
+        # The history entry first, then the in-flight record: a crash between the two leaves a
+        # current.json whose id the history has, which start-up ignores (_recover); the other
+        # order lost the update.
         self._finish_record(record)
+        self._save(None)
+
+    def _finished(self, record: UpdateRecord) -> UpdateRecord:
+        """The outcome of a kernel finish: success only if every participant confirmed its
+        restore (the restore gate passed); otherwise the kernel discarded whatever was not
+        retrieved, and the record names the failure and the unconfirmed fds."""
+        if any(t.phase == ph.Phase.RESTORED for t in record.timings):
+            return record.ended("success")
+        why = record.message if record.result == "failed" else "the restore gate did not pass"
+        fds = [f"{p.session}/{p.token} (owner {p.owner or '?'})" for p in record.preserved]
+        listed = ", ".join(fds[:MAX_NAMED_FDS])
+        if len(fds) > MAX_NAMED_FDS:
+            listed += f" and {len(fds) - MAX_NAMED_FDS} more"
+        return record.ended(
+            "finished-with-losses",
+            "org.luoagent.LiveUpdate1.Error.FinishedWithLosses",
+            f"finished without every participant confirming its restore ({why}); the kernel "
+            f"discarded whatever was not retrieved of: {listed or 'no fds'}",
+        )
+
+    def _release_held(self) -> None:
+        _close_fds(*self._held.values())
+        self._held.clear()
+        self._retrieved.clear()
 
     def _finish_record(self, record: UpdateRecord) -> None:
         self.last = record
         try:
             self.history.append(record)
+            # After the entry: a crash between the two leaves an in-flight record whose id the
+            # history has, which start-up ignores.
+            self.history.clear_in_flight()
         except PersistError as exc:
             log.error("history_unwritable", error=str(exc), update_id=record.id)
         log.info(
@@ -855,6 +907,46 @@ class Agent:
         )
         for listener in self.listeners:
             listener.update_finished(record)
+
+    def _save_in_flight(self) -> None:
+        """Keep the prepared update in the state directory (durable, outside the blackout): a
+        boot that comes up without its handover can still record it (_record_lost_update)."""
+        if self.record is None:
+            return
+        try:
+            self.history.save_in_flight(self.record)
+        except PersistError as exc:
+            log.error("in_flight_unwritable", error=str(exc), update_id=self.record.id)
+
+    def _record_lost_update(self, boot: BootState, previous: UpdateRecord | None) -> None:
+        """An update that was prepared (perhaps already kexec'd into) and that this boot knows
+        nothing of: no handover came in, and /run (current.json) is empty, so the machine went
+        through a reboot that was not the live update's (a crash of the new kernel, a power
+        cycle).  Recorded as lost, with what the agent last knew."""
+        pending = self.history.load_in_flight()
+        if pending is None or previous is not None:
+            return  # nothing pending, or a restart in the same boot (recovery has it)
+        if boot.incoming is not None and boot.incoming.id == pending.id:
+            return  # the live-update boot of that very update
+        if any(entry.get("id") == pending.id for entry in self.history.load()):
+            with contextlib.suppress(PersistError):
+                self.history.clear_in_flight()  # recorded already; only the removal was lost
+            return
+        after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
+        when = (
+            "after the kexec was issued (or on the way to it)"
+            if after_kexec
+            else "while the update was prepared"
+        )
+        lost = pending.ended(
+            "lost-in-reboot",
+            "org.luoagent.LiveUpdate1.Error.HandoverLost",
+            f"the machine booted without this update's live-update handover: it went down "
+            f"{when}, last seen in phase {pending.phase} (a kernel crash or a power cycle); "
+            "the carried data is lost",
+        )
+        log.error("update_lost_in_reboot", update_id=pending.id, phase=pending.phase)
+        self._finish_record(lost)
 
     def _save(self, record: UpdateRecord | None) -> None:
         if record is not None and record is self._saved_record:
@@ -884,6 +976,11 @@ class Agent:
             "Timeout": "TimedOut",
             "Recovered": "Aborted",
         }.get(failure.event, "KernelError")
+        if failure.event == "Recovered" and self._resume_cancel:
+            # The dead agent was cancelling: the restart finishes that cancel, which ends as
+            # the dead agent would have ended it (_end_update), not as an abort.
+            self._resume_cancel, self._abort_reason = False, ""
+            return
         if failure.event == "Recovered" and self._abort_reason:
             reason, self._abort_reason = self._abort_reason, ""
         self.record = replace(
