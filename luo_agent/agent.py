@@ -329,7 +329,16 @@ class Agent:
             and ph.is_post_reboot(was)
             and (boot.incoming is None or boot.incoming.id == previous.id)
         )
-        if boot.incoming is not None or (
+        incoming = boot.incoming
+        if incoming is None and boot.kernel_state is KernelStateValue.UPDATED and not same_boot:
+            # rfc-v2/v3 restore the metadata only once: an agent that died after restoring it
+            # and before saving this boot's record took it along.  The update as prepared, with
+            # its kernel tokens, is in the state directory.
+            incoming = self.history.load_in_flight()
+            if incoming is not None:
+                self.kernel.adopt(incoming)
+                log.warning("update_taken_from_in_flight_record", update_id=incoming.id)
+        if incoming is not None or (
             boot.kernel_state is KernelStateValue.UPDATED and same_boot
         ):
             if same_boot:
@@ -341,8 +350,8 @@ class Agent:
                 self._resume_with_finish = was in (ph.Phase.RESTORED, ph.Phase.FINISHING)
                 log.warning("agent_restarted", update_id=previous.id, phase=str(was))
             else:
-                assert boot.incoming is not None
-                record = boot.incoming.with_phase(ph.Phase.UPDATED)
+                assert incoming is not None
+                record = incoming.with_phase(ph.Phase.UPDATED)
                 self.record = replace(
                     record, boot_count=record.boot_count + 1, kernel_cmdline=self._read_cmdline()
                 )
@@ -373,6 +382,10 @@ class Agent:
                 # until FINISH, the session ABI's come back from the fd store): record what it
                 # reached, as the agent would have.
                 log.warning("finish_completed_by_the_kernel", update_id=previous.id)
+                # Sessions the dead agent finished but had not yet let go of come back from the
+                # fd store: FINISH again is a no-op that releases them (elsewhere it only fails).
+                with contextlib.suppress(LuoError, OSError):
+                    await self._in_kernel(self.kernel.finish)
                 self._finish_record(self._finished(previous))
             elif previous is not None and was is not ph.Phase.IDLE:
                 # After the reboot with the carried files gone (incoming sessions closed with
@@ -924,28 +937,42 @@ class Agent:
         through a reboot that was not the live update's (a crash of the new kernel, a power
         cycle).  Recorded as lost, with what the agent last knew."""
         pending = self.history.load_in_flight()
-        if pending is None or previous is not None:
-            return  # nothing pending, or a restart in the same boot (recovery has it)
-        if boot.incoming is not None and boot.incoming.id == pending.id:
-            return  # the live-update boot of that very update
+        if pending is None:
+            return
         if any(entry.get("id") == pending.id for entry in self.history.load()):
             with contextlib.suppress(PersistError):
                 self.history.clear_in_flight()  # recorded already; only the removal was lost
             return
-        after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
-        when = (
-            "after the kexec was issued (or on the way to it)"
-            if after_kexec
-            else "while the update was prepared"
-        )
-        lost = pending.ended(
-            "lost-in-reboot",
-            "org.luoagent.LiveUpdate1.Error.HandoverLost",
-            f"the machine booted without this update's live-update handover: it went down "
-            f"{when}, last seen in phase {pending.phase} (a kernel crash or a power cycle); "
-            "the carried data is lost",
-        )
-        log.error("update_lost_in_reboot", update_id=pending.id, phase=pending.phase)
+        if previous is not None or boot.kernel_state is KernelStateValue.UPDATED:
+            return  # a restart in the same boot, or the kernel carries it: recovery has it
+        if boot.incoming is not None and boot.incoming.id == pending.id:
+            return  # the live-update boot of that very update
+        if f"{CMDLINE_MARKER}{pending.id}" in self._read_cmdline().split():
+            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
+            # started earlier in this boot took it and died before keeping it (session ABI:
+            # between RETRIEVE_SESSION and the fd store).
+            lost = pending.ended(
+                "aborted",
+                "org.luoagent.LiveUpdate1.Error.Aborted",
+                "this is the update's live-update boot, but the agent's handover was not found "
+                "(taken by an agent that died earlier in this boot); the agent cannot restore "
+                "what was carried",
+            )
+        else:
+            after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
+            when = (
+                "after the kexec was issued (or on the way to it)"
+                if after_kexec
+                else "while the update was prepared"
+            )
+            lost = pending.ended(
+                "lost-in-reboot",
+                "org.luoagent.LiveUpdate1.Error.HandoverLost",
+                f"the machine booted without this update's live-update handover: it went down "
+                f"{when}, last seen in phase {pending.phase} (a kernel crash or a power cycle); "
+                "the carried data is lost",
+            )
+        log.error("update_lost", update_id=pending.id, phase=pending.phase, result=lost.result)
         self._finish_record(lost)
 
     def _save(self, record: UpdateRecord | None) -> None:
