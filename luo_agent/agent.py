@@ -338,9 +338,7 @@ class Agent:
             if incoming is not None:
                 self.kernel.adopt(incoming)
                 log.warning("update_taken_from_in_flight_record", update_id=incoming.id)
-        if incoming is not None or (
-            boot.kernel_state is KernelStateValue.UPDATED and same_boot
-        ):
+        if incoming is not None or (boot.kernel_state is KernelStateValue.UPDATED and same_boot):
             if same_boot:
                 # rfc-v2/v3 restore the metadata only once (the dead agent did): the kernel
                 # tokens come from current.json.  The session ABI could read it again.
