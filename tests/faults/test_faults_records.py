@@ -7,7 +7,8 @@ backend, with the real Agent in this process on the emulated kernel and the reco
 * Finish without a confirmed restore: ``finished-with-losses``, naming the failed unit and the
   fds, never ``success``;
 * a kernel crash after the kexec (the next boot is a cold one, /run empty): the next agent
-  records the update as ``lost-in-reboot``.
+  records the update as ``lost-in-reboot``;
+* an agent that dies while cancelling: the next one completes the cancel, ``cancelled``.
 """
 
 from __future__ import annotations
@@ -129,3 +130,37 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
     async with host.agent(FakeGate()):
         pass
     assert [e["id"] for e in history(host)] == ["upd-crash"]
+
+
+async def test_an_agent_killed_while_cancelling_is_recorded_cancelled(host: Host) -> None:
+    cancel = ph.PHASE_TARGETS[ph.Phase.CANCELLING]
+    cancel_hooks_run = asyncio.Event()
+
+    async def cancel_hook_hangs() -> None:
+        cancel_hooks_run.set()
+        await asyncio.Event().wait()
+
+    gate = FakeGate(hooks={cancel: cancel_hook_hangs})
+    agent = host.build(gate, host.config())
+    runner = asyncio.create_task(agent.run())
+    await agent.start()
+    fd = memfd_with(DATA, 0)
+    agent.preserve(fd, "vm-1", 7, [], owner="uid=0")
+    os.close(fd)
+    await agent.prepare("upd-cancel", caller="test")
+    await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
+    await agent.cancel("upd-cancel")
+    await asyncio.wait_for(cancel_hooks_run.wait(), 10)
+    # The agent dies here (its tasks end, its kernel handles close; nothing is written).
+    runner.cancel()
+    assert agent._work is not None
+    agent._work.cancel()
+    assert agent.kernel is not None
+    agent.kernel.close()
+    agent.registry.close_all()
+
+    async with host.agent(FakeGate()) as again:
+        await until(again, lambda: again.phase is ph.Phase.IDLE and again.last is not None)
+    (entry,) = history(host)
+    assert (entry["id"], entry["result"]) == ("upd-cancel", "cancelled"), entry
+    assert host.kernel_state() == "normal"
