@@ -313,7 +313,12 @@ class Agent:
         * the kernel still prepared (rfc-v2/v3 after a crash), or a pre-reboot update of a dead
           agent that the kernel already dropped: cancel, so the cancel hooks run, and record the
           update as aborted;
-        * a post-reboot update whose carried files the kernel already finished: aborted.
+        * a post-reboot update whose carried files the kernel already finished: aborted, unless
+          the dead agent was finishing (then what its finish reached: ``_finished``);
+        * the kernel updated but its metadata already restored by a dead agent (rfc-v2/v3 restore
+          it once): the update is taken from ``in-flight.json``;
+        * an update in ``in-flight.json`` that this boot has no handover for: recorded as lost
+          (``_record_lost_update``).
         """
         assert self.kernel is not None
         self._record_lost_update(boot, previous)
@@ -871,7 +876,7 @@ class Agent:
         self.record = None
         self.registry.close_all()
         self._release_held()
-        # The history entry first, then the in-flight record: a crash between the two leaves a
+        # The history entry first, then current.json: a crash between the two leaves a
         # current.json whose id the history has, which start-up ignores (_recover); the other
         # order lost the update.
         self._finish_record(record)
@@ -904,11 +909,15 @@ class Agent:
         self.last = record
         try:
             self.history.append(record)
-            # After the entry: a crash between the two leaves an in-flight record whose id the
-            # history has, which start-up ignores.
-            self.history.clear_in_flight()
         except PersistError as exc:
             log.error("history_unwritable", error=str(exc), update_id=record.id)
+        try:
+            # After the entry: a crash between the two leaves an in-flight record whose id the
+            # history has, which start-up removes.  Removed even if the entry could not be
+            # written: the update is over, and a later boot must not call it lost.
+            self.history.clear_in_flight()
+        except PersistError as exc:
+            log.error("in_flight_unremovable", error=str(exc), update_id=record.id)
         log.info(
             "update_finished",
             update_id=record.id,
