@@ -370,8 +370,11 @@ class Agent:
                 "and is cancelled"
             )
         elif previous is not None and ph.is_pre_reboot(was):
-            # The kernel already dropped the update (its handles closed with the dead agent):
-            # cancel anyway, so the participants' cancel hooks run.
+            # The kernel already dropped the update (its handles closed with the dead agent), or
+            # the dead agent's cancel got as far as EVENT_CANCEL (rfc-v2 then still holds the
+            # files): cancel anyway, with the recorded tokens, so the cancel hooks run and
+            # nothing stays preserved.
+            self.kernel.adopt(previous)
             self.record = previous
             kernel_state = ph.KernelState.PREPARED
             self._resume_cancel = was is ph.Phase.CANCELLING

@@ -13,6 +13,8 @@ on a real system) are kept by the parent: ``--keeper FD`` is a SOCK_SEQPACKET so
 
 Without ``--kill-at`` the agent finishes what it finds (Restore, and Finish if the restore gate
 failed, as an operator would) and prints one JSON line: the phases it saw and its last record.
+With ``--prepare-and-cancel ID`` it is the life before a reboot instead: it hands in an fd,
+prepares update ID and cancels it.
 
     python -m tests.faults.crash_scenario --abi ABI --machine ROOT --work DIR --keeper FD \
         [--kill-at N | --trace FILE]
@@ -167,6 +169,15 @@ async def one_life(args: argparse.Namespace, points: CrashPoints) -> dict[str, A
         await agent.start()
         await agent.resume()
         await until(agent, lambda: agent.phase in (ph.Phase.IDLE, ph.Phase.UPDATED), 20)
+        if args.prepare_and_cancel:
+            fd = os.memfd_create("participant", os.MFD_CLOEXEC)
+            os.write(fd, b"participant state")
+            agent.preserve(fd, SESSION, TOKEN, [], owner="uid=0")
+            os.close(fd)
+            await agent.prepare(args.prepare_and_cancel, caller="test")
+            await until(agent, lambda: agent.phase is ph.Phase.PREPARED, 20)
+            await agent.cancel()
+            await until(agent, lambda: agent.phase is ph.Phase.IDLE, 20)
         if agent.phase is ph.Phase.UPDATED:  # the restore gate failed: the operator finishes
             await agent.finish()
             await until(agent, lambda: agent.phase is ph.Phase.IDLE, 20)
@@ -186,6 +197,7 @@ def main() -> int:
     parser.add_argument("--expected", required=True, help="sha256 of the participant's bytes")
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--trace", type=Path)
+    parser.add_argument("--prepare-and-cancel", metavar="ID", default="")
     args = parser.parse_args()
     configure_logging("console", "info")  # to stderr: stdout is the result
     points = CrashPoints(args.kill_at, args.trace)
