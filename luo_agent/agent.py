@@ -95,6 +95,8 @@ OWN_KERNEL_STATES: Final[dict[ph.Phase, frozenset[str]]] = {
 }
 # Phases in which the agent holds a prepared kernel: a NORMAL kernel there means the update is gone.
 HOLDS_PREPARED_KERNEL: Final = frozenset({ph.Phase.PREPARED, ph.Phase.FREEZING})
+# How many unconfirmed fds a finished-with-losses record names (the rest are counted).
+MAX_NAMED_FDS: Final = 20
 
 
 class AgentListener(Protocol):
@@ -176,6 +178,10 @@ class Agent:
         self._timeout_probe: asyncio.Task[None] | None = None
         self._stuck: tuple[UnitStatus, ...] = ()
         self._retrieved: dict[tuple[str, int], str] = {}
+        # The agent's own copy of every fd handed out after the reboot, until the update ends: a
+        # Retrieve again (a participant that died after its first one) gets a duplicate of it,
+        # since rfc-v2 and v3 restore a token only once.
+        self._held: dict[tuple[str, int], int] = {}
         self._freeze_gate_done = 0.0
         # What the runtime directory shows, so a step that keeps the phase rewrites nothing; and
         # the phase before "rebooting", published only once the reboot call returns.
@@ -194,6 +200,8 @@ class Agent:
         # whether a restarted agent goes on with Finish (the restore gate had passed) or Restore.
         self._abort_reason = ""
         self._resume_with_finish = False
+        # Set by recovery when the dead agent was cancelling: the cancel is finished, not aborted.
+        self._resume_cancel = False
         self._shutdown_watch: asyncio.Task[None] | None = None
         # The reboot strategy in effect ("auto" resolved at start) and, for an explicit
         # "systemd" that cannot work here, why (a Check() blocker; Execute is refused).
@@ -305,9 +313,15 @@ class Agent:
         * the kernel still prepared (rfc-v2/v3 after a crash), or a pre-reboot update of a dead
           agent that the kernel already dropped: cancel, so the cancel hooks run, and record the
           update as aborted;
-        * a post-reboot update whose carried files the kernel already finished: aborted.
+        * a post-reboot update whose carried files the kernel already finished: aborted, unless
+          the dead agent was finishing (then what its finish reached: ``_finished``);
+        * the kernel updated but its metadata already restored by a dead agent (rfc-v2/v3 restore
+          it once): the update is taken from ``in-flight.json``;
+        * an update in ``in-flight.json`` that this boot has no handover for: recorded as lost
+          (``_record_lost_update``).
         """
         assert self.kernel is not None
+        self._record_lost_update(boot, previous)
         if previous is not None and self.last is not None and previous.id == self.last.id:
             # current.json could not be removed when the update ended (read-only /run): the
             # history already has the outcome.
@@ -320,9 +334,16 @@ class Agent:
             and ph.is_post_reboot(was)
             and (boot.incoming is None or boot.incoming.id == previous.id)
         )
-        if boot.incoming is not None or (
-            boot.kernel_state is KernelStateValue.UPDATED and same_boot
-        ):
+        incoming = boot.incoming
+        if incoming is None and boot.kernel_state is KernelStateValue.UPDATED and not same_boot:
+            # rfc-v2/v3 restore the metadata only once: an agent that died after restoring it
+            # and before saving this boot's record took it along.  The update as prepared, with
+            # its kernel tokens, is in the state directory.
+            incoming = self.history.load_in_flight()
+            if incoming is not None:
+                self.kernel.adopt(incoming)
+                log.warning("update_taken_from_in_flight_record", update_id=incoming.id)
+        if incoming is not None or (boot.kernel_state is KernelStateValue.UPDATED and same_boot):
             if same_boot:
                 # rfc-v2/v3 restore the metadata only once (the dead agent did): the kernel
                 # tokens come from current.json.  The session ABI could read it again.
@@ -332,8 +353,8 @@ class Agent:
                 self._resume_with_finish = was in (ph.Phase.RESTORED, ph.Phase.FINISHING)
                 log.warning("agent_restarted", update_id=previous.id, phase=str(was))
             else:
-                assert boot.incoming is not None
-                record = boot.incoming.with_phase(ph.Phase.UPDATED, new_boot=True)
+                assert incoming is not None
+                record = incoming.with_phase(ph.Phase.UPDATED, new_boot=True)
                 self.record = replace(
                     record, boot_count=record.boot_count + 1, kernel_cmdline=self._read_cmdline()
                 )
@@ -343,21 +364,36 @@ class Agent:
             if previous is not None:
                 self.kernel.adopt(previous)
             self.record = previous or UpdateRecord(id=_new_id(), abi=self.abi, started_by="unknown")
+            self._resume_cancel = was is ph.Phase.CANCELLING
             self._abort_reason = (
                 f"the agent stopped in phase {was}; the kernel was left {boot.kernel_state} "
                 "and is cancelled"
             )
         elif previous is not None and ph.is_pre_reboot(was):
-            # The kernel already dropped the update (its handles closed with the dead agent):
-            # cancel anyway, so the participants' cancel hooks run.
+            # The kernel already dropped the update (its handles closed with the dead agent), or
+            # the dead agent's cancel got as far as EVENT_CANCEL (rfc-v2 then still holds the
+            # files): cancel anyway, with the recorded tokens, so the cancel hooks run and
+            # nothing stays preserved.
+            self.kernel.adopt(previous)
             self.record = previous
             kernel_state = ph.KernelState.PREPARED
+            self._resume_cancel = was is ph.Phase.CANCELLING
             self._abort_reason = (
                 f"the agent stopped in phase {was}; the kernel discarded the update"
             )
         else:
             kernel_state = ph.KernelState.NORMAL
-            if previous is not None and was is not ph.Phase.IDLE:
+            if previous is not None and was is ph.Phase.FINISHING:
+                # The dead agent's kernel finish went through (rfc-v2/v3 keep the carried files
+                # until FINISH, the session ABI's come back from the fd store): record what it
+                # reached, as the agent would have.
+                log.warning("finish_completed_by_the_kernel", update_id=previous.id)
+                # Sessions the dead agent finished but had not yet let go of come back from the
+                # fd store: FINISH again is a no-op that releases them (elsewhere it only fails).
+                with contextlib.suppress(LuoError, OSError):
+                    await self._in_kernel(self.kernel.finish)
+                self._finish_record(self._finished(previous))
+            elif previous is not None and was is not ph.Phase.IDLE:
                 # After the reboot with the carried files gone (incoming sessions closed with
                 # the dead agent and finished by the kernel): nothing left to restore.
                 aborted = previous.ended(
@@ -485,6 +521,7 @@ class Agent:
             with contextlib.suppress(LuoError, OSError):
                 await self._in_kernel(self.kernel.close)
         self.registry.close_all()
+        self._release_held()
         if self._kexec is not None:
             _close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
         self._pool.shutdown(wait=True)
@@ -608,10 +645,13 @@ class Agent:
         if self.phase not in (ph.Phase.UPDATED, ph.Phase.RESTORING, ph.Phase.RESTORED):
             raise PhaseError(self.phase, "Retrieve (only after a live-update boot)")
         assert self.kernel is not None
-        fd = await self._in_kernel(self.kernel.retrieve, session, token)
-        self._retrieved[(session, token)] = caller
+        key = (session, token)
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = await self._in_kernel(self.kernel.retrieve, session, token)
+        self._retrieved[key] = caller
         log.info("fd_retrieved", session=session, token=token, caller=caller)
-        return fd
+        return os.dup(held)
 
     def check(self) -> CheckReport:
         blockers: list[str] = []
@@ -806,6 +846,8 @@ class Agent:
             self._end_update(previous)
         else:
             self._save(self.record)
+            if new in (ph.Phase.PREPARED, ph.Phase.FREEZING) and new is not previous:
+                self._save_in_flight()
         if new is ph.Phase.RESTORED and self.config.auto_finish:
             self._post(ph.Finish())
         if new is ph.Phase.PREPARED:
@@ -831,14 +873,40 @@ class Agent:
                     record.message or "cancelled",
                 )
         elif previous is ph.Phase.FINISHING:
-            record = record.ended("success")
+            record = self._finished(record)
         else:
             record = record.ended(record.result or "success")
         self.record = None
         self.registry.close_all()
-        self._retrieved.clear()
-        self._save(None)
+        self._release_held()
+        # The history entry first, then current.json: a crash between the two leaves a
+        # current.json whose id the history has, which start-up ignores (_recover); the other
+        # order lost the update.
         self._finish_record(record)
+        self._save(None)
+
+    def _finished(self, record: UpdateRecord) -> UpdateRecord:
+        """The outcome of a kernel finish: success only if every participant confirmed its
+        restore (the restore gate passed); otherwise the kernel discarded whatever was not
+        retrieved, and the record names the failure and the unconfirmed fds."""
+        if any(t.phase == ph.Phase.RESTORED for t in record.timings):
+            return record.ended("success")
+        why = record.message if record.result == "failed" else "the restore gate did not pass"
+        fds = [f"{p.session}/{p.token} (owner {p.owner or '?'})" for p in record.preserved]
+        listed = ", ".join(fds[:MAX_NAMED_FDS])
+        if len(fds) > MAX_NAMED_FDS:
+            listed += f" and {len(fds) - MAX_NAMED_FDS} more"
+        return record.ended(
+            "finished-with-losses",
+            "org.luoagent.LiveUpdate1.Error.FinishedWithLosses",
+            f"finished without every participant confirming its restore ({why}); the kernel "
+            f"discarded whatever was not retrieved of: {listed or 'no fds'}",
+        )
+
+    def _release_held(self) -> None:
+        _close_fds(*self._held.values())
+        self._held.clear()
+        self._retrieved.clear()
 
     def _finish_record(self, record: UpdateRecord) -> None:
         self.last = record
@@ -846,6 +914,13 @@ class Agent:
             self.history.append(record)
         except PersistError as exc:
             log.error("history_unwritable", error=str(exc), update_id=record.id)
+        try:
+            # After the entry: a crash between the two leaves an in-flight record whose id the
+            # history has, which start-up removes.  Removed even if the entry could not be
+            # written: the update is over, and a later boot must not call it lost.
+            self.history.clear_in_flight()
+        except PersistError as exc:
+            log.error("in_flight_unremovable", error=str(exc), update_id=record.id)
         log.info(
             "update_finished",
             update_id=record.id,
@@ -855,6 +930,60 @@ class Agent:
         )
         for listener in self.listeners:
             listener.update_finished(record)
+
+    def _save_in_flight(self) -> None:
+        """Keep the prepared update in the state directory (durable, outside the blackout): a
+        boot that comes up without its handover can still record it (_record_lost_update)."""
+        if self.record is None:
+            return
+        try:
+            self.history.save_in_flight(self.record)
+        except PersistError as exc:
+            log.error("in_flight_unwritable", error=str(exc), update_id=self.record.id)
+
+    def _record_lost_update(self, boot: BootState, previous: UpdateRecord | None) -> None:
+        """An update that was prepared (perhaps already kexec'd into) and that this boot knows
+        nothing of: no handover came in, and /run (current.json) is empty, so the machine went
+        through a reboot that was not the live update's (a crash of the new kernel, a power
+        cycle).  Recorded as lost, with what the agent last knew."""
+        pending = self.history.load_in_flight()
+        if pending is None:
+            return
+        if any(entry.get("id") == pending.id for entry in self.history.load()):
+            with contextlib.suppress(PersistError):
+                self.history.clear_in_flight()  # recorded already; only the removal was lost
+            return
+        if previous is not None or boot.kernel_state is KernelStateValue.UPDATED:
+            return  # a restart in the same boot, or the kernel carries it: recovery has it
+        if boot.incoming is not None and boot.incoming.id == pending.id:
+            return  # the live-update boot of that very update
+        if f"{CMDLINE_MARKER}{pending.id}" in self._read_cmdline().split():
+            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
+            # started earlier in this boot took it and died before keeping it (session ABI:
+            # between RETRIEVE_SESSION and the fd store).
+            lost = pending.ended(
+                "aborted",
+                "org.luoagent.LiveUpdate1.Error.Aborted",
+                "this is the update's live-update boot, but the agent's handover was not found "
+                "(taken by an agent that died earlier in this boot); the agent cannot restore "
+                "what was carried",
+            )
+        else:
+            after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
+            when = (
+                "after the kexec was issued (or on the way to it)"
+                if after_kexec
+                else "while the update was prepared"
+            )
+            lost = pending.ended(
+                "lost-in-reboot",
+                "org.luoagent.LiveUpdate1.Error.HandoverLost",
+                f"the machine booted without this update's live-update handover: it went down "
+                f"{when}, last seen in phase {pending.phase} (a kernel crash or a power cycle); "
+                "the carried data is lost",
+            )
+        log.error("update_lost", update_id=pending.id, phase=pending.phase, result=lost.result)
+        self._finish_record(lost)
 
     def _save(self, record: UpdateRecord | None) -> None:
         if record is not None and record is self._saved_record:
@@ -884,6 +1013,11 @@ class Agent:
             "Timeout": "TimedOut",
             "Recovered": "Aborted",
         }.get(failure.event, "KernelError")
+        if failure.event == "Recovered" and self._resume_cancel:
+            # The dead agent was cancelling: the restart finishes that cancel, which ends as
+            # the dead agent would have ended it (_end_update), not as an abort.
+            self._resume_cancel, self._abort_reason = False, ""
+            return
         if failure.event == "Recovered" and self._abort_reason:
             reason, self._abort_reason = self._abort_reason, ""
         self.record = replace(

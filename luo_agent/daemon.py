@@ -91,8 +91,10 @@ async def run(config: Config) -> int:
         on_rebooted=stop.set,
     )
     log_update_ids_from(lambda: agent.record.id if agent.record is not None else "")
+    from .dbus.bus import wait_until_stopped
     from .dbus.server import serve
 
+    status = EX_OK
     try:
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(agent.run(), name="agent")
@@ -112,18 +114,23 @@ async def run(config: Config) -> int:
                 else None
             )
             await agent.resume()
-            await stop.wait()
+            if not await wait_until_stopped(bus, stop):
+                # Off the bus the agent serves nobody: a non-zero exit lets Restart= bring it
+                # back (the restarted agent recovers the update like after a crash).
+                log.error("bus_connection_lost", phase=str(agent.phase))
+                status = EX_UNAVAILABLE
             notify.stopping()
             log.info("agent_stopping", phase=str(agent.phase))
             watchdog.cancel()
             if state_watcher is not None:
                 state_watcher.cancel()
             await agent.stop()
-            bus.disconnect()
+            with contextlib.suppress(Exception):  # already closed if it was lost
+                bus.disconnect()
             runner.cancel()
     finally:
         await gate.close()
-    return EX_OK
+    return status
 
 
 def kernel_state_file(agent: Agent, syscalls: Syscalls) -> str | None:

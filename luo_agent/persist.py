@@ -115,11 +115,14 @@ class RuntimeState:
 
 
 class History:
-    """Finished updates, newest last, in one JSON file (bounded to HISTORY_LIMIT entries)."""
+    """Finished updates, newest last, in one JSON file (bounded to HISTORY_LIMIT entries); and
+    ``in-flight.json``, the update that is prepared in the kernel, so that a boot that lost it
+    (a crash or power cycle, before or after the kexec) can still record it."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / "history.json"
+        self.in_flight_path = directory / "in-flight.json"
 
     def load(self) -> list[dict[str, Any]]:
         try:
@@ -134,10 +137,34 @@ class History:
         return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
 
     def append(self, record: UpdateRecord) -> None:
+        self._mkdir()
+        entries = [e for e in self.load() if e.get("id") != record.id]
+        entries.append(record.to_json())
+        write_atomic(self.path, json.dumps(entries[-HISTORY_LIMIT:]).encode(), durable=True)
+
+    def save_in_flight(self, record: UpdateRecord) -> None:
+        self._mkdir()
+        write_atomic(self.in_flight_path, json.dumps(record.to_json()).encode(), durable=True)
+
+    def load_in_flight(self) -> UpdateRecord | None:
+        """The update a previous boot (or agent) had prepared, or None; unreadable counts as
+        none (it is written atomically, so only a damaged disk makes it so)."""
+        try:
+            data = json.loads(self.in_flight_path.read_bytes())
+            return UpdateRecord.from_json(data) if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def clear_in_flight(self) -> None:
+        try:
+            self.in_flight_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise PersistError(f"cannot remove {self.in_flight_path}: {exc.strerror}") from None
+
+    def _mkdir(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PersistError(f"cannot create {self.directory}: {exc.strerror}") from None
-        entries = [e for e in self.load() if e.get("id") != record.id]
-        entries.append(record.to_json())
-        write_atomic(self.path, json.dumps(entries[-HISTORY_LIMIT:]).encode(), durable=True)

@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 KEEP_UPDATE_OBJECTS = 16
 MAX_NAME = 63
 MAX_OPTIONS = 16
+# How much of a caller's string an error message repeats (the reply and the log line).
+MAX_SHOWN = 64
 
 Participants = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 Timings = Annotated[list[list[Any]], DBusSignature("a(sdd)")]
@@ -76,8 +78,16 @@ def _name_out_args(interface: intr.Interface) -> intr.Interface:
     return interface
 
 
+def _shown(text: str) -> str:
+    """A caller's string as an error message repeats it: quoted, cut to MAX_SHOWN characters."""
+    if len(text) <= MAX_SHOWN:
+        return repr(text)
+    return f"{text[:MAX_SHOWN]!r}... ({len(text)} characters)"
+
+
 def _options(options: dict[str, Variant], allowed: dict[str, str]) -> dict[str, Any]:
-    """Unknown keys and wrong types are refused (RAUC's rule): a typo must not be ignored."""
+    """Unknown keys and wrong types are refused (RAUC's rule): a typo must not be ignored.
+    Parsed after authorisation: an unauthorised caller learns nothing from its options."""
     if len(options) > MAX_OPTIONS:
         raise InvalidArgument(f"too many options ({len(options)} > {MAX_OPTIONS})")
     out: dict[str, Any] = {}
@@ -85,7 +95,7 @@ def _options(options: dict[str, Variant], allowed: dict[str, str]) -> dict[str, 
         signature = allowed.get(key)
         if signature is None:
             known = ", ".join(sorted(allowed)) or "none"
-            raise InvalidArgument(f"unknown option {key!r} (known: {known})")
+            raise InvalidArgument(f"unknown option {_shown(key)} (known: {known})")
         if value.signature != signature:
             raise InvalidArgument(f"option {key!r} must have type {signature}")
         out[key] = value.value
@@ -97,6 +107,14 @@ def _session_name(name: str) -> str:
     if not raw or len(raw) > MAX_NAME or "\0" in name:
         raise InvalidArgument(f"a session name is 1-{MAX_NAME} bytes without NUL")
     return name
+
+
+def _requested_id(options: dict[str, Variant]) -> str:
+    """The ``id`` option, checked, for authorisation (the whole dictionary is parsed after)."""
+    value = options.get("id")
+    if value is None or value.signature != "s":
+        return ""
+    return _update_id(value.value)
 
 
 def _update_id(update_id: str) -> str:
@@ -339,9 +357,9 @@ class ManagerInterface(ServiceInterface):
     @dbus_method(name="Prepare")
     async def prepare(self, options: DBusDict) -> Started:
         with dbus_errors("Prepare"):
-            opts = _options(options, {"id": "s"})
-            update_id = _update_id(opts.get("id", ""))
+            update_id = _requested_id(options)
             caller = await self.auth.authorize("prepare", {"update_id": update_id})
+            _options(options, {"id": "s"})
             # The update's object is exported before this returns; its path is derived from the id,
             # so a caller that chose the id has subscribed to it before calling.
             record = await self.agent.prepare(update_id, str(caller))
@@ -382,8 +400,8 @@ class ManagerInterface(ServiceInterface):
     ) -> DBusStr:
         try:
             with dbus_errors("LoadKernel"):
-                opts = _options(options, {"no-initrd": "b"})
                 await self.auth.authorize("load-kernel", {"cmdline": cmdline[:256]})
+                opts = _options(options, {"no-initrd": "b"})
                 initrd_fd = -1 if opts.get("no-initrd") else initrd
                 return await self.agent.load_kernel(kernel, initrd_fd, cmdline)
         finally:
@@ -395,10 +413,10 @@ class ManagerInterface(ServiceInterface):
     ) -> None:
         try:
             with dbus_errors("Preserve"):
-                opts = _options(options, {"depends-on": "a(st)"})
                 _session_name(session)
-                depends = [(str(s), int(t)) for s, t in opts.get("depends-on", [])]
                 caller = await self.auth.authorize("preserve", {"session": session})
+                opts = _options(options, {"depends-on": "a(st)"})
+                depends = [(_session_name(s), int(t)) for s, t in opts.get("depends-on", [])]
                 self.agent.preserve(fd, session, token, depends, owner=f"uid={caller.uid}")
         finally:
             _close(fd)
@@ -429,7 +447,13 @@ class ManagerInterface(ServiceInterface):
                 try:
                     await self.auth.authorize("retrieve", {"session": session})
                 except NotAuthorized:
-                    raise NotAuthorized("retrieve (the fd was preserved by another user)") from None
+                    what = f"the fd {_shown(session)}/{token}"
+                    why = (
+                        "was preserved by another user"
+                        if owner
+                        else "is not carried by this update"
+                    )
+                    raise NotAuthorized(f"retrieve ({what} {why})") from None
             fd = await self.agent.retrieve(session, token, str(caller))
             # dbus-fast sends the reply after this returns, so the agent keeps its copy until the
             # update ends (or the same token is retrieved again).

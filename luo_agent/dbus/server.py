@@ -18,6 +18,7 @@ from ..agent import Agent
 from ..config import BusKind
 from ..errors import LuoError
 from .auth import Authorizer, track_senders
+from .bus import AgentMessageBus
 from .manager import ManagerInterface
 from .names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH, error
 
@@ -36,7 +37,7 @@ class NameTaken(LuoError):
 
 async def serve(agent: Agent, bus_kind: BusKind) -> tuple[MessageBus, ManagerInterface]:
     bus_type = BusType.SYSTEM if bus_kind == "system" else BusType.SESSION
-    bus = await MessageBus(bus_type=bus_type, negotiate_unix_fd=True).connect()
+    bus = await AgentMessageBus(bus_type=bus_type, negotiate_unix_fd=True).connect()
     track_senders(bus)
     guard_fds(bus)
     auth = Authorizer(bus, "polkit" if bus_kind == "system" else "same-user")

@@ -2,20 +2,23 @@
 tests can run it inside a namespace, count its fds and see it survive hostile callers).
 
 Prints ``ready <pid>`` once the bus name is owned; stops on SIGTERM, or by itself after a kexec
-(like the daemon).  Run as ``python -m tests.security.agent_proc`` from the repository root.
+(like the daemon); exits 69 (EX_UNAVAILABLE, as the daemon does) if its bus connection is lost.
+Run as ``python -m tests.security.agent_proc`` from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from pathlib import Path
 
 from luo_agent.agent import Agent
 from luo_agent.config import load_config
-from luo_agent.daemon import kernel_factory
+from luo_agent.daemon import EX_OK, EX_UNAVAILABLE, kernel_factory
+from luo_agent.dbus.bus import wait_until_stopped
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.emulator import EmulatedSyscalls
 from luo_agent.log import configure_logging
@@ -23,7 +26,7 @@ from luo_agent.persist import History, RuntimeState
 from tests.fakes.gate import FakeGate
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -42,10 +45,12 @@ async def run(args: argparse.Namespace) -> None:
     bus, _ = await serve(agent, config.bus)
     print(f"ready {agent.phase}", flush=True)
     await agent.resume()
-    await stop.wait()
+    stopped = await wait_until_stopped(bus, stop)
     await agent.stop()
-    bus.disconnect()
+    with contextlib.suppress(Exception):
+        bus.disconnect()
     runner.cancel()
+    return EX_OK if stopped else EX_UNAVAILABLE
 
 
 def main() -> None:
@@ -55,8 +60,9 @@ def main() -> None:
     parser.add_argument("--hang", action="append", default=[], help="a gate target that hangs")
     args = parser.parse_args()
     configure_logging("console", "info")
-    asyncio.run(run(args))
+    status = asyncio.run(run(args))
     sys.stderr.flush()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

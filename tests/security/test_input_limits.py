@@ -143,6 +143,19 @@ async def test_option_dictionaries(session_bus: SessionBus, session_agent: Agent
     assert "not registered" in results[3][1]
 
 
+async def test_an_unknown_option_is_named_within_bounds(
+    session_bus: SessionBus, session_agent: AgentProcess
+) -> None:
+    key = "k" * (1 << 20)
+    ((name, message),) = await run(
+        session_bus, preserve("o", 1, options={key: {"$variant": ["b", True]}})
+    )
+    assert name == INVALID
+    assert message.startswith("unknown option 'kkkk") and f"({1 << 20} characters)" in message
+    assert len(message) < 200, len(message)
+    assert "k" * 100 not in session_agent.log_text()  # nor in the log line
+
+
 async def test_command_line_and_update_ids(
     session_bus: SessionBus, session_agent: AgentProcess
 ) -> None:

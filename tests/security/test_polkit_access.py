@@ -105,6 +105,27 @@ def test_unprivileged_caller_cannot_mutate(polkit_ns: PolkitNamespace, agent: Ag
     ]
 
 
+def test_authorisation_comes_before_options_and_errors_are_bounded(
+    polkit_ns: PolkitNamespace, agent: AgentProcess
+) -> None:
+    huge = {"k" * (1 << 20): {"$variant": ["b", True]}}
+    results = polkit_ns.call_as(
+        NOBODY,
+        [
+            call("Prepare", "a{sv}", huge),
+            call("Preserve", "hsta{sv}", memfd("x"), "app", 1, huge),
+            call("LoadKernel", "hhsa{sv}", {"$fd": "regular"}, {"$fd": "regular"}, "", huge),
+            call("Retrieve", "st", "no-such-session", 5),
+        ],
+    )
+    # Refused for who the caller is, before its options are looked at.
+    assert errors(results) == [NOT_AUTHORIZED] * 4, [r["error"] for r in results]
+    assert all(len(r["message"]) < 200 for r in results), [len(r["message"]) for r in results]
+    # The fd does not exist: the refusal says so, not that someone else owns it.
+    assert "'no-such-session'/5 is not carried" in results[3]["message"], results[3]
+    assert "k" * 100 not in agent.log_text()
+
+
 def test_bus_policy_denies_what_the_agent_does_not_serve(
     polkit_ns: PolkitNamespace, agent: AgentProcess
 ) -> None:
