@@ -42,7 +42,7 @@ def _run(lab_kernel: KernelBuild, name: str, scenario: str, strategy: str) -> Up
 def _chosen_strategy(journal: str) -> str:
     for line in journal.splitlines():
         if "reboot_strategy" in line and "chosen=" in line:
-            return line.split("chosen=", 1)[1].split()[0]
+            return line.split("chosen=", 1)[1].split()[0].strip("'\"")
     return ""
 
 
