@@ -324,6 +324,67 @@ save_journal
 """
 
 
+# systemd 262 only (the sid root): a unit with its own LUO session next to the agent's
+# participants.  Ordered before the agent: both open the single-open device at start-up, and PID 1
+# does not retry a LUOSession= start that meets EBUSY (docs/architecture.md).
+LUOSESSION_UNIT = f"""\
+[Unit]
+Description=lab: a service with its own LUO session (LUOSession=)
+Before=luo-agent.service
+[Service]
+Type=simple
+EnvironmentFile=/etc/lab.env
+WorkingDirectory=/run/host{REPO}
+ExecStart={PRIVATE_ENV}/bin/python3 -m lab.luosession_unit
+LUOSession=labsess
+FileDescriptorStorePreserve=yes
+FileDescriptorStoreMax=4
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def luosession_job(kernel: Path) -> str:
+    wait_preserved = (
+        'if [ "$LAB_BOOT" = 1 ]; then\n'
+        "    n=0\n"
+        '    until test -s "$out/luosession.preserved"; do\n'
+        "        n=$((n + 1))\n"
+        "        [ $n -gt 120 ] && { systemctl status lab-luosession.service; exit 31; }\n"
+        "        sleep 0.5\n"
+        "    done\n"
+        "fi\n"
+    )
+    return (
+        wait_preserved
+        + whole_update_job(kernel)
+        + 'grep -qx ok "$out/luosession.verified" || { save_journal; exit 30; }\n'
+    )
+
+
+def manual_kexec_job(kernel: Path) -> str:
+    """An operator runs ``systemctl kexec`` while an update is prepared."""
+    return f"""\
+if [ "$LAB_BOOT" = 1 ]; then
+    ready
+    liveupdatectl load-kernel {kernel} --reuse-cmdline || exit 12
+    liveupdatectl --json prepare --wait > "$out/prepare.json" || {{ save_journal; exit 13; }}
+    lab probe {" ".join(SESSIONS)} > "$out/probe.prepared.json"
+    journalctl -f -b -n all -o short-precise -u luo-agent.service \\
+        -u 'luo-example-*' > "$out/journal.1.log" &
+    systemctl kexec
+    sleep 600
+    exit 14
+fi
+wait_active luo-agent.service || exit 15
+sleep 5
+liveupdatectl --json status > "$out/status.after.json"
+liveupdatectl --json history --limit 5 > "$out/history.json"
+lab probe {" ".join(SESSIONS)} > "$out/probe.after-kexec.json"
+save_journal
+"""
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -346,6 +407,13 @@ SCENARIOS = {
         ),
         Scenario("killed-agent", killed_agent_job, 360.0),
         Scenario("no-kernel", no_kernel_job, 360.0),
+        Scenario(
+            "luosession-alongside",
+            luosession_job,
+            600.0,
+            {"lab-luosession.service": LUOSESSION_UNIT},
+        ),
+        Scenario("manual-kexec-while-prepared", manual_kexec_job, 600.0),
         Scenario(
             "selftest-baseline",
             selftest_baseline_job,

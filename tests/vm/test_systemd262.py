@@ -64,3 +64,34 @@ def test_whole_update_with_auto_custody_goes_through_systemd_262(
     # After finish and with the agent stopped, the kernel carries no session of the update.
     stopped = summary["probes"]["agent-stopped"]
     assert stopped == {name: RELEASED for name in SESSIONS}, json.dumps(stopped)
+
+
+def test_a_luosession_unit_and_the_agent_both_carry_their_state(
+    lab_kernel: KernelBuild, sid_root: SidRoot
+) -> None:
+    """systemd 262's LUOSession= next to the agent: PID 1 carries the unit's own session, the
+    agent carries its participants'; both come back verified after one real kexec."""
+    run = _run(lab_kernel, "systemd262-luosession", "luosession-alongside", strategy="systemd")
+    why = f"{run.describe()}\n{run.vm.job_log(1)[-2000:]}\n{run.vm.job_log(2)[-2000:]}"
+    assert update_ok(run), why
+    assert run.text("luosession.verified").strip() == "ok", why
+    stopped = run.summary["probes"]["agent-stopped"]
+    assert stopped == {name: RELEASED for name in SESSIONS}, json.dumps(stopped)
+
+
+def test_systemctl_kexec_while_prepared_cancels_the_update_and_leaves_no_session(
+    lab_kernel: KernelBuild, sid_root: SidRoot
+) -> None:
+    """An operator's ``systemctl kexec`` while an update is prepared: the agent sees kexec.target
+    queued by someone else and cancels (docs/reliability.md); the kexec goes on without the
+    update, and the new boot carries none of its sessions."""
+    run = _run(lab_kernel, "systemd262-manual-kexec", "manual-kexec-while-prepared", "systemd")
+    why = f"{run.describe()}\n{run.vm.job_log(1)[-2000:]}\n{run.text('journal.1.log')[-3000:]}"
+    assert run.vm.ok and run.vm.boots == 2, why
+    prepared = run.json("probe.prepared.json")
+    assert prepared["example"]["create"] == "EEXIST", why  # it was prepared before the kexec
+    history = run.history
+    assert history and history[0]["result"] == "cancelled", why
+    assert "kexec.target" in history[0]["message"], why
+    assert run.json("probe.after-kexec.json") == {name: RELEASED for name in SESSIONS}, why
+    assert run.json("status.after.json")["status"]["Phase"] == "idle", why
