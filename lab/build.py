@@ -213,7 +213,8 @@ def ensure_kernel(root: Path | None = None, fragment_path: Path = FRAGMENT) -> K
     source = fetch_source(root)
     key = build_key(source.version, fragment_path.read_bytes())
     final = root / "kernels" / f"{source.version}-{key}"
-    with locked(root / "build.lock"):
+    # One lock per entry: a build of another config (another checkout) does not hold this one up.
+    with locked(root / "kernels" / f".{final.name}.lock"):
         entry = verify(final)
         if entry is not None:
             return entry
