@@ -64,7 +64,8 @@ class Sandbox:
     def __init__(self, workdir: Path, *, start_timeout: float = 30.0) -> None:
         self.workdir = workdir
         self.start_timeout = start_timeout
-        self._cgroups = SandboxCgroups(f"luo-sandbox-{uuid.uuid4().hex[:12]}")
+        self._tag = f"luo-sandbox-{uuid.uuid4().hex[:12]}"
+        self._cgroups = SandboxCgroups(self._tag)
         self._holder: subprocess.Popen[bytes] | None = None
         self._manager: subprocess.Popen[bytes] | None = None
         self._mnt_ns: tuple[int, int] | None = None  # (st_dev, st_ino) of the namespace
