@@ -1,5 +1,6 @@
 """The import rules stated in the packages' docstrings (``luo_agent/__init__.py`` and the
-``__init__`` of ``kernel/``, ``systemd/``, ``examples/``), read from the source with ``ast``."""
+``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``examples/``), read from the source
+with ``ast``."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
                 "luo_agent.fdkind",
             ),
         ),
+        ("luo_agent.kernel.uapi", ("luo_agent.kernel.uapi",)),
         ("luo_agent.systemd", ("luo_agent.systemd", "luo_agent.errors")),
         ("luo_agent.examples", ("luo_agent.client", "luo_agent.persist.write_atomic")),
     ],
