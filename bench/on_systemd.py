@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from luo_agent.kernel.backend import SessionBackend
 from luo_agent.kernel.emulator import EmulatedSyscalls
+from luo_agent.kernel.session_backend import SessionBackend
 from luo_agent.records import UpdateRecord
 from luo_agent.testbed import Testbed
 

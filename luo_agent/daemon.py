@@ -21,16 +21,11 @@ from . import __version__
 from .agent import Agent
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, LuoError
-from .kernel.backend import (
-    FdCustody,
-    KernelBackend,
-    NoCustody,
-    RfcV2Backend,
-    SessionBackend,
-    V3Backend,
-)
+from .kernel.backend import FdCustody, KernelBackend, NoCustody
 from .kernel.detect import detect_abi
 from .kernel.device import Abi
+from .kernel.global_list_backends import RfcV2Backend, V3Backend
+from .kernel.session_backend import SessionBackend
 from .kernel.syscalls import SYSFS_STATE_PATH, RealSyscalls, Syscalls
 from .log import configure_logging, log_update_ids_from
 from .persist import History, RuntimeState

@@ -5,10 +5,8 @@ tmpfs on ``/run``; ``/lib/systemd/systemd --user`` runs there with ``XDG_RUNTIME
 and its own socket-activated session ``dbus-daemon`` listens on ``workdir/bus`` (outside ``/run``,
 so processes outside the namespace can reach it).  The host's ``/run`` is never touched.
 
-Every process started here first joins a dedicated cgroup (one per mounted hierarchy, nested
-under the caller's own cgroup): a user manager that finds itself in a root cgroup takes it over
-and migrates *every* process of that cgroup into its ``init.scope`` — on a host whose PID 1 is
-not systemd that would be the whole machine.  The cgroup also makes the final kill complete.
+Every process started here first joins the sandbox's own cgroups (``sandbox_cgroups``): a user
+manager in a root cgroup would take over every process of it.
 
 A "reboot" is ``stop()`` followed by a new ``Sandbox`` over the same ``workdir``: ``/run`` is
 fresh, while anything kept under ``workdir`` (including ``HOME``) persists.  Stdlib only.
@@ -28,14 +26,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .sandbox_cgroups import SandboxCgroups, own_cgroup_dirs
+
 RUNTIME_DIR = "/run/user/0"
 RUNTIME_UNIT_DIR = f"{RUNTIME_DIR}/systemd/user"
 SYSTEMD_BINARY = "/lib/systemd/systemd"
 _SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 
-# Joins the cgroups named before "--", then execs the rest: runs before the real program exists,
-# so no process of the sandbox is ever outside its cgroup.
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 _HOLDER_SCRIPT = (
     "mount -t tmpfs -o mode=0755 tmpfs /run"
     f" && mkdir -p /run/systemd/system {RUNTIME_UNIT_DIR} && chmod 0700 {RUNTIME_DIR}"
@@ -56,32 +53,9 @@ def missing_requirements() -> str | None:
             return f"{tool} not installed"
     if not os.access(SYSTEMD_BINARY, os.X_OK):
         return f"{SYSTEMD_BINARY} missing"
-    if not _cgroup_dirs_of_self():
+    if not own_cgroup_dirs():
         return "no writable cgroup hierarchy"
     return None
-
-
-def _cgroup_dirs_of_self() -> list[Path]:
-    """The caller's own cgroup directory in every mounted hierarchy (v1 cpuset excluded: it
-    needs cpus/mems set up before tasks may join, and systemd never manages it on v1)."""
-    mounts: list[tuple[str, str, set[str]]] = []  # (mount point, mount root, super options)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fields, rfields = left.split(), right.split()
-        if rfields and rfields[0] in ("cgroup", "cgroup2"):
-            mounts.append((fields[4], fields[3], set(rfields[2].split(",")) | {rfields[0]}))
-    dirs: list[Path] = []
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        wanted = set(controllers.split(",")) if controllers else {"cgroup2"}
-        if "cpuset" in wanted:
-            continue
-        for point, root, opts in mounts:
-            if wanted <= opts and (path == root or path.startswith(root.rstrip("/") + "/")):
-                rel = path[len(root) :] if root != "/" else path
-                dirs.append(Path(point + rel))
-                break
-    return [d for d in dirs if os.access(d, os.W_OK)]
 
 
 class Sandbox:
@@ -91,7 +65,7 @@ class Sandbox:
         self.workdir = workdir
         self.start_timeout = start_timeout
         self._tag = f"luo-sandbox-{uuid.uuid4().hex[:12]}"
-        self._cgroups: list[Path] = []
+        self._cgroups = SandboxCgroups(self._tag)
         self._holder: subprocess.Popen[bytes] | None = None
         self._manager: subprocess.Popen[bytes] | None = None
         self._mnt_ns: tuple[int, int] | None = None  # (st_dev, st_ino) of the namespace
@@ -163,7 +137,7 @@ class Sandbox:
         for directory in (self.workdir, self.home, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
         try:
-            self._make_cgroups()
+            self._cgroups.create()
             self._start_holder()
             self._redirect_bus_socket()
             self._redirect_service_output()
@@ -188,15 +162,17 @@ class Sandbox:
         if self._holder is not None:
             self._terminate(self._holder, grace=0.0)
         leftover = self.processes()
-        removed = self._remove_cgroups(deadline=time.monotonic() + 5.0)
+        removed = self._cgroups.remove(deadline=time.monotonic() + 5.0)
         self._manager = self._holder = None
         if leftover or not removed:
-            raise SandboxError(f"sandbox left processes {leftover} or cgroups {self._cgroups}")
-        self._cgroups = []
+            raise SandboxError(
+                f"sandbox left processes {leftover} or cgroups {self._cgroups.paths}"
+            )
+        self._cgroups.paths = []
 
     def processes(self) -> list[int]:
         """Pids of every live process in the sandbox: its mount namespace or its cgroups."""
-        pids = set(self._cgroup_pids())
+        pids = self._cgroups.pids()
         if self._mnt_ns is not None:
             for entry in Path("/proc").iterdir():
                 if not entry.name.isdigit():
@@ -268,61 +244,23 @@ class Sandbox:
             raise SandboxError("sandbox not started")
         return self._holder.pid
 
-    def _join_prefix(self) -> list[str]:
-        procs = [str(cg / "cgroup.procs") for cg in self._cgroups]
-        return ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *procs, "--"]
-
     def _inside(self, argv: Sequence[str]) -> list[str]:
         return [
             "nsenter",
             f"--target={self._holder_pid()}",
             "--mount",
             "--",
-            *self._join_prefix(),
+            *self._cgroups.join_prefix(),
             *argv,
         ]
-
-    def _make_cgroups(self) -> None:
-        for parent in _cgroup_dirs_of_self():
-            cgroup = parent / self._tag
-            cgroup.mkdir()
-            self._cgroups.append(cgroup)
-
-    def _cgroup_pids(self) -> set[int]:
-        pids: set[int] = set()
-        for cgroup in self._cgroups:
-            for procs in cgroup.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in procs.read_text().split())
-        return pids
 
     def _pids_excluding_holder(self) -> list[int]:
         holder = self._holder.pid if self._holder is not None else -1
         return [pid for pid in self.processes() if pid != holder]
 
-    def _remove_cgroups(self, deadline: float) -> bool:
-        """rmdir depth-first; a just-killed process can linger in cgroup.procs briefly."""
-        while True:
-            for cgroup in self._cgroups:
-                if not cgroup.exists():
-                    continue
-                subdirs = sorted(
-                    (p for p in cgroup.rglob("*") if p.is_dir()),
-                    key=lambda p: len(p.parts),
-                    reverse=True,
-                )
-                for directory in [*subdirs, cgroup]:
-                    with contextlib.suppress(OSError):
-                        directory.rmdir()
-            if not any(cgroup.exists() for cgroup in self._cgroups):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-
     def _start_holder(self) -> None:
         argv = [
-            *self._join_prefix(),
+            *self._cgroups.join_prefix(),
             "unshare",
             "--mount",
             "--propagation",
@@ -402,7 +340,7 @@ class Sandbox:
 
     def _check_manager_cgroup(self) -> None:
         assert self._manager is not None
-        if self._manager.pid not in self._cgroup_pids():
+        if self._manager.pid not in self._cgroups.pids():
             raise SandboxError("systemd --user escaped the sandbox cgroup")
 
     def _await_bus_name(self, deadline: float) -> None:

@@ -3,7 +3,7 @@
 One module per generation (``rfc_v2`` = G1, ``v3`` = G3, ``session`` = G5/G6 in
 ``kernel-abi.md``); names keep their C spelling.  Request numbers are computed with the generic
 ``_IOC`` layout of ``asm-generic/ioctl.h`` (x86_64, arm64, riscv), never written as hex.  This
-package does no I/O.
+package does no I/O and imports nothing of luo_agent outside itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,116 @@
+"""The import rules stated in the packages' docstrings (``luo_agent/__init__.py`` and the
+``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``examples/``), read from the source
+with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "luo_agent"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere in its body, relative imports resolved."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+MODULES = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _ours(names: set[str]) -> set[str]:
+    return {n for n in names if n == "luo_agent" or n.startswith("luo_agent.")}
+
+
+def _within(name: str, allowed: tuple[str, ...]) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in allowed)
+
+
+def test_every_module_was_read() -> None:
+    assert "luo_agent.systemd.pystemd_gate" in MODULES
+    assert "luo_agent.kernel.session_backend" in MODULES
+    assert "luo_agent.pystemd" not in MODULES
+
+
+def test_only_the_pystemd_modules_import_pystemd() -> None:
+    importers = {
+        m for m, names in MODULES.items() if any(n.split(".")[0] == "pystemd" for n in names)
+    }
+    assert importers == {"luo_agent.systemd.pystemd_calls", "luo_agent.systemd.pystemd_thread"}
+
+
+@pytest.mark.parametrize(
+    ("package", "allowed"),
+    [
+        (
+            "luo_agent.kernel",
+            (
+                "luo_agent.kernel",
+                "luo_agent.errors",
+                "luo_agent.records",
+                "luo_agent.persist.write_atomic",
+                "luo_agent.fdkind",
+            ),
+        ),
+        ("luo_agent.kernel.uapi", ("luo_agent.kernel.uapi",)),
+        ("luo_agent.systemd", ("luo_agent.systemd", "luo_agent.errors")),
+        ("luo_agent.examples", ("luo_agent.client", "luo_agent.persist.write_atomic")),
+    ],
+)
+def test_adapter_packages_import_only_what_their_docstring_allows(
+    package: str, allowed: tuple[str, ...]
+) -> None:
+    wrong = {
+        (module, name)
+        for module, names in MODULES.items()
+        if _within(module, (package,))
+        for name in _ours(names)
+        # "from luo_agent.x import y" records both luo_agent.x and luo_agent.x.y
+        if not _within(name, allowed) and not any(a.startswith(name + ".") for a in allowed)
+    }
+    assert not wrong
+
+
+def test_nothing_below_the_agent_imports_it_or_the_api_or_the_root() -> None:
+    upper = ("luo_agent.agent", "luo_agent.dbus", "luo_agent.daemon")
+    lower = (
+        "luo_agent.kernel",
+        "luo_agent.systemd",
+        "luo_agent.phase",
+        "luo_agent.registry",
+        "luo_agent.persist",
+        "luo_agent.sysfs",
+        "luo_agent.log",
+        "luo_agent.errors",
+        "luo_agent.records",
+        "luo_agent.config",
+        "luo_agent.fdkind",
+    )
+    wrong = {
+        (module, name)
+        for module, names in MODULES.items()
+        if _within(module, lower)
+        for name in _ours(names)
+        if _within(name, upper)
+    }
+    assert not wrong
