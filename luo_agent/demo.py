@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .sandbox import Sandbox, missing_requirements
-from .sandbox import _cgroup_dirs_of_self as cgroup_dirs_of_self
+from .sandbox_cgroups import own_cgroup_dirs as cgroup_dirs_of_self
 from .testbed import Testbed
 
 
