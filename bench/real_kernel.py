@@ -34,7 +34,10 @@ def _interval(kernel: Path, scenario: str) -> tuple[float | None, dict[str, Any]
     run = run_scenario(kernel, scenario, run_dir)
     clock = run.summary.get("clock", {})
     value = clock.get("kexec_to_verified_restore_s")
-    return (float(value) if value is not None else None), {
+    # The lab installs the package in every boot before systemd starts (a real machine has it on
+    # its disk): taken out, so the figure is the kernel's and the boot's, not dpkg's under TCG.
+    setup = clock.get("lab_package_setup_s", 0.0)
+    return (float(value) - float(setup) if value is not None else None), {
         "run_dir": str(run_dir),
         "vm": run.vm.describe(),
         "clock": clock,
@@ -61,6 +64,7 @@ def run(quick: bool) -> dict[str, Any]:
                 into.append(value)
     result: dict[str, Any] = {"runs": runs}
     print("\n## real kernel: reboot(KEXEC) call -> participant holds its verified fd (TCG)")
+    print("   (the lab's per-boot package install, before systemd starts, is taken out)")
     if not agent or not bare:
         print("   not measured (see the runs above)")
         return result
