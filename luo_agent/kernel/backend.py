@@ -40,7 +40,7 @@ from ..records import METADATA_CAPACITY, UpdateRecord, decode_metadata, encode_m
 from .device import Abi, Event, KernelState
 from .rfc_v2 import RfcV2Device
 from .session import LuoSession, SessionDevice
-from .syscalls import Syscalls
+from .syscalls import Syscalls, kexec_image_loaded
 from .v3 import V3Device
 
 AGENT_SESSION: Final = "luo-agent"  # the agent's own session on the session ABI
@@ -92,6 +92,11 @@ class FdCustody(Protocol):
         """Take back an outgoing session kept for a kexec that did not happen."""
         ...
 
+    def sync(self) -> None:
+        """Return once the keeper has processed every fd handed to it so far (sd_notify's
+        ``BARRIER=1``); raises OSError if it does not answer."""
+        ...
+
 
 class NoCustody:
     """Nothing outlives the process (tests, an agent not run by systemd)."""
@@ -109,6 +114,9 @@ class NoCustody:
         raise OSError(errno.EOPNOTSUPP, "no fd store to keep outgoing sessions in")
 
     def drop_outgoing(self, name: str) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
 
@@ -129,9 +137,9 @@ class KernelBackend(Protocol):
 
     def reboot(self) -> None: ...
 
-    def entrust_outgoing(self) -> None:
-        """Hand every outgoing handle to the custody so it survives the agent through an
-        orderly kexec (the systemd strategy); only the session ABI can."""
+    def entrust_outgoing(self) -> int:
+        """Hand every outgoing handle to the custody so it survives the agent through a kexec
+        by PID 1 (the systemd strategy), and return how many; only the session ABI can."""
         ...
 
     def reclaim_outgoing(self) -> None:
@@ -151,6 +159,10 @@ class KernelBackend(Protocol):
         ...
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None: ...
+
+    def kexec_image_loaded(self) -> bool:
+        """Whether a kexec image is loaded (by anyone), i.e. ``reboot(KEXEC)`` can jump."""
+        ...
 
     def describe_state(self) -> str: ...
 
@@ -290,16 +302,18 @@ class SessionBackend(_MetadataMixin):
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
 
-    def entrust_outgoing(self) -> None:
+    def entrust_outgoing(self) -> int:
         # The agent's own session (metadata) travels like the others; nothing is closed here:
         # the agent's copies go when PID 1 stops it, the custody's stay open to reboot(KEXEC).
         try:
             for name, session in self.outgoing.items():
                 self.custody.keep_outgoing(name, session.fd)
                 self._entrusted.append(name)
+            self.custody.sync()
         except BaseException:
             self.reclaim_outgoing()
             raise
+        return len(self._entrusted)
 
     def reclaim_outgoing(self) -> None:
         # Otherwise the store would keep the sessions open, preserved, into any later kexec.
@@ -349,6 +363,9 @@ class SessionBackend(_MetadataMixin):
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None:
         self.syscalls.kexec_file_load(kernel_fd, initrd_fd, cmdline, 0)
 
+    def kexec_image_loaded(self) -> bool:
+        return kexec_image_loaded(self.syscalls)
+
     def describe_state(self) -> str:
         return f"{len(self.outgoing)} outgoing, {len(self.incoming)} incoming sessions"
 
@@ -377,7 +394,7 @@ class _GlobalListBackend(_MetadataMixin):
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
 
-    def entrust_outgoing(self) -> None:
+    def entrust_outgoing(self) -> int:
         # The held device fd must stay open through the reboot, and PID 1 >= 261 needs the
         # device itself at shutdown: an fd store cannot carry a state-machine update.
         raise Unsupported(
@@ -389,6 +406,9 @@ class _GlobalListBackend(_MetadataMixin):
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None:
         self.syscalls.kexec_file_load(kernel_fd, initrd_fd, cmdline, 0)
+
+    def kexec_image_loaded(self) -> bool:
+        return kexec_image_loaded(self.syscalls)
 
     # Generation-specific primitives.
     def _state(self) -> KernelState:

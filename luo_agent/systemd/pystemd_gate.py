@@ -57,6 +57,10 @@ _RESULT_INTERFACES: Final = {
     "scope": b"org.freedesktop.systemd1.Scope",
 }
 
+# What `systemctl kexec` starts once a kexec image is loaded.
+KEXEC_TARGET: Final = "kexec.target"
+KEXEC_JOB_MODE: Final = "replace-irreversibly"
+
 SHUTDOWN_TARGETS: Final = frozenset(
     {"reboot.target", "poweroff.target", "halt.target", "kexec.target", "soft-reboot.target"}
 )
@@ -199,7 +203,19 @@ class PystemdGate:
         await self._call(lambda: self._t_manager_call(b"Reload", b"", []))
 
     async def kexec(self) -> None:
-        await self._call(lambda: self._t_manager_call(b"KExec", b"", []))
+        # Not Manager.KExec, which stops no unit (docs/architecture.md, "systemd 262 and
+        # /dev/liveupdate").  Not _run_job: cancelling this wait must not cancel the kexec.
+        loop = asyncio.get_running_loop()
+        request = _JobRequest(loop, loop.create_future())
+        await self._call(
+            lambda: self._t_enqueue_job(request, b"StartUnit", KEXEC_TARGET, KEXEC_JOB_MODE)
+        )
+        result = await request.done
+        if result != JobResult.DONE:
+            raise GateError(KEXEC_TARGET, result)
+
+    async def fd_store_fill(self, unit: str = "") -> tuple[int, int]:
+        return await self._call(lambda: self._t_fd_store_fill(unit))
 
     async def manager_version(self) -> str:
         return await self._call(
@@ -446,6 +462,23 @@ class PystemdGate:
                 with contextlib.suppress(GateError):  # may have finished meanwhile
                     self._t_manager_call(b"CancelJob", b"u", [job_id])
                     log.info("participant_job_cancelled", unit=job_unit, target=unit)
+
+    def _t_fd_store_fill(self, unit: str) -> tuple[int, int]:
+        bus, service = self._t_bus(), _RESULT_INTERFACES["service"]
+        try:
+            if unit:
+                path = self._t_unit_path(unit)
+            else:  # GetUnitByPID(0): the caller's unit
+                args = apply_signature(b"u", [0])
+                reply = bus.call_method(_DEST, _MANAGER_PATH, _MANAGER_IFACE, b"GetUnitByPID", args)
+                path = bytes(reply.body[0])
+            count, room = (
+                int(bus.get_property(_DEST, path, service, name, b"u"))
+                for name in (b"NFileDescriptorStore", b"FileDescriptorStoreMax")
+            )
+        except DBusBaseError as exc:
+            raise _call_error("get NFileDescriptorStore", unit or "own unit", exc) from exc
+        return count, room
 
     def _t_unit_path(self, unit: str) -> bytes:
         # Looking the object path up loads the unit if needed (as pystemd's Unit does).
