@@ -146,8 +146,8 @@ class SystemdFdStore:
                 notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name, prefix))
 
     def keep_outgoing(self, name: str, fd: int) -> None:
-        # Not best effort: a session missing from the store is lost at the kexec.  (systemd does
-        # not acknowledge FDSTORE=1; FileDescriptorStoreMax= in the unit must leave room.)
+        # Not best effort: a session missing from the store is lost at the kexec.  FDSTORE=1 is
+        # not acknowledged: the hand-over counts the store after sync() (kexec_handover.py).
         if self._marker is not None:
             self._marker.parent.mkdir(parents=True, exist_ok=True)
             self._marker.touch()

@@ -454,6 +454,8 @@ def test_fd_store_keeps_outgoing_sessions_under_their_own_name(tmp_path: Path) -
     as sessions; without a notify socket keeping an outgoing session is an error."""
     with pytest.raises(OSError, match="no fd store"):
         SystemdFdStore(env={}).keep_outgoing("vm-1", 0)
+    with pytest.raises(OSError, match="no fd store"):
+        SystemdFdStore(env={}).sync()  # no BARRIER=1 answer to wait for
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(tmp_path / "notify"))
         sock.settimeout(5)
