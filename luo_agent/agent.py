@@ -1111,6 +1111,7 @@ class Agent:
             image_loaded=lambda: self._in_kernel(kernel.kexec_image_loaded),
             entrust=lambda: self._in_kernel(self._entrust_blocking, record),
             reclaim=lambda: self._in_kernel(kernel.reclaim_outgoing),
+            announce=self._publish_reboot,
         )
 
     def _write_final_metadata(self, record: UpdateRecord) -> None:

@@ -53,12 +53,15 @@ async def hand_over_to_pid1(
     image_loaded: Callable[[], Awaitable[bool]],
     entrust: Callable[[], Awaitable[int]],
     reclaim: Callable[[], Awaitable[None]],
+    announce: Callable[[], None],
 ) -> None:
     """Put the outgoing sessions into the agent's fd store and start ``kexec.target``.
 
     ``entrust`` pushes the session fds, waits for PID 1 to process them (``BARRIER=1``) and
-    returns how many it pushed; ``reclaim`` takes them back.  Returns only if the kexec job ended
-    ``done``; normally PID 1 stops the agent first, which cancels this wait but not the job."""
+    returns how many it pushed; ``reclaim`` takes them back; ``announce`` publishes "rebooting"
+    before PID 1 starts stopping units (participants' ``ExecStop=`` may look).  Returns only if
+    the kexec job ended ``done``; normally PID 1 stops the agent first, which cancels this wait but
+    not the job."""
     if not await image_loaded():
         raise HandOverRefused(NO_KEXEC_IMAGE)
     before, _room = await gate.fd_store_fill()
@@ -71,6 +74,7 @@ async def hand_over_to_pid1(
                 f"of {before} (FileDescriptorStoreMax={room}): PID 1 dropped some, raise "
                 "FileDescriptorStoreMax="
             )
+        announce()
         await gate.kexec()
     except (LuoError, OSError):
         await reclaim()  # no kexec coming: the store must not carry them into a later one

@@ -149,6 +149,8 @@ async def _execute_until_kexec_queued(host: Host, agent: Agent, pid1: FakeSystem
     async with asyncio.timeout(10):
         await pid1.kexec_queued.wait()
     assert agent.phase is ph.Phase.REBOOTING
+    # Published before PID 1 stops the participants' units (their ExecStop= may look).
+    assert (host.runtime_directory / "state").read_text() == "rebooting\n"
     assert pid1.kexec_jobs == ["kexec.target"]
     assert sorted(pid1.stored_names()) == CARRIED
 
