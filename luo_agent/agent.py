@@ -39,6 +39,7 @@ from .errors import (
 from .fdkind import check_preservable
 from .kernel.backend import BootState, KernelBackend, PreserveItem
 from .kernel.device import KernelState as KernelStateValue
+from .kexec_handover import direct_strategy_warning, hand_over_to_pid1, missing_kexec_image
 from .persist import History, PersistError, RuntimeState
 from .records import PreservedFd, UpdateRecord
 from .registry import FdRegistry
@@ -207,6 +208,7 @@ class Agent:
         # "systemd" that cannot work here, why (a Check() blocker; Execute is refused).
         self.reboot_strategy = "direct"
         self.reboot_strategy_blocker = ""
+        self.reboot_strategy_warning = ""
 
     # ------------------------------------------------------------------------------ life cycle
 
@@ -229,6 +231,9 @@ class Agent:
         for note in boot.notes:
             log.warning("kernel_boot_note", note=note)
         await self._choose_reboot_strategy()
+        self.reboot_strategy_warning = await direct_strategy_warning(
+            self.gate, self.reboot_strategy, self.config.systemd_user_mode
+        )
         previous = self._load_current()
         await self._recover(boot, previous)
         await self._watch_shutdown()
@@ -573,6 +578,8 @@ class Agent:
         if self.reboot_strategy_blocker:
             # Before the freeze gate: nothing is frozen, the update stays prepared.
             raise Unsupported("Execute", errno.EOPNOTSUPP, self.reboot_strategy_blocker)
+        if self.reboot_strategy == "systemd" and (gone := missing_kexec_image(self.kernel)):
+            raise PhaseError(self.phase, f"Execute while {gone}")
         await self.submit(ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:
@@ -663,7 +670,10 @@ class Agent:
             blockers.append("no kernel loaded for kexec (LoadKernel)")
         if self.reboot_strategy_blocker:
             blockers.append(self.reboot_strategy_blocker)
-        warnings: list[str] = []
+        gone = missing_kexec_image(self.kernel) if self.reboot_strategy == "systemd" else ""
+        if gone and self.kernel_loaded:
+            blockers.append(gone)
+        warnings = [self.reboot_strategy_warning] if self.reboot_strategy_warning else []
         if self.kernel_loaded and not _enables_liveupdate(self.kernel_cmdline):
             warnings.append(
                 "the loaded kernel's command line has no liveupdate=1: LUO (and so restore) "
@@ -1226,16 +1236,17 @@ class Agent:
         if self.reboot_strategy != "systemd":
             await self._in_kernel(self._reboot_blocking, record)
             return
-        assert self.kernel is not None
-        # The systemd strategy: the session fds go to the fd store, PID 1 stops every unit (this
-        # agent too) and carries the store through reboot(KEXEC) (systemd >= 261).
-        await self._in_kernel(self._entrust_blocking, record)
-        try:
-            await self.gate.kexec()
-        except (LuoError, OSError):
-            # No kexec coming: the store must not carry the sessions into some later one.
-            await self._in_kernel(self.kernel.reclaim_outgoing)
-            raise
+        kernel = self.kernel
+        assert kernel is not None
+        # The systemd strategy: the session fds go to the fd store, kexec.target stops every
+        # unit (this agent too) and PID 1 carries the store through reboot(KEXEC) (>= 261).
+        await hand_over_to_pid1(
+            self.gate,
+            image_loaded=lambda: self._in_kernel(kernel.kexec_image_loaded),
+            entrust=lambda: self._in_kernel(self._entrust_blocking, record),
+            reclaim=lambda: self._in_kernel(kernel.reclaim_outgoing),
+            announce=self._publish_reboot,
+        )
 
     def _write_final_metadata(self, record: UpdateRecord) -> None:
         """O(1) before the jump: one pwrite of the small metadata, stamped with the agent's share
@@ -1244,10 +1255,10 @@ class Agent:
         blackout = time.monotonic() - self._freeze_gate_done
         self.kernel.update_metadata(replace(record, blackout_critical=blackout))
 
-    def _entrust_blocking(self, record: UpdateRecord) -> None:
+    def _entrust_blocking(self, record: UpdateRecord) -> int:
         assert self.kernel is not None
         self._write_final_metadata(record)
-        self.kernel.entrust_outgoing()
+        return self.kernel.entrust_outgoing()
 
     def _reboot_blocking(self, record: UpdateRecord) -> None:
         assert self.kernel is not None

@@ -21,9 +21,9 @@ BusKind = Literal["system", "session"]
 AbiChoice = Literal["auto", "rfc-v2", "v3", "session"]
 # How the kexec happens (design.md §5, docs/configuration.md):
 # - "direct": after the freeze gate the agent issues reboot(KEXEC) itself (shortest blackout).
-# - "systemd": the agent pushes its outgoing session fds into its fd store and asks PID 1 for an
-#   orderly kexec (Manager.KExec); needs the session ABI and a system manager >= 261, which carries
-#   fd stores through kexec.  Anything else is a Check() blocker and Execute is refused.
+# - "systemd": the agent pushes its outgoing session fds into its fd store and starts kexec.target
+#   (an orderly kexec); needs the session ABI and a system manager >= 261, which carries fd stores
+#   through kexec.  Anything else is a Check() blocker and Execute is refused.
 # - "auto": "systemd" when those requirements hold, else "direct".
 # The default stays "direct": a systemd upgrade must not change the blackout behind the operator.
 RebootStrategy = Literal["direct", "systemd", "auto"]

@@ -349,7 +349,7 @@ class KernelFreeze:
 
 @dataclass(frozen=True, slots=True)
 class KernelReboot:
-    """kexec with every outgoing handle open (direct reboot or systemd KExec per configuration)."""
+    """kexec with every outgoing handle open (direct reboot or kexec.target per configuration)."""
 
 
 @dataclass(frozen=True, slots=True)

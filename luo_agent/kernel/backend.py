@@ -80,6 +80,11 @@ class FdCustody(Protocol):
         """Take back an outgoing session kept for a kexec that did not happen."""
         ...
 
+    def sync(self) -> None:
+        """Return once the keeper has processed every fd handed to it so far (sd_notify's
+        ``BARRIER=1``); raises OSError if it does not answer."""
+        ...
+
 
 class NoCustody:
     """Nothing outlives the process (tests, an agent not run by systemd)."""
@@ -97,6 +102,9 @@ class NoCustody:
         raise OSError(errno.EOPNOTSUPP, "no fd store to keep outgoing sessions in")
 
     def drop_outgoing(self, name: str) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
 
@@ -117,9 +125,9 @@ class KernelBackend(Protocol):
 
     def reboot(self) -> None: ...
 
-    def entrust_outgoing(self) -> None:
-        """Hand every outgoing handle to the custody so it survives the agent through an
-        orderly kexec (the systemd strategy); only the session ABI can."""
+    def entrust_outgoing(self) -> int:
+        """Hand every outgoing handle to the custody so it survives the agent through a kexec
+        by PID 1 (the systemd strategy), and return how many; only the session ABI can."""
         ...
 
     def reclaim_outgoing(self) -> None:
@@ -139,6 +147,10 @@ class KernelBackend(Protocol):
         ...
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None: ...
+
+    def kexec_image_loaded(self) -> bool:
+        """Whether a kexec image is loaded (by anyone), i.e. ``reboot(KEXEC)`` can jump."""
+        ...
 
     def describe_state(self) -> str: ...
 

@@ -21,7 +21,7 @@ from .backend import (
 )
 from .device import Abi, Event, KernelState
 from .rfc_v2 import RfcV2Device
-from .syscalls import Syscalls
+from .syscalls import Syscalls, kexec_image_loaded
 from .v3 import V3Device
 
 
@@ -39,7 +39,7 @@ class GlobalListBackend(MetadataMemfd):
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
 
-    def entrust_outgoing(self) -> None:
+    def entrust_outgoing(self) -> int:
         # The held device fd must stay open through the reboot, and PID 1 >= 261 needs the
         # device itself at shutdown: an fd store cannot carry a state-machine update.
         raise Unsupported(
@@ -51,6 +51,9 @@ class GlobalListBackend(MetadataMemfd):
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None:
         self.syscalls.kexec_file_load(kernel_fd, initrd_fd, cmdline, 0)
+
+    def kexec_image_loaded(self) -> bool:
+        return kexec_image_loaded(self.syscalls)
 
     # Generation-specific primitives.
     def _state(self) -> KernelState:

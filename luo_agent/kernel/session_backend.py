@@ -24,7 +24,7 @@ from .backend import (
 )
 from .device import Abi
 from .session import LuoSession, SessionDevice
-from .syscalls import Syscalls
+from .syscalls import Syscalls, kexec_image_loaded
 
 
 @dataclass
@@ -125,16 +125,18 @@ class SessionBackend(MetadataMemfd):
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
 
-    def entrust_outgoing(self) -> None:
+    def entrust_outgoing(self) -> int:
         # The agent's own session (metadata) travels like the others; nothing is closed here:
         # the agent's copies go when PID 1 stops it, the custody's stay open to reboot(KEXEC).
         try:
             for name, session in self.outgoing.items():
                 self.custody.keep_outgoing(name, session.fd)
                 self._entrusted.append(name)
+            self.custody.sync()
         except BaseException:
             self.reclaim_outgoing()
             raise
+        return len(self._entrusted)
 
     def reclaim_outgoing(self) -> None:
         # Otherwise the store would keep the sessions open, preserved, into any later kexec.
@@ -183,6 +185,9 @@ class SessionBackend(MetadataMemfd):
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None:
         self.syscalls.kexec_file_load(kernel_fd, initrd_fd, cmdline, 0)
+
+    def kexec_image_loaded(self) -> bool:
+        return kexec_image_loaded(self.syscalls)
 
     def describe_state(self) -> str:
         return f"{len(self.outgoing)} outgoing, {len(self.incoming)} incoming sessions"

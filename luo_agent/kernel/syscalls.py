@@ -17,6 +17,8 @@ from typing import Final, Protocol
 
 DEVICE_PATH: Final = "/dev/liveupdate"
 SYSFS_STATE_PATH: Final = "/sys/kernel/liveupdate/state"
+# "1" while a kexec image is loaded (kernel/ksysfs.c); absent without CONFIG_KEXEC_CORE.
+KEXEC_LOADED_PATH: Final = "/sys/kernel/kexec_loaded"
 
 # <linux/reboot.h>
 LINUX_REBOOT_MAGIC1: Final = 0xFEE1DEAD
@@ -102,3 +104,12 @@ class RealSyscalls:
 
     def path(self, path: str) -> str:
         return path
+
+
+def kexec_image_loaded(syscalls: Syscalls) -> bool:
+    """Whether ``reboot(KEXEC)`` has an image to jump to (``/sys/kernel/kexec_loaded``)."""
+    try:
+        with open(syscalls.path(KEXEC_LOADED_PATH)) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False

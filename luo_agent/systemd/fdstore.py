@@ -9,9 +9,13 @@ RETRIEVE_SESSION, which the kernel refuses for a session that is still open.  On
 finished it is removed from the store (``FDSTOREREMOVE=1``).
 
 The systemd reboot strategy also pushes every *outgoing* session fd (``luo-out-<hex>``) before it
-asks PID 1 for ``Manager.KExec``: systemd >= 261 with ``FileDescriptorStorePreserve=yes`` carries
-them through the kexec (PID 1 keeps session fds open to ``reboot(KEXEC)`` and retrieves them by
-name on the next boot), so they come back under the same name as *incoming* sessions.
+starts ``kexec.target``: systemd >= 261 with ``FileDescriptorStorePreserve=yes`` carries the store
+through the kexec (PID 1 serializes it, systemd-shutdown keeps session fds open to
+``reboot(KEXEC)``, the next boot's PID 1 retrieves each session by its kernel name and puts the
+fd back under the same FDNAME), so they come back as *incoming* sessions named ``luo-out-<hex>``.
+``FDSTORE=1`` is not acknowledged and a full store drops the fd silently, so ``sync()`` waits
+for PID 1 with ``BARRIER=1`` before the agent counts the store (docs/architecture.md, "systemd
+262 and /dev/liveupdate").
 
 fd names allow only a restricted character set (no ``:``), so the session name is hex-encoded.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -35,6 +39,8 @@ SD_LISTEN_FDS_START: Final = 3
 NAME_PREFIX: Final = "luo-in-"
 OUTGOING_PREFIX: Final = "luo-out-"
 OUTGOING_MARKER: Final = "outgoing-in-fd-store"
+# sd_notify_barrier(3)'s default: PID 1 answers within milliseconds unless it is wedged.
+BARRIER_TIMEOUT_SECONDS: Final = 5.0
 
 
 def fd_name(session: str, prefix: str = NAME_PREFIX) -> str:
@@ -95,9 +101,14 @@ class SystemdFdStore:
         if self._consumed:
             return {}
         self._consumed = True
+        return self.adopt(listen_fds(self._env))
+
+    def adopt(self, passed: Sequence[tuple[str, int]]) -> dict[str, int]:
+        """Session name → fd of what systemd passed (``LISTEN_FDNAMES`` order); anything that
+        is no session of ours is closed."""
         sessions: dict[str, int] = {}
         same_boot = self._marker is not None and self._marker.exists()
-        for name, fd in listen_fds(self._env):
+        for name, fd in passed:
             if same_boot and name.startswith(OUTGOING_PREFIX):
                 # Still outgoing: the kexec PID 1 accepted never happened.  Closing the last
                 # reference unpreserves the session: the update is cancelled, not half-restored.
@@ -135,14 +146,18 @@ class SystemdFdStore:
                 notify.notify(env=self._env, FDSTOREREMOVE=1, FDNAME=fd_name(name, prefix))
 
     def keep_outgoing(self, name: str, fd: int) -> None:
-        # Not best effort: a session missing from the store is lost at the kexec.  (systemd does
-        # not acknowledge FDSTORE=1; FileDescriptorStoreMax= in the unit must leave room.)
+        # Not best effort: a session missing from the store is lost at the kexec.  FDSTORE=1 is
+        # not acknowledged: the hand-over counts the store after sync() (kexec_handover.py).
         if self._marker is not None:
             self._marker.parent.mkdir(parents=True, exist_ok=True)
             self._marker.touch()
         if not notify.store_fds(fd_name(name, OUTGOING_PREFIX), [fd], env=self._env):
             raise OSError(errno.EOPNOTSUPP, "not run by systemd: no fd store (NOTIFY_SOCKET)")
         log.info("fd_store_outgoing", session=name)
+
+    def sync(self) -> None:
+        if not notify.barrier(BARRIER_TIMEOUT_SECONDS, env=self._env):
+            raise OSError(errno.EOPNOTSUPP, "not run by systemd: no fd store (NOTIFY_SOCKET)")
 
     def drop_outgoing(self, name: str) -> None:
         # PID 1 refused the kexec: the agent holds its outgoing sessions itself again.

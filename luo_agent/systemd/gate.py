@@ -118,7 +118,17 @@ class Gate(Protocol):
         ...
 
     async def kexec(self) -> None:
-        """Ask the manager for an orderly kexec (``Manager.KExec``); returns once queued."""
+        """An orderly kexec, as ``systemctl kexec`` does with an image loaded: start
+        ``kexec.target`` in job mode ``replace-irreversibly`` and wait for the job to end.
+
+        PID 1 stops every unit on the way (the caller too, usually before the job ends);
+        cancelling the wait leaves the job alone.  Raises ``GateError`` if the start is refused
+        or the job ends other than ``done``.  No timeout inside."""
+        ...
+
+    async def fd_store_fill(self, unit: str = "") -> tuple[int, int]:
+        """``(NFileDescriptorStore, FileDescriptorStoreMax)`` of a service; "" is the caller's
+        own unit."""
         ...
 
     async def manager_version(self) -> str:

@@ -8,7 +8,9 @@ False when ``$NOTIFY_SOCKET`` is unset (not started by systemd, or ``NotifyAcces
 from __future__ import annotations
 
 import array
+import errno
 import os
+import select
 import socket
 from collections.abc import Mapping, Sequence
 
@@ -81,6 +83,28 @@ def stopping(*, env: Mapping[str, str] | None = None) -> bool:
 def store_fds(name: str, fds: Sequence[int], *, env: Mapping[str, str] | None = None) -> bool:
     """Push ``fds`` into the service's fd store under ``name`` (``FDSTORE=1`` + ``FDNAME=``)."""
     return notify(fds=fds, env=env, FDSTORE=1, FDNAME=name)
+
+
+def barrier(timeout: float, *, env: Mapping[str, str] | None = None) -> bool:
+    """sd_notify_barrier(3): return once the manager has processed every message sent before
+    (``BARRIER=1`` with the write end of a pipe, which the manager closes; EOF on the read end).
+    Blocking: call it off the event loop.  False without a notify socket; OSError(ETIMEDOUT) if
+    the manager does not close the pipe within ``timeout`` seconds."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            sent = _send({"BARRIER": 1}, (write_end,), env)
+        finally:
+            os.close(write_end)
+        if not sent:
+            return False
+        poller = select.poll()
+        poller.register(read_end, select.POLLHUP)
+        if not poller.poll(max(0, int(timeout * 1000))):
+            raise OSError(errno.ETIMEDOUT, f"sd_notify: no BARRIER=1 answer in {timeout} s")
+        return True
+    finally:
+        os.close(read_end)
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:

@@ -102,6 +102,25 @@ def _unit_property(bus: Any, unit: str, interface: bytes, name: bytes, rtype: by
         raise call_error(f"get {name.decode()}", unit, exc) from exc
 
 
+def fd_store_fill(bus: Any, unit: str) -> tuple[int, int]:
+    """(NFileDescriptorStore, FileDescriptorStoreMax) of ``unit``, or of the caller's own."""
+    service = _RESULT_INTERFACES["service"]
+    try:
+        if unit:
+            path = bytes(path_encode(_UNIT_PATH_PREFIX, unit.encode()))
+        else:  # GetUnitByPID(0): the caller's unit
+            args = apply_signature(b"u", [0])
+            reply = bus.call_method(DEST, MANAGER_PATH, MANAGER_IFACE, b"GetUnitByPID", args)
+            path = bytes(reply.body[0])
+        count, room = (
+            int(bus.get_property(DEST, path, service, name, b"u"))
+            for name in (b"NFileDescriptorStore", b"FileDescriptorStoreMax")
+        )
+    except DBusBaseError as exc:
+        raise call_error("get NFileDescriptorStore", unit or "own unit", exc) from exc
+    return count, room
+
+
 def participants(bus: Any, target: str) -> list[str]:
     seen: dict[str, None] = {}  # ordered set
     for prop in PARTICIPANT_PROPERTIES:

@@ -22,6 +22,10 @@ from luo_agent.systemd.pystemd_thread import BusThread, JobRequest, JobWatcher
 
 log = structlog.get_logger(__name__)
 
+# What `systemctl kexec` starts once a kexec image is loaded.
+KEXEC_TARGET: Final = "kexec.target"
+KEXEC_JOB_MODE: Final = "replace-irreversibly"
+
 SHUTDOWN_TARGETS: Final = frozenset(
     {"reboot.target", "poweroff.target", "halt.target", "kexec.target", "soft-reboot.target"}
 )
@@ -96,7 +100,22 @@ class PystemdGate:
         await self._bus.call(lambda: calls.manager_call(self._bus.t_bus(), b"Reload", b"", []))
 
     async def kexec(self) -> None:
-        await self._bus.call(lambda: calls.manager_call(self._bus.t_bus(), b"KExec", b"", []))
+        # Not Manager.KExec, which stops no unit (docs/architecture.md, "systemd 262 and
+        # /dev/liveupdate").  Not _run_job: cancelling this wait must not cancel the kexec.
+        loop = asyncio.get_running_loop()
+        request = JobRequest(loop, loop.create_future())
+
+        def enqueue() -> None:
+            path = calls.enqueue_job(self._bus.t_bus(), b"StartUnit", KEXEC_TARGET, KEXEC_JOB_MODE)
+            self._bus.t_await_job(request, path)
+
+        await self._bus.call(enqueue)
+        result = await request.done
+        if result != JobResult.DONE:
+            raise GateError(KEXEC_TARGET, result)
+
+    async def fd_store_fill(self, unit: str = "") -> tuple[int, int]:
+        return await self._bus.call(lambda: calls.fd_store_fill(self._bus.t_bus(), unit))
 
     async def manager_version(self) -> str:
         return await self._bus.call(lambda: calls.manager_version(self._bus.t_bus()))

@@ -1,5 +1,6 @@
 """reboot_strategy = "systemd" | "auto": the agent's side on an emulated machine, with what
-systemd >= 261's PID 1 does around Manager.KExec emulated (tests/fakes/pid1.py)."""
+systemd 262's PID 1 does with the agent's fd store around kexec.target emulated
+(tests/fakes/pid1.py); the agent's SystemdFdStore talks to it over a real notify socket."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,17 +20,21 @@ from luo_agent import phase as ph
 from luo_agent.agent import Agent
 from luo_agent.config import AbiChoice, Config, RebootStrategy, parse_config
 from luo_agent.daemon import kernel_factory
-from luo_agent.errors import ConfigError, GateError, Unsupported
-from luo_agent.kernel.backend import FdCustody
+from luo_agent.errors import ConfigError, GateError, PhaseError, Unsupported
+from luo_agent.kernel.backend import FdCustody, NoCustody
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
+from luo_agent.kernel.session import SessionDevice
+from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 from luo_agent.persist import History, RuntimeState
-from luo_agent.systemd.fdstore import SystemdFdStore, session_of
-from tests.agent.test_agent_flow import memfd_with, until
+from luo_agent.systemd import notify
+from luo_agent.systemd.fdstore import OUTGOING_PREFIX, SystemdFdStore, fd_name, session_of
+from tests.fakes.agent_host import memfd_with, until
 from tests.fakes.gate import FakeGate
-from tests.fakes.pid1 import FakeFdStore, FakeSystemd261
+from tests.fakes.pid1 import AgentFdStore, FakeSystemd262
 
 RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
 FREEZE = ph.PHASE_TARGETS[ph.Phase.FREEZING]
+CARRIED = sorted(fd_name(s, OUTGOING_PREFIX) for s in ("luo-agent", "vm-1"))
 
 
 @dataclasses.dataclass
@@ -36,6 +42,10 @@ class Host:
     tmp: Path
     machine: EmulatedMachine
     abi: AbiChoice
+
+    @property
+    def runtime_directory(self) -> Path:
+        return self.tmp / "run"
 
     @contextlib.asynccontextmanager
     async def agent(
@@ -47,7 +57,7 @@ class Host:
     ) -> AsyncIterator[Agent]:
         cfg = Config(
             state_directory=self.tmp / "state",
-            runtime_directory=self.tmp / "run",
+            runtime_directory=self.runtime_directory,
             reboot_strategy=strategy,
             systemd_user_mode=user_mode,
         )
@@ -88,6 +98,21 @@ class Host:
     def outgoing_sessions(self) -> list[str]:
         return sorted(s["name"] for s in self.machine.inspect()["outgoing_sessions"])
 
+    def incoming_sessions(self) -> list[str]:
+        return sorted(s["name"] for s in self.machine.inspect()["incoming_sessions"])
+
+    def unload_image(self) -> None:
+        EmulatedSyscalls(self.machine.root).kexec_file_load(-1, -1, "", KEXEC_FILE_UNLOAD)
+
+    async def pid1_reboots(self, pid1: FakeSystemd262) -> None:
+        """systemd-shutdown's kexec (or its fallback), then the next boot's PID 1."""
+        await asyncio.to_thread(pid1.shutdown)
+        if pid1.last_shutdown == "kexec":
+            await asyncio.to_thread(self.machine.wait_down, 10)
+        shutil.rmtree(self.runtime_directory, ignore_errors=True)  # /run is a tmpfs
+        self.machine.boot()
+        await asyncio.to_thread(pid1.boot)
+
 
 def _host(tmp_path: Path, abi: AbiChoice, profile: str | None = None) -> Iterator[Host]:
     machine = EmulatedMachine(tmp_path / "machine", abi, profile)
@@ -108,36 +133,34 @@ def state_machine_host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     yield from _host(tmp_path, request.param)
 
 
-async def test_systemd_strategy_carries_sessions_through_pid1_kexec(session_host: Host) -> None:
-    host = session_host
-    data = os.urandom(256 << 10)
-    pid1 = FakeSystemd261(host.machine.root)
-    kexec_queued = asyncio.Event()
+@pytest.fixture
+def pid1(session_host: Host) -> Iterator[FakeSystemd262]:
+    emulated = FakeSystemd262(session_host.machine)
+    yield emulated
+    emulated.close()
 
-    async def queue_kexec() -> None:
-        kexec_queued.set()  # Manager.KExec returns once the job is queued
 
-    gate = FakeGate(version="261.3-1", on_kexec=queue_kexec)
-    async with host.agent(gate, "systemd", pid1.store) as agent:
-        assert agent.reboot_strategy == "systemd"
-        assert not any("reboot_strategy" in b for b in agent.check().blockers)
-        await host.prepared(agent, data)
-        await agent.execute("upd-s")
-        async with asyncio.timeout(10):
-            await kexec_queued.wait()
-        await until(agent, lambda: agent.phase is ph.Phase.REBOOTING)
-        assert gate.started[-1] == FREEZE and gate.kexec_requests == 1
-        assert sorted(pid1.store.outgoing) == ["luo-agent", "vm-1"]
-    # The agent is stopped with its own session fds closed: only the fd store keeps them.
-    assert host.machine.running and host.outgoing_sessions() == ["luo-agent", "vm-1"]
-    await asyncio.to_thread(pid1.kexec)
-    await asyncio.to_thread(host.machine.wait_down, 10)
+def _gate(pid1: FakeSystemd262, version: str = "262.1-1") -> FakeGate:
+    return FakeGate(version=version, on_kexec=pid1.kexec_target_job, fd_store=pid1.fill)
 
-    host.machine.boot()
-    store = await asyncio.to_thread(pid1.boot)
-    restore_gate = FakeGate(version="261.3-1")
+
+async def _execute_until_kexec_queued(host: Host, agent: Agent, pid1: FakeSystemd262) -> None:
+    await agent.execute("upd-s")
+    async with asyncio.timeout(10):
+        await pid1.kexec_queued.wait()
+    assert agent.phase is ph.Phase.REBOOTING
+    # Published before PID 1 stops the participants' units (their ExecStop= may look).
+    assert (host.runtime_directory / "state").read_text() == "rebooting\n"
+    assert pid1.kexec_jobs == ["kexec.target"]
+    assert sorted(pid1.stored_names()) == CARRIED
+
+
+async def _restore_and_finish(host: Host, pid1: FakeSystemd262, data: bytes) -> Agent:
+    restore_gate = _gate(pid1)
     retrieved: list[int] = []
-    async with host.agent(restore_gate, "systemd", store) as agent:
+    async with host.agent(restore_gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as (
+        agent
+    ):
         assert agent.phase is ph.Phase.UPDATED
         assert agent.record is not None and agent.record.id == "upd-s"
 
@@ -153,42 +176,211 @@ async def test_systemd_strategy_carries_sessions_through_pid1_kexec(session_host
     assert hashlib.sha256(os.pread(fd, len(data), 0)).digest() == hashlib.sha256(data).digest()
     assert os.lseek(fd, 0, os.SEEK_CUR) == 4321
     os.close(fd)
-    assert store.incoming == {}  # finished sessions are removed from the store
-    assert host.machine.inspect()["incoming_sessions"] == []
-    store.close()
+    assert pid1.stored_names() == []  # finished sessions are removed from the store
+    assert host.incoming_sessions() == []
+    return agent
 
 
-async def test_refused_kexec_job_takes_the_sessions_back(session_host: Host) -> None:
+async def test_systemd_strategy_carries_sessions_through_kexec_target(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
     host = session_host
-    store = FakeFdStore()
+    data = os.urandom(256 << 10)
+    gate = _gate(pid1)
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        assert agent.reboot_strategy == "systemd"
+        assert not any("reboot_strategy" in b for b in agent.check().blockers)
+        await host.prepared(agent, data)
+        await _execute_until_kexec_queued(host, agent, pid1)
+        assert gate.started[-1] == FREEZE and gate.kexec_requests == 1
+    # kexec.target stopped the agent: its own session fds are closed, the store keeps them.
+    assert host.machine.running and host.outgoing_sessions() == ["luo-agent", "vm-1"]
+    await host.pid1_reboots(pid1)
+    assert pid1.last_shutdown == "kexec" and pid1.kexec_count == 1
+    # Handed back under the FDNAMEs they went in with, as retrieved (incoming) sessions.
+    assert sorted(pid1.stored_names()) == CARRIED and pid1.not_restored == []
+    assert host.incoming_sessions() == ["luo-agent", "vm-1"]
+    agent = await _restore_and_finish(host, pid1, data)
+    assert any("adopted incoming sessions" in note for note in agent.boot_notes)
+
+
+async def test_sessions_carried_without_pid1s_session_are_retrieved_by_name(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """A survivor of the killing spree holds /dev/liveupdate when systemd-shutdown wants it:
+    no `systemd` session, so the kernel carries the agent's sessions but nobody maps them back;
+    the agent retrieves them by name."""
+    host = session_host
+    data = os.urandom(64 << 10)
+    async with host.agent(
+        _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
+    ) as agent:
+        await host.prepared(agent, data)
+        await _execute_until_kexec_queued(host, agent, pid1)
+    survivor = SessionDevice(EmulatedSyscalls(host.machine.root))
+    survivor.open()
+    try:
+        await host.pid1_reboots(pid1)
+    finally:
+        survivor.close()
+    assert pid1.last_shutdown == "kexec"
+    assert pid1.kexec_count == 0 and pid1.stored_names() == []  # nothing handed back
+    agent = await _restore_and_finish(host, pid1, data)
+    assert not any("adopted" in note for note in agent.boot_notes)
+
+
+async def test_no_kexec_image_refuses_execute_and_keeps_the_update(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """Without an image systemd-shutdown's reboot(KEXEC) fails and it reboots ordinarily:
+    Execute is refused while nothing is frozen, and the hand-over refuses if the image goes
+    away after the freeze."""
+    host = session_host
+    gate = _gate(pid1)
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"keep me")
+        assert not any("kexec image" in b for b in agent.check().blockers)
+        host.unload_image()
+        assert any("no kexec image is loaded" in b for b in agent.check().blockers)
+        with pytest.raises(PhaseError, match="no kexec image is loaded"):
+            await agent.execute()
+        assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
+
+        # The image disappears between Execute and the hand-over.
+        kfd = os.open(host.tmp / "vmlinuz", os.O_RDONLY | os.O_CLOEXEC)
+        await agent.load_kernel(kfd, -1, "liveupdate=1")
+        os.close(kfd)
+
+        async def image_goes_away() -> None:
+            host.unload_image()
+
+        gate.hooks[FREEZE] = image_goes_away
+        await agent.execute()
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED and FREEZE in gate.started)
+        assert agent.record is not None and "no kexec image" in agent.record.message
+        assert gate.kexec_requests == 0 and pid1.stored_names() == []
+        assert host.outgoing_sessions() == ["luo-agent", "vm-1"]  # still prepared
+        await agent.cancel()
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+    assert host.outgoing_sessions() == []
+
+
+async def test_full_fd_store_is_detected_before_the_kexec(session_host: Host) -> None:
+    host = session_host
+    pid1 = FakeSystemd262(host.machine, max_fds=1)
+    try:
+        gate = _gate(pid1)
+        async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+            await host.prepared(agent, b"two sessions, room for one")
+            await agent.execute()
+            await until(agent, lambda: agent.phase is ph.Phase.PREPARED and FREEZE in gate.started)
+            assert len(pid1.dropped) == 1  # dropped without a word, as PID 1 does
+            assert agent.record is not None
+            assert "FileDescriptorStoreMax=1" in agent.record.message
+            assert gate.kexec_requests == 0 and pid1.stored_names() == []  # taken back
+            assert host.outgoing_sessions() == ["luo-agent", "vm-1"]
+            await agent.cancel()
+            await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+    finally:
+        pid1.close()
+
+
+async def test_refused_kexec_job_takes_the_sessions_back(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    host = session_host
 
     async def refuse() -> None:
-        raise GateError("kexec.target", "failed")
+        raise GateError("kexec.target", "dependency")
 
-    gate = FakeGate(version="262", on_kexec=refuse)
-    async with host.agent(gate, "systemd", store) as agent:
+    gate = FakeGate(version="262", on_kexec=refuse, fd_store=pid1.fill)
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
         await host.prepared(agent, b"keep me")
         await agent.execute()
         await until(agent, lambda: agent.phase is ph.Phase.PREPARED and gate.kexec_requests > 0)
-        assert store.outgoing == {}  # not left in the store for some later kexec
+        assert pid1.stored_names() == []  # not left in the store for some later kexec
         assert host.outgoing_sessions() == ["luo-agent", "vm-1"]  # still prepared, retryable
         await agent.cancel()
         await until(agent, lambda: agent.phase is ph.Phase.IDLE)
     assert host.outgoing_sessions() == []
 
 
+def _push(pid1: FakeSystemd262, name: str, fd: int) -> None:
+    """What any process of the unit does with FDSTORE=1 (then BARRIER=1: PID 1 has it)."""
+    env = {"NOTIFY_SOCKET": pid1.notify_address}
+    assert notify.store_fds(name, [fd], env=env) and notify.barrier(5, env=env)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("preserve", ["yes", "restart"])
+async def test_pid1_carries_the_whole_store_by_fd_kind(session_host: Host, preserve: str) -> None:
+    """FileDescriptorStorePreserve=yes carries every fd of the store: sessions by kernel name,
+    memfds in PID 1's own session, other kinds are lost; an incoming session does not come
+    back (the kernel carries only outgoing ones).  restart carries nothing."""
+    host = session_host
+    pid1 = FakeSystemd262(host.machine, preserve="yes" if preserve == "yes" else "restart")
+    sc = EmulatedSyscalls(host.machine.root)
+    try:
+        with SessionDevice(sc) as dev:
+            dev.open()
+            _push(pid1, "luo-out-7331", dev.create_session("s1").detach())
+        _push(pid1, "state", memfd_with(b"unit state", 3))
+        r, w = os.pipe()
+        os.close(w)
+        _push(pid1, "a-pipe", r)
+        _load_image(host)
+        await host.pid1_reboots(pid1)
+        if preserve == "restart":
+            assert pid1.stored_names() == [] and host.incoming_sessions() == []
+            return
+        assert pid1.stored_names() == ["luo-out-7331", "state"]
+        assert pid1.kexec_count == 1 and host.incoming_sessions() == ["s1"]
+        ((_name, fd),) = [e for e in pid1.pass_fds() if e[0] == "state"]
+        assert os.pread(fd, 100, 0) == b"unit state"
+        os.close(fd)
+
+        # Left unfinished in the store, s1 is serialized again but not carried: lost.
+        _load_image(host)
+        await host.pid1_reboots(pid1)
+        assert pid1.not_restored == ["s1"] and pid1.stored_names() == ["state"]
+        assert pid1.kexec_count == 2
+    finally:
+        pid1.close()
+
+
+async def test_pid1_without_a_kexec_image_reboots_ordinarily(session_host: Host) -> None:
+    host = session_host
+    pid1 = FakeSystemd262(host.machine)
+    try:
+        with SessionDevice(EmulatedSyscalls(host.machine.root)) as dev:
+            dev.open()
+            _push(pid1, "luo-out-7331", dev.create_session("s1").detach())
+        await host.pid1_reboots(pid1)
+        assert pid1.last_shutdown == "reboot"
+        assert pid1.stored_names() == [] and host.incoming_sessions() == []
+    finally:
+        pid1.close()
+
+
+def _load_image(host: Host) -> None:
+    image = host.tmp / "vmlinuz"
+    image.write_bytes(b"kernel" * 100)
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    host.machine.syscalls.kexec_file_load(fd, -1, "liveupdate=1", 0)
+    os.close(fd)
+
+
 async def test_old_systemd_is_a_blocker_and_execute_is_refused(session_host: Host) -> None:
     host = session_host
     gate = FakeGate(version="252.38-1~deb12u1")
-    store = FakeFdStore()
-    async with host.agent(gate, "systemd", store) as agent:
+    async with host.agent(gate, "systemd", NoCustody()) as agent:
         await host.prepared(agent, b"x" * 100)
         report = agent.check()
         assert any(">= 261" in b and "252.38" in b for b in report.blockers)
         with pytest.raises(Unsupported, match=">= 261"):
             await agent.execute()
         assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
-        assert gate.kexec_requests == 0 and store.outgoing == {}
+        assert gate.kexec_requests == 0
         await agent.cancel()
         await until(agent, lambda: agent.phase is ph.Phase.IDLE)
 
@@ -224,10 +416,31 @@ async def test_auto_picks_systemd_only_where_it_works(
 ) -> None:
     for host in _host(tmp_path, abi):
         gate = FakeGate(version=version)
-        async with host.agent(gate, "auto", FakeFdStore(), user_mode=user_mode) as agent:
+        async with host.agent(gate, "auto", NoCustody(), user_mode=user_mode) as agent:
             assert agent.reboot_strategy == expected
             assert agent.reboot_strategy_blocker == ""
             assert not any("reboot_strategy" in b for b in agent.check().blockers)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "version", "user_mode", "warned"),
+    [
+        ("direct", "262.1-1", False, True),
+        ("direct", "261", False, True),
+        ("direct", "257.9-1~deb13u1", False, False),
+        ("direct", "262", True, False),
+        ("systemd", "262", False, False),
+    ],
+)
+async def test_direct_strategy_under_a_carrying_pid1_is_a_warning(
+    tmp_path: Path, strategy: RebootStrategy, version: str, user_mode: bool, warned: bool
+) -> None:
+    for host in _host(tmp_path, "session"):
+        gate = FakeGate(version=version)
+        async with host.agent(gate, strategy, NoCustody(), user_mode=user_mode) as agent:
+            warnings = agent.check().warnings
+            assert any("bypasses PID 1" in w for w in warnings) is warned
+            assert not any("bypasses" in b for b in agent.check().blockers)
 
 
 def test_config_accepts_the_strategies() -> None:
@@ -243,6 +456,8 @@ def test_fd_store_keeps_outgoing_sessions_under_their_own_name(tmp_path: Path) -
     as sessions; without a notify socket keeping an outgoing session is an error."""
     with pytest.raises(OSError, match="no fd store"):
         SystemdFdStore(env={}).keep_outgoing("vm-1", 0)
+    with pytest.raises(OSError, match="no fd store"):
+        SystemdFdStore(env={}).sync()  # no BARRIER=1 answer to wait for
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(tmp_path / "notify"))
         sock.settimeout(5)

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from luo_agent.errors import GateError
 from luo_agent.systemd.gate import GateOutcome, JobResult, UnitStatus
 
 Hook = Callable[[], Awaitable[None]]
@@ -24,11 +25,14 @@ class FakeGate:
     # Shutdown jobs "queued by PID 1": put a target name with queue_shutdown_job().
     shutdown_jobs: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     watching: asyncio.Event = field(default_factory=asyncio.Event)
-    # The manager's Version property; kexec() records the request, then runs on_kexec (what
-    # PID 1 does for Manager.KExec: tests/fakes/pid1.py emulates systemd >= 261).
+    # The manager's Version property; kexec() (StartUnit kexec.target, replace-irreversibly)
+    # records the request, then runs on_kexec: what PID 1 does with the job
+    # (tests/fakes/pid1.py emulates systemd 262).
     version: str = "252.38-1~deb12u1"
     kexec_requests: int = 0
     on_kexec: Hook | None = None
+    # The agent unit's (NFileDescriptorStore, FileDescriptorStoreMax); None: no such unit.
+    fd_store: Callable[[], tuple[int, int]] | None = None
 
     def queue_shutdown_job(self, target: str) -> None:
         self.shutdown_jobs.put_nowait(target)
@@ -71,6 +75,11 @@ class FakeGate:
         self.kexec_requests += 1
         if self.on_kexec is not None:
             await self.on_kexec()
+
+    async def fd_store_fill(self, unit: str = "") -> tuple[int, int]:
+        if self.fd_store is None:
+            raise GateError(unit or "own unit", "get NFileDescriptorStore failed: no such unit")
+        return self.fd_store()
 
     async def manager_version(self) -> str:
         return self.version

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,3 +116,28 @@ def test_missing_listener_raises(tmp_path: Path) -> None:
 )
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     assert notify.watchdog_interval(env) == expected
+
+
+def test_barrier_returns_once_the_manager_closed_the_pipe(
+    path_socket: tuple[socket.socket, dict[str, str]],
+) -> None:
+    """sd_notify_barrier(3): the manager answers by closing the fd passed with BARRIER=1."""
+    sock, env = path_socket
+    sock.settimeout(5)
+    with pytest.raises(OSError, match="BARRIER"):
+        notify.barrier(0.2, env=env)  # nobody reads the socket: no answer
+    data, fds = _recv(sock)
+    assert data == b"BARRIER=1\n" and len(fds) == 1
+    os.close(fds[0])
+
+    def manager() -> None:
+        data, fds = _recv(sock)
+        assert data == b"BARRIER=1\n"
+        for fd in fds:
+            os.close(fd)
+
+    answering = threading.Thread(target=manager)
+    answering.start()
+    assert notify.barrier(5, env=env)
+    answering.join()
+    assert notify.barrier(5, env={}) is False

@@ -181,8 +181,75 @@ async def test_manager_version_and_kexec_refused_by_user_manager(gate: PystemdGa
     version = await gate.manager_version()
     assert version.split(".")[0].isdigit()
     assert int(version.split(".")[0]) >= 252
-    with pytest.raises(GateError, match="KExec"):
+    with pytest.raises(GateError, match=r"kexec\.target"):
+        await gate.kexec()  # a user manager has no kexec.target
+
+
+# A user manager has no real kexec.target: stand-ins show which job kexec() queues and how it
+# treats the job's end.
+KEXEC_STAND_IN = """[Unit]
+Description=stand-in kexec.target
+Requires={dep}
+After={dep}
+"""
+FAILING = """[Service]
+Type=oneshot
+ExecStart=/bin/false
+"""
+SLOW = """[Service]
+Type=oneshot
+TimeoutStartSec=infinity
+ExecStart=/bin/sleep infinity
+"""
+
+
+async def test_kexec_starts_kexec_target_and_waits_for_its_job(
+    sandbox: Sandbox, gate: PystemdGate
+) -> None:
+    sandbox.write_units(
+        {"good.service": GOOD, "kexec.target": KEXEC_STAND_IN.format(dep="good.service")}
+    )
+    await gate.kexec()
+    assert _active_state(sandbox, "kexec.target") == "active"
+
+    sandbox.write_units(
+        {"failing.service": FAILING, "kexec.target": KEXEC_STAND_IN.format(dep="failing.service")}
+    )
+    sandbox.systemctl("stop", "kexec.target")
+    with pytest.raises(GateError, match=r"kexec\.target job ended dependency"):
         await gate.kexec()
+
+
+async def test_cancelling_the_kexec_wait_leaves_the_job_queued(
+    sandbox: Sandbox, gate: PystemdGate
+) -> None:
+    """PID 1 stops the agent on the way to the kexec: that must not cancel the kexec."""
+    sandbox.write_units(
+        {"slow.service": SLOW, "kexec.target": KEXEC_STAND_IN.format(dep="slow.service")}
+    )
+    async with await gate.watch_shutdown_jobs() as watch:
+        waiting = asyncio.create_task(gate.kexec())
+        async with asyncio.timeout(10):
+            assert await anext(watch) == "kexec.target"
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.2)  # a cancel, had it been sent, is processed by now
+    jobs = sandbox.systemctl("list-jobs", "--no-legend").stdout
+    assert "kexec.target" in jobs and "slow.service" in jobs
+    sandbox.systemctl("cancel")  # an irreversible job is not replaced by a stop job
+
+
+async def test_fd_store_fill_reads_the_services_counters(
+    sandbox: Sandbox, gate: PystemdGate
+) -> None:
+    sandbox.write_units(
+        {"store.service": "[Service]\nExecStart=/bin/sleep infinity\nFileDescriptorStoreMax=7\n"}
+    )
+    sandbox.systemctl("start", "store.service")
+    assert await gate.fd_store_fill("store.service") == (0, 7)
+    with pytest.raises(GateError, match="own unit"):
+        await gate.fd_store_fill()  # this test process is no unit of the sandbox's manager
 
 
 async def test_watch_shutdown_jobs_reports_only_shutdown_targets(

@@ -187,3 +187,8 @@ class EmulatedSyscalls:
 
     def reboot_kexec(self) -> None:
         self.control({"op": "reboot"})
+
+    def fd_link(self, fd: int) -> str:
+        """``readlink(/proc/self/fd/<fd>)`` as the emulated machine's processes would see it
+        (session fds are sockets here, ``anon_inode:[luo_session] <name>`` on Linux)."""
+        return str(self.control({"op": "fd_link"}, [fd]))

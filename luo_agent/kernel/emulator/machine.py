@@ -174,6 +174,7 @@ class EmulatedMachine:
             layout.control,
             layout.pid_file,
             layout.sysfs_state,
+            layout.kexec_loaded,
             layout.handover,
             layout.handover_tmp,
         ):

@@ -65,6 +65,11 @@ class Layout:
         return self.sysfs_dir / "state"
 
     @property
+    def kexec_loaded(self) -> Path:
+        """``/sys/kernel/kexec_loaded``: "1" while a kexec image is loaded, else "0"."""
+        return self.root / "sys" / "kernel" / "kexec_loaded"
+
+    @property
     def proc_cmdline(self) -> Path:
         return self.root / "proc" / "cmdline"
 

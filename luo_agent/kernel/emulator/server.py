@@ -117,6 +117,7 @@ class Server:
         config["boot_count"] = self.boot_count
         write_config(layout, config)
         write_atomic(layout.proc_cmdline, self.cmdline + "\n")
+        self._publish_kexec_loaded()
         if self.kernel.sysfs_state() is not None:
             layout.sysfs_dir.mkdir(parents=True, exist_ok=True)
         else:
@@ -393,6 +394,8 @@ class Server:
             case "kexec_file_load":
                 self._kexec_file_load(request, fds)
                 return None
+            case "fd_link":
+                return self._fd_link(fds)
         raise ValueError(f"unknown control op {op!r}")
 
     def _kexec_file_load(self, request: dict[str, Any], fds: list[int]) -> None:
@@ -400,6 +403,7 @@ class Server:
         flags = int(request["flags"])
         if flags & KEXEC_FILE_UNLOAD:
             self.kexec_image = None
+            self._publish_kexec_loaded()
             log.info("kexec image unloaded")
             return
         has_initrd = bool(request.get("initrd"))
@@ -426,7 +430,29 @@ class Server:
             "cmdline": cmdline,
             "initrd_size": initrd_size,
         }
+        self._publish_kexec_loaded()
         log.info("kexec image loaded: %d bytes, cmdline %r", offset, cmdline)
+
+    def _publish_kexec_loaded(self) -> None:
+        self.layout.kexec_loaded.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.layout.kexec_loaded, "1\n" if self.kexec_image else "0\n")
+
+    def _fd_link(self, fds: list[int]) -> str:
+        """What ``readlink(/proc/self/fd/N)`` shows for a passed fd: a session channel of this
+        machine reads like the real anon inode, ``anon_inode:[luo_session] <name>``."""
+        if len(fds) != 1:
+            raise Errno(errno.EBADF, "one fd expected")
+        with contextlib.suppress(OSError):
+            peer = socket.socket(fileno=os.dup(fds[0]))
+            with peer:
+                address = peer.getpeername()
+            for conn in self.conns:
+                mine = conn.kind is ConnKind.SESSION and not conn.closed
+                if mine and conn.sock.getsockname() == address:
+                    session = conn.handle
+                    assert isinstance(session, Session)
+                    return "anon_inode:[luo_session] " + session.display_name()
+        return os.readlink(f"/proc/self/fd/{fds[0]}")
 
     def _reboot(self, conn: Conn) -> None:
         """reboot(LINUX_REBOOT_CMD_KEXEC): carry what the generation carries, write the image,
@@ -478,6 +504,7 @@ class Server:
             self.layout.device,
             self.layout.control,
             self.layout.sysfs_state,
+            self.layout.kexec_loaded,
             self.layout.pid_file,
         ):
             with contextlib.suppress(FileNotFoundError):
