@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .source import KernelSource, cache_root, fetch_source, locked, log
+from .source import KernelSource, cache_root, fetch_source, file_sha256, locked, log
 
 FRAGMENT = Path(__file__).with_name("kernel.config")
 # Bump when the recipe below changes in a way that changes the artefacts.
@@ -53,14 +53,6 @@ def build_key(source_version: str, fragment: bytes) -> str:
     return digest.hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(entry: Path) -> KernelBuild | None:
     """The entry if it is complete and every file matches its manifest; None otherwise."""
     try:
@@ -69,7 +61,7 @@ def verify(entry: Path) -> KernelBuild | None:
         if not isinstance(files, dict) or "bzImage" not in files:
             return None
         for name, digest in files.items():
-            if _sha256(entry / name) != digest:
+            if file_sha256(entry / name) != digest:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -176,14 +168,14 @@ def _finish(
     once it is complete."""
     shutil.rmtree(staging / "obj")
     files = {
-        str(p.relative_to(staging)): _sha256(p)
+        str(p.relative_to(staging)): file_sha256(p)
         for p in sorted(staging.rglob("*"))
         if p.is_file() and p.name != "build.log"
     }
     manifest = {
         "source_package": source.package,
         "source_version": source.version,
-        "fragment_sha256": _sha256(fragment_path),
+        "fragment_sha256": file_sha256(fragment_path),
         "recipe": RECIPE,
         "build_seconds": round(elapsed, 1),
         "cpus": os.cpu_count(),

@@ -147,7 +147,7 @@ class KernelSource:
         return self.package.removeprefix("linux-source-")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -212,7 +212,7 @@ def fetch_source(root: Path | None = None) -> KernelSource:
         tarball = src_dir / "usr" / "src" / f"{package}.tar.xz"
         subprocess.run(["tar", "-xJf", str(tarball), "-C", str(src_dir)], check=True)
         shutil.rmtree(src_dir / "usr")
-        (src_dir / ".complete").write_text(f"{package} {version} {_sha256(deb)}\n")
+        (src_dir / ".complete").write_text(f"{package} {version} {file_sha256(deb)}\n")
         deb.unlink()
         log(f"kernel source {package} {version} in {src_dir / package}")
         return KernelSource(package, version, src_dir / package)
