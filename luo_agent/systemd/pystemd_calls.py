@@ -10,6 +10,7 @@ pystemd's errors become ``GateError``.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Final
 
 import structlog
@@ -105,13 +106,13 @@ def _unit_property(bus: Any, unit: str, interface: bytes, name: bytes, rtype: by
 def fd_store_fill(bus: Any, unit: str) -> tuple[int, int]:
     """(NFileDescriptorStore, FileDescriptorStoreMax) of ``unit``, or of the caller's own."""
     service = _RESULT_INTERFACES["service"]
+    if unit:
+        path = bytes(path_encode(_UNIT_PATH_PREFIX, unit.encode()))
+    else:
+        # pystemd gives a one-value reply's body as the value itself (here the object path): a
+        # [0] on it took the path's first byte and made 47 NULs of it, found on systemd 262.
+        path = bytes(manager_call(bus, b"GetUnitByPID", b"u", [os.getpid()]))
     try:
-        if unit:
-            path = bytes(path_encode(_UNIT_PATH_PREFIX, unit.encode()))
-        else:  # GetUnitByPID(0): the caller's unit
-            args = apply_signature(b"u", [0])
-            reply = bus.call_method(DEST, MANAGER_PATH, MANAGER_IFACE, b"GetUnitByPID", args)
-            path = bytes(reply.body[0])
         count, room = (
             int(bus.get_property(DEST, path, service, name, b"u"))
             for name in (b"NFileDescriptorStore", b"FileDescriptorStoreMax")
