@@ -122,8 +122,9 @@ class Gate(Protocol):
         ``kexec.target`` in job mode ``replace-irreversibly`` and wait for the job to end.
 
         PID 1 stops every unit on the way (the caller too, usually before the job ends);
-        cancelling the wait leaves the job alone.  Raises ``GateError`` if the start is refused
-        or the job ends other than ``done``.  No timeout inside."""
+        cancelling the wait, or closing the gate under it (the caller being stopped), leaves the
+        job alone and is no error.  Raises ``GateError`` if the start is refused or the job ends
+        other than ``done``.  No timeout inside."""
         ...
 
     async def fd_store_fill(self, unit: str = "") -> tuple[int, int]:

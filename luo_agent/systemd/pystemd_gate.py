@@ -110,7 +110,16 @@ class PystemdGate:
             self._bus.t_await_job(request, path)
 
         await self._bus.call(enqueue)
-        result = await request.done
+        try:
+            result = await request.done
+        except GateError:
+            # The gate closed under the wait: PID 1 is stopping this agent on the way to the
+            # kexec, as the queued job (irreversible) does.  That is no refusal: the fd store
+            # keeps the sessions.  Found on systemd 262, where it raced the job's end.
+            if self._bus.closing:
+                log.info("kexec_job_queued_agent_stopping", unit=KEXEC_TARGET)
+                return
+            raise
         if result != JobResult.DONE:
             raise GateError(KEXEC_TARGET, result)
 

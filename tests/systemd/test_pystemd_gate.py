@@ -240,6 +240,26 @@ async def test_cancelling_the_kexec_wait_leaves_the_job_queued(
     sandbox.systemctl("cancel")  # an irreversible job is not replaced by a stop job
 
 
+async def test_closing_the_gate_during_the_kexec_wait_is_no_refusal(
+    sandbox: Sandbox, gate: PystemdGate
+) -> None:
+    """The agent's stop (PID 1 stopping it for kexec.target) closes the gate under the wait: the
+    wait ends without an error, so the sessions stay in the fd store, and the job stays queued."""
+    sandbox.write_units(
+        {"slow.service": SLOW, "kexec.target": KEXEC_STAND_IN.format(dep="slow.service")}
+    )
+    async with await gate.watch_shutdown_jobs() as watch:
+        waiting = asyncio.create_task(gate.kexec())
+        async with asyncio.timeout(10):
+            assert await anext(watch) == "kexec.target"
+    await gate.close()
+    async with asyncio.timeout(10):
+        await waiting  # returns: no GateError
+    jobs = sandbox.systemctl("list-jobs", "--no-legend").stdout
+    assert "kexec.target" in jobs and "slow.service" in jobs
+    sandbox.systemctl("cancel")
+
+
 async def test_fd_store_fill_reads_the_services_counters(
     sandbox: Sandbox, gate: PystemdGate
 ) -> None:
