@@ -121,10 +121,10 @@ class Gate(Protocol):
         """An orderly kexec, as ``systemctl kexec`` does with an image loaded: start
         ``kexec.target`` in job mode ``replace-irreversibly`` and wait for the job to end.
 
-        PID 1 stops every unit on the way (the caller too, usually before the job ends);
-        cancelling the wait, or closing the gate under it (the caller being stopped), leaves the
-        job alone and is no error.  Raises ``GateError`` if the start is refused or the job ends
-        other than ``done``.  No timeout inside."""
+        PID 1 stops every unit on the way (the caller and the system bus too, usually before
+        the job ends); once the job is queued, cancelling the wait or losing it (the gate closed,
+        the bus gone) leaves the job alone and is no error.  Raises ``GateError`` if the start is
+        refused or the job ends other than ``done``.  No timeout inside."""
         ...
 
     async def fd_store_fill(self, unit: str = "") -> tuple[int, int]:

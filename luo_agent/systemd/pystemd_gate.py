@@ -112,14 +112,14 @@ class PystemdGate:
         await self._bus.call(enqueue)
         try:
             result = await request.done
-        except GateError:
-            # The gate closed under the wait: PID 1 is stopping this agent on the way to the
-            # kexec, as the queued job (irreversible) does.  That is no refusal: the fd store
-            # keeps the sessions.  Found on systemd 262, where it raced the job's end.
-            if self._bus.closing:
-                log.info("kexec_job_queued_agent_stopping", unit=KEXEC_TARGET)
-                return
-            raise
+        except GateError as exc:
+            # PID 1 took the job (irreversible: nothing replaces it) and is shutting down: the
+            # system bus stops, this agent is stopped, and the wait ends without a job result.
+            # That is no refusal: the fd store keeps the sessions for the kexec.  Found on
+            # systemd 262, where dbus.service stopping failed the wait and the agent took its
+            # sessions back out of the store.
+            log.info("kexec_job_queued_wait_ended", unit=KEXEC_TARGET, why=str(exc))
+            return
         if result != JobResult.DONE:
             raise GateError(KEXEC_TARGET, result)
 
