@@ -70,7 +70,10 @@ def test_a_whole_live_update_carries_the_participant_across_a_real_kexec(
     assert "liveupdate=1" in run.text("cmdline.2"), why
     journal_1 = run.text("journal.1.log").splitlines()
     agent_lines = [line for line in journal_1 if "luo-agent[" in line]
-    assert "phase='freezing'" in agent_lines[-1], why  # "rebooting" is published after reboot()
+    # "rebooting" is published after reboot(), which never returns: boot 1's journal (followed
+    # to a file up to the kexec, its last lines may lag behind) never shows it, nor a unit stopping.
+    assert agent_lines, why
+    assert not any("phase='rebooting'" in line for line in agent_lines), why
     assert not any("Stopp" in line for line in journal_1), why
     # The participant preserved several MiB at a known position and verified every byte after.
     expected = run.json("state/luo-example/expected.json")
