@@ -152,8 +152,11 @@ async def test_flood_of_calls_during_phase_changes(bed: FaultBed) -> None:
                     )
                     return list(await asyncio.gather(*pending))
 
+                # The one real update is accepted first: an intruder's Prepare sent before it
+                # would legitimately start its own update (a race under load, not a fault).
+                # The flood then runs through preparing -> prepared and the cancel.
+                await ab.prepare(update_id)
                 floods = [asyncio.create_task(flood(c, 60)) for c in clients]
-                await ab.prepare(update_id)  # the one real update, in the middle of the flood
                 await ab.until_phase("prepared")
                 more = [asyncio.create_task(flood(c, 30)) for c in clients]
                 await ab.agent("Cancel", "s", [update_id])
