@@ -39,7 +39,13 @@ from .errors import (
 from .fdkind import check_preservable
 from .kernel.backend import BootState, KernelBackend, PreserveItem
 from .kernel.device import KernelState as KernelStateValue
-from .kexec_handover import direct_strategy_warning, hand_over_to_pid1, missing_kexec_image
+from .kexec_handover import (
+    SYSTEMD_CARRIES_FD_STORES,
+    direct_strategy_warning,
+    hand_over_to_pid1,
+    missing_kexec_image,
+    systemd_major,
+)
 from .persist import History, PersistError, RuntimeState
 from .records import PreservedFd, UpdateRecord
 from .registry import FdRegistry
@@ -54,7 +60,6 @@ CMDLINE_MARKER: Final = "luo_agent.update="
 # How long an expired phase timer may wait to learn which participants are stuck.
 TIMEOUT_PROBE_SECONDS: Final = 5.0
 # The first systemd whose PID 1 carries fd stores (with LUO session fds) through a kexec.
-SYSTEMD_KEXEC_FDSTORE: Final = 261
 
 # Rough progress of an update per phase, for the Progress property.
 PROGRESS: Final[dict[ph.Phase, int]] = {
@@ -230,28 +235,37 @@ class Agent:
         self.boot_notes = boot.notes
         for note in boot.notes:
             log.warning("kernel_boot_note", note=note)
-        await self._choose_reboot_strategy()
-        self.reboot_strategy_warning = await direct_strategy_warning(
-            self.gate, self.reboot_strategy, self.config.systemd_user_mode
+        version = "" if self.config.systemd_user_mode else await self._manager_version()
+        self._choose_reboot_strategy(version)
+        self.reboot_strategy_warning = direct_strategy_warning(
+            version, self.reboot_strategy, self.config.systemd_user_mode
         )
         previous = self._load_current()
         await self._recover(boot, previous)
         await self._watch_shutdown()
 
-    async def _choose_reboot_strategy(self) -> None:
+    async def _manager_version(self) -> str:
+        """PID 1's version, asked once at start-up ("" if it cannot be read)."""
+        try:
+            return await self.gate.manager_version()
+        except (LuoError, OSError) as exc:
+            log.warning("systemd_version_unknown", error=str(exc))
+            return ""
+
+    def _choose_reboot_strategy(self, version: str) -> None:
         """Resolve ``reboot_strategy`` (config.py): "auto" takes "systemd" only where it works;
         an explicit "systemd" that cannot work is reported, never replaced by "direct"."""
         wanted = self.config.reboot_strategy
         if wanted == "direct":
             return
-        missing = await self._systemd_kexec_missing()
+        missing = self._systemd_kexec_missing(version)
         if wanted == "auto":
             self.reboot_strategy = "direct" if missing else "systemd"
         else:
             self.reboot_strategy, self.reboot_strategy_blocker = "systemd", missing
         log.info("reboot_strategy", configured=wanted, chosen=self.reboot_strategy, unmet=missing)
 
-    async def _systemd_kexec_missing(self) -> str:
+    def _systemd_kexec_missing(self, version: str) -> str:
         """Why PID 1 cannot carry this agent's update through an orderly kexec ("" if it can)."""
         if self.abi != "session":
             return (
@@ -261,14 +275,12 @@ class Agent:
             )
         if self.config.systemd_user_mode:
             return "reboot_strategy=systemd needs the system manager, not a user manager"
-        try:
-            version = await self.gate.manager_version()
-        except (LuoError, OSError) as exc:
-            return f"reboot_strategy=systemd: the systemd version is unknown ({exc})"
-        number = re.match(r"\s*v?(\d+)", version)
-        if number is None or int(number.group(1)) < SYSTEMD_KEXEC_FDSTORE:
+        major = systemd_major(version)
+        if major is None:
+            return "reboot_strategy=systemd: the systemd version is unknown"
+        if major < SYSTEMD_CARRIES_FD_STORES:
             return (
-                f"reboot_strategy=systemd needs systemd >= {SYSTEMD_KEXEC_FDSTORE} (fd stores "
+                f"reboot_strategy=systemd needs systemd >= {SYSTEMD_CARRIES_FD_STORES} (fd stores "
                 f"carried through kexec); PID 1 is systemd {version}"
             )
         return ""

@@ -81,17 +81,18 @@ async def hand_over_to_pid1(
         raise
 
 
-async def direct_strategy_warning(gate: Gate, strategy: str, user_mode: bool) -> str:
-    """A Check() warning for ``direct`` under a PID 1 that carries fd stores through its own
-    kexecs: the agent's ``reboot(KEXEC)`` bypasses it, so other units lose what they keep."""
-    if strategy != "direct" or user_mode:
-        return ""
-    try:
-        version = await gate.manager_version()
-    except (LuoError, OSError):
-        return ""
+def systemd_major(version: str) -> int | None:
+    """The major number of a systemd ``Version`` property ("262.1-1", "v252"), or None."""
     number = re.match(r"\s*v?(\d+)", version)
-    if number is None or int(number.group(1)) < SYSTEMD_CARRIES_FD_STORES:
+    return int(number.group(1)) if number else None
+
+
+def direct_strategy_warning(version: str, strategy: str, user_mode: bool) -> str:
+    """A Check() warning for ``direct`` under a PID 1 that carries fd stores through its own
+    kexecs: the agent's ``reboot(KEXEC)`` bypasses it, so other units lose what they keep.
+    ``version`` is PID 1's (``""`` if unknown)."""
+    major = systemd_major(version)
+    if strategy != "direct" or user_mode or major is None or major < SYSTEMD_CARRIES_FD_STORES:
         return ""
     return (
         f"reboot_strategy=direct bypasses PID 1 (systemd {version}): other units' fd stores "
