@@ -48,7 +48,7 @@ from typing import IO, Any
 
 from .rootfs import PRIVATE_ENV, ensure_sid_root, install_project_hook
 from .source import cache_root, locked, log
-from .vm import Vm, VmResult
+from .vm import MARK, Vm, VmResult, console_lines
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -533,14 +533,14 @@ def run_scenario(
 
 
 def read_marks(run_dir: Path) -> list[tuple[float, str, float]]:
-    """(host CLOCK_REALTIME, what, VM CLOCK_REALTIME) of each ``lab-mark: WHAT SECONDS`` line."""
+    """(host CLOCK_REALTIME, what, VM CLOCK_REALTIME) of each ``lab-mark: WHAT SECONDS`` console
+    line, from the host-stamped console (``serial.timed``)."""
     marks = []
-    path = run_dir / "marks"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        parts = line.split()
-        if len(parts) == 3:
+    for host, line in console_lines(run_dir, MARK):
+        parts = line.split(MARK, 1)[1].split()
+        if len(parts) == 2:
             try:
-                marks.append((float(parts[0]), parts[1], float(parts[2])))
+                marks.append((host, parts[0], float(parts[1])))
             except ValueError:
                 continue
     return marks

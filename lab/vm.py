@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import IO
 
 INIT = Path(__file__).with_name("init.sh").resolve()
-# A console line containing MARK is copied to <run_dir>/marks with the host's CLOCK_REALTIME at
-# its arrival: a clock that, unlike the VM's, runs on through a kexec.
+# Console lines containing MARK put a VM clock reading next to the host's arrival time in
+# serial.timed (lab/liveupdate.py reads them): the clock that a kexec in the VM does not reset.
 MARK = "lab-mark: "
 QEMU = "qemu-system-x86_64"
 # Kernel command line of every lab boot (kexec --reuse-cmdline carries it to the next kernel).
@@ -82,18 +82,6 @@ class VmResult:
             "crashed": f"VM ended without a job status ({self.reason})",
         }[self.status]
         return f"{what} after {self.boots} boot(s), {self.elapsed:.0f} s (log: {self.serial_log})"
-
-    def console_times(self, pattern: str) -> list[float]:
-        """Host (CLOCK_REALTIME) arrival times of the console lines matching ``pattern``."""
-        timed = self.run_dir / "serial.timed"
-        if not timed.exists():
-            return []
-        found = []
-        for line in timed.read_text(errors="replace").splitlines():
-            stamp, _, text = line.partition(" ")
-            if re.search(pattern, text):
-                found.append(float(stamp))
-        return found
 
     def job_log(self, boot: int) -> str:
         path = self.run_dir / f"job.{boot}.log"
@@ -160,7 +148,6 @@ class Vm:
         with (
             open(serial_log, "w") as log,
             open(run_dir / "serial.timed", "w") as timed,
-            open(run_dir / "marks", "w") as marks,
         ):
             proc = subprocess.Popen(
                 command,
@@ -171,7 +158,7 @@ class Vm:
             )
             assert proc.stdout is not None
             copier = threading.Thread(
-                target=_copy, args=(proc.stdout, log, timed, marks, self.echo), daemon=True
+                target=_copy, args=(proc.stdout, log, timed, self.echo), daemon=True
             )
             copier.start()
             timed_out = False
@@ -191,15 +178,10 @@ class Vm:
         return _result(run_dir, serial_log, elapsed, timed_out, proc.returncode)
 
 
-def _copy(
-    src: IO[bytes], log: IO[str], timed: IO[str], marks: IO[str], echo: IO[str] | None
-) -> None:
+def _copy(src: IO[bytes], log: IO[str], timed: IO[str], echo: IO[str] | None) -> None:
     for raw in iter(src.readline, b""):
         arrived = time.time()
         line = raw.decode(errors="replace").replace("\r", "")
-        if MARK in line:
-            marks.write(f"{arrived:.6f} {line.split(MARK, 1)[1].strip()}\n")
-            marks.flush()
         log.write(line)
         log.flush()
         # The host's clock on each console line: unlike the VM's clocks, a kexec in the VM does
@@ -247,3 +229,16 @@ def _result(
     panic = re.search(r"Kernel panic - not syncing: .*", serial)
     reason = panic.group(0) if panic else f"qemu exited with {qemu_rc}, no status written"
     return VmResult("crashed", None, boots, elapsed, run_dir, serial_log, reason, boot_status)
+
+
+def console_lines(run_dir: Path, pattern: str) -> list[tuple[float, str]]:
+    """(host CLOCK_REALTIME arrival, line) of the console lines of a run matching ``pattern``."""
+    timed = run_dir / "serial.timed"
+    if not timed.exists():
+        return []
+    found = []
+    for line in timed.read_text(errors="replace").splitlines():
+        stamp, _, text = line.partition(" ")
+        if re.search(pattern, text):
+            found.append((float(stamp), text))
+    return found
