@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from luo_agent import agent as agent_module
+from luo_agent.agent.custody import Custody
 from luo_agent.log import configure_logging
 from luo_agent.systemd.gate import GateOutcome, UnitStatus
 from luo_agent.systemd.pystemd_gate import PystemdGate
@@ -57,17 +57,17 @@ class TimedGate(PystemdGate):
 
 async def _rounds(host: AgentHost, address: str, rounds: int) -> dict[str, list[float]]:
     marks: dict[str, list[float]] = {step: [] for step in (*STEPS, LATE[1])}
-    original = agent_module.Agent._preserve_and_prepare
+    original = Custody.preserve_and_prepare
 
-    async def timed(self: agent_module.Agent) -> Any:
+    async def timed(self: Custody) -> Any:
         marks["kernel start"].append(time.monotonic())
         try:
             return await original(self)
         finally:
             marks["kernel done"].append(time.monotonic())
 
-    patched: Callable[[agent_module.Agent], Awaitable[Any]] = timed
-    agent_module.Agent._preserve_and_prepare = patched  # type: ignore[method-assign,assignment]
+    patched: Callable[[Custody], Awaitable[Any]] = timed
+    Custody.preserve_and_prepare = patched  # type: ignore[method-assign,assignment]
     gate = TimedGate(marks, address)
     try:
         async with host.boot() as boot:
@@ -84,7 +84,7 @@ async def _rounds(host: AgentHost, address: str, rounds: int) -> dict[str, list[
                 await asyncio.wait_for(idle, 60)
             client.close()
     finally:
-        agent_module.Agent._preserve_and_prepare = original  # type: ignore[method-assign]
+        Custody.preserve_and_prepare = original  # type: ignore[method-assign]
         await gate.close()
     return marks
 

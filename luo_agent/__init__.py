@@ -4,7 +4,8 @@ Layers, from the top; a module imports only from layers below its own (``docs/ar
 
 * ``daemon`` — the composition root, the only module that chooses concrete classes.
 * ``dbus/`` — the D-Bus API over the ``Agent``.
-* ``agent`` — the one owner of the phase; ``phase`` (the pure engine), ``registry`` (handed-in fds).
+* ``agent/`` — the one owner of the phase and its rooms; ``phase`` (the pure engine),
+  ``registry`` (handed-in fds), ``kexec_handover`` (the systemd reboot strategy).
 * adapters, one per outside system: ``kernel/`` (``/dev/liveupdate``), ``systemd/`` (gates,
   sd_notify, the fd store), ``persist`` (files), ``sysfs``, ``log``.
 * shared vocabulary: ``errors``, ``records``, ``config``, ``fdkind``.

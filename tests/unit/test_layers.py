@@ -114,3 +114,23 @@ def test_nothing_below_the_agent_imports_it_or_the_api_or_the_root() -> None:
         if _within(name, upper)
     }
     assert not wrong
+
+
+def test_the_agents_rooms_are_reached_only_through_its_core() -> None:
+    """``luo_agent/agent/__init__.py``: the core alone imports the rooms (the start-up room
+    writes through the ledger), the shared state imports no room, and no room imports the core."""
+    rooms = {"custody", "gates", "ledger", "watchers", "startup"}
+    importers: dict[str, set[str]] = {room: set() for room in rooms | {"core"}}
+    for module, names in MODULES.items():
+        for name in _ours(names):
+            target = name.removeprefix("luo_agent.agent.").split(".")[0]
+            if name.startswith("luo_agent.agent.") and target in importers:
+                importers[target].add(module.removeprefix("luo_agent.agent."))
+    package = {"luo_agent.agent"}  # its __init__ re-exports the Agent and its vocabulary
+    assert importers["core"] <= package
+    for room in rooms - {"ledger"}:
+        assert importers[room] <= {"core"} | package, room
+    assert importers["ledger"] <= {"core", "startup"}
+    assert not {
+        n for n in _ours(MODULES["luo_agent.agent.state"]) if n.startswith("luo_agent.agent")
+    }

@@ -1,0 +1,358 @@
+"""The Agent: the one owner of the current phase.
+
+Requests (from D-Bus) and outcomes (of gates, kernel work and timers) are events on one queue,
+consumed by one task (``run``).  Each event goes through the pure engine (``phase.step``); the agent
+then saves and announces the new phase (``Ledger``) and starts the step's effects as one *work*
+task that feeds its outcome back as an event.  So the phase changes in one place only, and no lock
+is needed.  The effects are the rooms' work: ``Gates`` (systemd targets), ``Custody`` (the kernel
+and the fds), ``Watchers`` (others' changes), ``Recoverer`` (start-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import structlog
+
+from .. import phase as ph
+from ..config import Config
+from ..errors import Busy, InvalidArgument, LuoError, PhaseError, Unsupported
+from ..fdkind import check_preservable
+from ..kernel.backend import KernelBackend
+from ..kexec_handover import missing_kexec_image
+from ..persist import History, RuntimeState
+from ..records import UpdateRecord
+from ..registry import FdRegistry
+from ..systemd.gate import Gate, UnitStatus
+from .custody import Custody
+from .gates import Gates
+from .ledger import Ledger
+from .startup import Recovery, Startup
+from .state import (
+    PROGRESS,
+    UPDATE_ID_RE,
+    AgentListener,
+    AgentState,
+    KernelThread,
+    RoomView,
+    new_update_id,
+)
+from .watchers import Watchers
+
+log = structlog.get_logger("luo_agent.agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        open_kernel: Callable[[], KernelBackend],
+        gate: Gate,
+        runtime: RuntimeState,
+        history: History,
+        status: Callable[[str], object] = lambda text: None,
+        on_rebooted: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self._open_kernel = open_kernel
+        self._status = status
+        self._on_rebooted = on_rebooted
+        self.state = AgentState()
+        self.listeners: list[AgentListener] = []
+        self._kernel_thread = KernelThread()
+        self.registry = FdRegistry(
+            check_fd=check_preservable,
+            max_per_session=config.limits.max_fds_per_session,
+            max_total=config.limits.max_fds_total,
+        )
+        self.custody = Custody(self.state, self._kernel_thread, self.registry, config)
+        self.ledger = Ledger(
+            self.state, runtime, history, self.listeners, status, self.custody.release_all
+        )
+        self.gates = Gates(gate, self.listeners)
+        self.watchers = Watchers(
+            self.state, self._kernel_thread, self.listeners, self._post, self.submit
+        )
+        # Requests that are one room's alone.
+        self.check = self.custody.check
+        self.preserve = self.custody.preserve
+        self.unpreserve = self.custody.unpreserve
+        self.retrieve = self.custody.retrieve
+        self.sessions = self.custody.sessions
+        self.owner_of = self.custody.owner_of
+        self.observe_kernel_state = self.watchers.observe_kernel_state
+        self._queue: asyncio.Queue[tuple[ph.Event, asyncio.Future[ph.Step] | None]] = (
+            asyncio.Queue()
+        )
+        self._work: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout_probe: asyncio.Task[None] | None = None
+        self._recovery = Recovery(ph.KernelState.NORMAL)
+
+    # What the D-Bus layer and tests read: the rooms' state, under the names the API uses.
+    phase = RoomView[ph.Phase]("state.phase")
+    record = RoomView[UpdateRecord | None]("state.record")
+    last = RoomView[UpdateRecord | None]("state.last")
+    kernel = RoomView[KernelBackend | None]("state.kernel")
+    abi = RoomView[str]("custody.abi")
+    history = RoomView[History]("ledger.history")
+    boot_notes = RoomView[tuple[str, ...]]("_recovery.boot_notes")
+    participants = RoomView[tuple[UnitStatus, ...]]("gates.participants")
+    kernel_loaded = RoomView[bool]("custody.kernel_loaded")
+    kernel_cmdline = RoomView[str]("custody.kernel_cmdline")
+    reboot_strategy = RoomView[str]("custody.strategy.chosen")
+    reboot_strategy_blocker = RoomView[str]("custody.strategy.blocker")
+    observed_kernel_state = RoomView[str | None]("watchers.observed_kernel_state")
+    kernel_state_text = RoomView[str]("watchers.kernel_state_text")
+
+    @property
+    def progress(self) -> int:
+        return PROGRESS.get(self.phase, 0)
+
+    @property
+    def gate(self) -> Gate:
+        return self.gates.gate
+
+    @gate.setter
+    def gate(self, gate: Gate) -> None:  # a benchmark times the agent's gate calls
+        self.gates.gate = gate
+
+    # ------------------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Open the kernel, recover this boot's state and pick the starting phase.  Returns when
+        the agent is ready to serve."""
+        startup = Startup(self.state, self._kernel_thread, self.ledger, self._status)
+        strategy, recovery = await startup.open_and_recover(
+            self.config, self._open_kernel, self.gate
+        )
+        self.custody.strategy, self._recovery = strategy, recovery
+        await self.submit(ph.Recovered(recovery.kernel_state, "; ".join(recovery.boot_notes)))
+        await self.watchers.watch_shutdown(self.gate)
+
+    async def resume(self) -> None:
+        """After a live-update boot, start restoring (once the D-Bus API is up: participants
+        retrieve through it); a restarted agent whose restore gate had passed finishes."""
+        if self.phase is ph.Phase.UPDATED and self.record is not None:
+            log.info(
+                "live_update_boot", update_id=self.record.id, boot_count=self.record.boot_count
+            )
+            finish = self._recovery.resume_with_finish
+            self._recovery = replace(self._recovery, resume_with_finish=False)
+            await self.submit(ph.Finish() if finish else ph.Restore())
+
+    async def run(self) -> None:
+        """Consume events until cancelled."""
+        while True:
+            event, ack = await self._queue.get()
+            try:
+                self._apply(event)
+            except PhaseError as exc:
+                if ack is None:
+                    log.debug("stale_event_dropped", kind=type(event).__name__, phase=self.phase)
+                elif not ack.done():
+                    ack.set_exception(exc)
+                continue
+            except Exception as exc:  # a bug: never leave a caller hanging
+                log.exception("event_failed", kind=type(event).__name__)
+                if ack is not None and not ack.done():
+                    ack.set_exception(exc)
+                continue
+            if ack is not None and not ack.done():
+                ack.set_result(ph.Step(self.phase))
+
+    async def stop(self) -> None:
+        """Stopping the agent before the reboot aborts the update: closing the handle does it on
+        v3 and session kernels; rfc-v2 keeps preserved files on close, so cancel explicitly."""
+        self._disarm()
+        await self.gates.close()
+        await self.watchers.close()
+        if self._work is not None:
+            self._work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._work
+        with contextlib.suppress(Exception):
+            await self.gates.settle()
+        kernel, phase = self.state.kernel, self.phase
+        if kernel is not None:
+            if ph.is_pre_reboot(phase) and phase is not ph.Phase.REBOOTING:
+                with contextlib.suppress(LuoError, OSError):
+                    await self._kernel_thread.call(kernel.cancel)
+                self.ledger.abort(f"the agent was stopped in phase {phase}")
+            with contextlib.suppress(LuoError, OSError):
+                await self._kernel_thread.call(kernel.close)
+        self.custody.close()
+        self._kernel_thread.shutdown()
+
+    # ----------------------------------------------------------------------------- requests
+
+    async def submit(self, event: ph.Event) -> ph.Step:
+        ack: asyncio.Future[ph.Step] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((event, ack))
+        return await ack
+
+    def _post(self, event: ph.Event) -> None:
+        self._queue.put_nowait((event, None))
+
+    async def prepare(self, update_id: str = "", caller: str = "") -> UpdateRecord:
+        if update_id and not UPDATE_ID_RE.match(update_id):
+            raise InvalidArgument("an update id is 1-64 characters of [A-Za-z0-9_-]")
+        current = self.state.record
+        # A record while idle is another Prepare whose event is still queued: it has won.
+        if self.phase is not ph.Phase.IDLE or current is not None:
+            raise Busy(f"update {current.id if current else '?'} is in phase {self.phase}")
+        if update_id and self.last is not None and self.last.id == update_id:
+            raise InvalidArgument(f"update id {update_id!r} was already used")
+        record = UpdateRecord(
+            id=update_id or new_update_id(),
+            abi=self.abi,
+            started_by=caller,
+            kernel_cmdline=self.kernel_cmdline,
+        )
+        self.state.record = record
+        try:
+            await self.submit(ph.Prepare())
+        except PhaseError:
+            if self.state.record is record:
+                self.state.record = None
+            raise Busy(f"an update is in phase {self.phase}") from None
+        # The update may have moved on (or ended) already; the caller needs its id.
+        current = self.state.record
+        return current if current is not None and current.id == record.id else record
+
+    def _require_update(self, update_id: str) -> None:
+        if update_id and (self.record is None or self.record.id != update_id):
+            current = self.record.id if self.record else "none"
+            raise InvalidArgument(f"no update {update_id!r} in progress (current: {current})")
+
+    async def execute(self, update_id: str = "") -> None:
+        self._require_update(update_id)
+        if not self.kernel_loaded and self.phase is ph.Phase.PREPARED:
+            raise PhaseError(self.phase, "Execute without a loaded kernel (LoadKernel first)")
+        if self.reboot_strategy_blocker:
+            # Before the freeze gate: nothing is frozen, the update stays prepared.
+            raise Unsupported("Execute", errno.EOPNOTSUPP, self.reboot_strategy_blocker)
+        if self.reboot_strategy == "systemd" and (gone := missing_kexec_image(self.kernel)):
+            raise PhaseError(self.phase, f"Execute while {gone}")
+        await self.submit(ph.Execute())
+
+    async def cancel(self, update_id: str = "") -> None:
+        self._require_update(update_id)
+        await self.submit(ph.Cancel())
+
+    async def finish(self, update_id: str = "") -> None:
+        self._require_update(update_id)
+        await self.submit(ph.Finish())
+
+    async def restore(self, update_id: str = "") -> None:
+        self._require_update(update_id)
+        await self.submit(ph.Restore())
+
+    async def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> str:
+        full = await self.custody.load_kernel(kernel_fd, initrd_fd, cmdline)
+        if self.record is not None:
+            self.state.record = replace(self.record, kernel_cmdline=full)
+            self.ledger.save(self.state.record)
+        return full
+
+    # ---------------------------------------------------------------------------- the engine
+
+    def _apply(self, event: ph.Event) -> None:
+        step = ph.step(self.phase, event)
+        previous = self.phase
+        self._disarm()  # a timeout overtaken by this event is stale
+        for effect in step.effects:
+            if isinstance(effect, ph.ReportFailure):
+                self._report_failure(effect)
+        self._enter(step.next, previous)
+        work = [e for e in step.effects if not isinstance(e, ph.ReportFailure)]
+        if work:
+            if self._work is not None and not self._work.done():
+                self._work.cancel()
+            self._work = asyncio.create_task(self._run_effects(work), name=f"effects-{step.next}")
+        else:
+            self.gates.at_rest()
+        if step.arms_timer and (seconds := self.config.timeouts.timeout_for(step.next)) is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                seconds, self._timer_expired, step.next
+            )
+
+    def _disarm(self) -> None:
+        for pending in (self._timer, self._timeout_probe):
+            if pending is not None:
+                pending.cancel()
+        self._timer = self._timeout_probe = None
+
+    def _timer_expired(self, phase: ph.Phase) -> None:
+        self._timer = None
+        self._timeout_probe = asyncio.create_task(self._time_out(phase), name=f"timeout-{phase}")
+
+    async def _time_out(self, phase: ph.Phase) -> None:
+        await self.gates.probe_stuck(phase)
+        self._post(ph.Timeout(phase))
+
+    def _report_failure(self, failure: ph.ReportFailure) -> None:
+        reason = failure.reason
+        if failure.event == "Timeout":
+            reason += self.gates.still_running()
+        recorded: str | None = reason
+        if failure.event == "Recovered":
+            recovery = self._recovery
+            self._recovery = replace(recovery, finishes_a_cancel=False, abort_reason="")
+            if recovery.finishes_a_cancel:
+                recorded = None  # ends as the dead agent's cancel would have ended it
+            elif recovery.abort_reason:
+                recorded = recovery.abort_reason
+        self.ledger.record_failure(failure, reason, recorded)
+
+    def _enter(self, new: ph.Phase, previous: ph.Phase) -> None:
+        self.state.phase = new
+        if self.record is not None and new is not previous:
+            self.state.record = self.record.with_phase(new)
+        self.ledger.publish(new, previous)
+        if new is ph.Phase.RESTORED and self.config.auto_finish:
+            self._post(ph.Finish())
+        if new is ph.Phase.PREPARED:
+            # A cancel by someone else during preparing may have coalesced into no change at all.
+            self.watchers.check_kernel_state()
+
+    # ------------------------------------------------------------------------------ effects
+
+    async def _run_effects(self, effects: Sequence[ph.Effect]) -> None:
+        outcome = await self._effects_outcome(effects)
+        if outcome is not None:
+            self._post(outcome)
+
+    async def _effects_outcome(self, effects: Sequence[ph.Effect]) -> ph.Event | None:
+        kinds = {type(e) for e in effects}
+        target = next((e.target_name for e in effects if isinstance(e, ph.StartTarget)), "")
+        if ph.KernelCancel in kinds:
+            problems = [await self.custody.cancel()]
+            if target and isinstance(outcome := await self.gates.run(target), ph.GateFailed):
+                problems.append(outcome.reason)
+            if any(problems):
+                return ph.CancelFailed("; ".join(p for p in problems if p))
+            return ph.CancelDone()
+        if ph.PreserveRegistered in kinds:
+            return await self.custody.preserve_and_prepare()
+        if ph.KernelFreeze in kinds:
+            return await self.custody.freeze()
+        if ph.KernelReboot in kinds:
+            blackout_started = self.gates.freeze_passed_at
+            failed = await self.custody.reboot(
+                self.gate, blackout_started, self.ledger.publish_reboot
+            )
+            if failed is None:
+                self._on_rebooted()
+            return failed
+        if ph.KernelFinish in kinds:
+            return await self.custody.finish()
+        if target:
+            return await self.gates.run(target)
+        log.error("unknown_effects", effects=[type(e).__name__ for e in effects])
+        return None

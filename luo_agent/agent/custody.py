@@ -1,0 +1,342 @@
+"""Custody: the fds handed to the agent, the kernel image it loaded for kexec, the kernel's steps
+(preserve and prepare, freeze, cancel, finish), the kexec itself, and the fds handed back after
+it.  Every kernel call runs on the kernel thread; each step returns the engine's event."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import structlog
+
+from .. import phase as ph
+from ..config import Config
+from ..errors import InvalidArgument, KernelError, LuoError, PhaseError
+from ..kernel.backend import PreserveItem
+from ..kexec_handover import hand_over_to_pid1, missing_kexec_image
+from ..records import PreservedFd, UpdateRecord
+from ..registry import FdRegistry
+from ..systemd.gate import Gate
+from .state import (
+    CMDLINE_MARKER,
+    AgentState,
+    KernelThread,
+    RebootStrategy,
+    close_fds,
+    enables_liveupdate,
+    with_marker,
+)
+
+log = structlog.get_logger("luo_agent.agent")
+
+PRESERVED_PHASES = (ph.Phase.PREPARED, ph.Phase.FREEZING, ph.Phase.REBOOTING)
+RETRIEVE_PHASES = (ph.Phase.UPDATED, ph.Phase.RESTORING, ph.Phase.RESTORED)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedKernel:
+    """The agent's duplicates of the kexec image fds, and the command line without our marker."""
+
+    kernel_fd: int
+    initrd_fd: int
+    base_cmdline: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    ready: bool
+    blockers: tuple[str, ...]
+    warnings: tuple[str, ...]
+    abi: str
+    phase: str
+    kernel_loaded: bool
+    preserved: int
+
+
+class Custody:
+    def __init__(
+        self, state: AgentState, kernel_thread: KernelThread, registry: FdRegistry, config: Config
+    ) -> None:
+        self._state = state
+        self._kernel_thread = kernel_thread
+        self.registry = registry
+        self._config = config
+        self.strategy = RebootStrategy()
+        self.kernel_loaded = False
+        self.kernel_cmdline = ""
+        self._kexec: LoadedKernel | None = None
+        self._retrieved: dict[tuple[str, int], str] = {}
+        # The agent's own copy of every fd handed out after the reboot, until the update ends: a
+        # Retrieve again (a participant that died after its first one) gets a duplicate of it,
+        # since rfc-v2 and v3 restore a token only once.
+        self._held: dict[tuple[str, int], int] = {}
+
+    @property
+    def abi(self) -> str:
+        return str(self._state.kernel.abi) if self._state.kernel is not None else "none"
+
+    # ----------------------------------------------------------------- what callers hand in
+
+    async def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> str:
+        """kexec_file_load with the agent's command-line marker (``luo_agent.update=<id>``)
+        appended.  Returns the command line the new kernel will see.  The agent keeps its own
+        duplicates of the fds: if the kernel was loaded before the update had an id, prepare
+        reloads it with the right marker (outside the blackout)."""
+        if self._state.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING):
+            raise PhaseError(self._state.phase, "LoadKernel")
+        kernel = self._state.open_kernel()
+        if len(cmdline) > 4096 or "\0" in cmdline:
+            raise InvalidArgument("the command line must be under 4096 bytes without NUL")
+        base = " ".join(w for w in cmdline.split() if not w.startswith(CMDLINE_MARKER))
+        own = (os.dup(kernel_fd), os.dup(initrd_fd) if initrd_fd >= 0 else -1)
+        full = with_marker(base, self._state.update_id or "pending")
+        try:
+            await self._kernel_thread.call(kernel.load_kernel, own[0], own[1], full)
+        except OSError as exc:
+            close_fds(*own)
+            # kexec_file_load refused the image (EPERM, ENOEXEC, EBADF): the caller's answer.
+            raise KernelError("kexec_file_load", exc.errno or 5) from None
+        except BaseException:
+            close_fds(*own)
+            raise
+        if self._kexec is not None:
+            close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
+        self._kexec = LoadedKernel(own[0], own[1], base)
+        self.kernel_loaded = True
+        self.kernel_cmdline = full
+        return full
+
+    def preserve(
+        self, fd: int, session: str, token: int, depends_on: Sequence[tuple[str, int]], owner: str
+    ) -> None:
+        """Hand an fd in: checked now, preserved in the kernel during prepare.  The agent takes
+        its own duplicate; the caller keeps (and closes) its fd."""
+        if self._state.phase not in (ph.Phase.IDLE, ph.Phase.PREPARING):
+            raise PhaseError(
+                self._state.phase, "Preserve (fds are handed in while idle or preparing)"
+            )
+        sessions = self.registry.sessions()
+        if session not in sessions and len(sessions) >= self._config.limits.max_sessions:
+            raise InvalidArgument(f"too many sessions ({self._config.limits.max_sessions})")
+        own = os.dup(fd)
+        try:
+            self.registry.add(session, token, own, owner=owner, depends_on=tuple(depends_on))
+        except BaseException:
+            os.close(own)
+            raise
+
+    def unpreserve(self, session: str, token: int) -> None:
+        if self._state.phase not in (ph.Phase.IDLE, ph.Phase.PREPARING):
+            raise PhaseError(self._state.phase, "Unpreserve")
+        self.registry.remove(session, token)
+
+    async def retrieve(self, session: str, token: int, caller: str = "") -> int:
+        if self._state.phase not in RETRIEVE_PHASES:
+            raise PhaseError(self._state.phase, "Retrieve (only after a live-update boot)")
+        kernel = self._state.open_kernel()
+        key = (session, token)
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = await self._kernel_thread.call(kernel.retrieve, session, token)
+        self._retrieved[key] = caller
+        log.info("fd_retrieved", session=session, token=token, caller=caller)
+        return os.dup(held)
+
+    def release_all(self) -> None:
+        """The update is over: let go of every fd handed in and every copy held."""
+        self.registry.close_all()
+        close_fds(*self._held.values())
+        self._held.clear()
+        self._retrieved.clear()
+
+    def close(self) -> None:
+        self.release_all()
+        if self._kexec is not None:
+            close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
+
+    # ------------------------------------------------------------------------ what is shown
+
+    def sessions(self) -> list[tuple[str, int, str, str]]:
+        """(session, token, owner, state) of every fd the agent knows in this boot."""
+        record = self._state.record
+        if self._state.phase in ph.POST_REBOOT_PHASES and record is not None:
+            return [
+                (p.session, p.token, p.owner, self._carried_state(p.session, p.token))
+                for p in record.preserved
+            ]
+        state = "preserved" if self._state.phase in PRESERVED_PHASES else "registered"
+        return [(e.session, e.token, e.owner, state) for e in self.registry]
+
+    def _carried_state(self, session: str, token: int) -> str:
+        return "retrieved" if (session, token) in self._retrieved else "carried"
+
+    def owner_of(self, session: str, token: int) -> str:
+        if self._state.record is not None:
+            for p in self._state.record.preserved:
+                if (p.session, p.token) == (session, token):
+                    return p.owner
+        return ""
+
+    def check(self) -> CheckReport:
+        phase, kernel = self._state.phase, self._state.kernel
+        blockers: list[str] = []
+        if kernel is None:
+            blockers.append("no LUO kernel interface")
+        if phase is not ph.Phase.IDLE:
+            blockers.append(f"an update is in phase {phase}")
+        if not self.kernel_loaded:
+            blockers.append("no kernel loaded for kexec (LoadKernel)")
+        if self.strategy.blocker:
+            blockers.append(self.strategy.blocker)
+        gone = missing_kexec_image(kernel) if self.strategy.chosen == "systemd" else ""
+        if gone and self.kernel_loaded:
+            blockers.append(gone)
+        warnings = [self.strategy.warning] if self.strategy.warning else []
+        if self.kernel_loaded and not enables_liveupdate(self.kernel_cmdline):
+            warnings.append(
+                "the loaded kernel's command line has no liveupdate=1: LUO (and so restore) "
+                "would be disabled after the kexec unless the kernel enables it by default"
+            )
+        return CheckReport(
+            ready=not blockers,
+            blockers=tuple(blockers),
+            warnings=tuple(warnings),
+            abi=self.abi,
+            phase=str(phase),
+            kernel_loaded=self.kernel_loaded,
+            preserved=len(self.registry),
+        )
+
+    # ------------------------------------------------------------------------- kernel steps
+
+    async def preserve_and_prepare(self) -> ph.Event:
+        kernel = self._state.open_kernel()
+        assert self._state.record is not None
+        entries = self.registry.preservation_order()
+        record = self._state.record
+        loaded = self._kexec
+        marked = with_marker(loaded.base_cmdline if loaded else "", record.id)
+        reload = loaded if self.kernel_cmdline != marked else None
+
+        def in_kernel() -> tuple[PreservedFd, ...]:
+            if reload is not None:
+                kernel.load_kernel(reload.kernel_fd, reload.initrd_fd, marked)
+            items = [PreserveItem(e.session, e.token, e.fd) for e in entries]
+            tokens = kernel.preserve(items, record)
+            preserved = tuple(
+                PreservedFd(e.session, e.token, e.owner, tokens[(e.session, e.token)], e.depends_on)
+                for e in entries
+            )
+            # Every kernel token is known now (rfc-v2 makes its own): rewrite the metadata.
+            kernel.update_metadata(replace(record, preserved=preserved))
+            kernel.prepare()
+            return preserved
+
+        try:
+            preserved = await self._kernel_thread.call(in_kernel)
+        except (LuoError, OSError) as exc:
+            return ph.PreparationFailed(str(exc))
+        if reload is not None:
+            self.kernel_cmdline = marked
+        if self._state.record is not None:
+            self._state.record = replace(
+                self._state.record, preserved=preserved, kernel_cmdline=self.kernel_cmdline
+            )
+        return ph.PreparationDone()
+
+    async def freeze(self) -> ph.Event:
+        return await self._step(self._state.open_kernel().freeze, ph.FreezeDone(), ph.FreezeFailed)
+
+    async def finish(self) -> ph.Event:
+        return await self._step(self._finish_kernel, ph.FinishDone(), ph.FinishFailed)
+
+    def _finish_kernel(self) -> None:
+        problems = self._state.open_kernel().finish()
+        if problems:
+            raise KernelError("finish", 16, "; ".join(problems))
+
+    async def _step(
+        self, fn: Callable[[], object], ok: ph.Event, failed: Callable[[str], ph.Event]
+    ) -> ph.Event:
+        try:
+            await self._kernel_thread.call(fn)
+        except (LuoError, OSError) as exc:
+            return failed(str(exc))
+        return ok
+
+    async def cancel(self) -> str:
+        """Cancel in the kernel and let go of the handed-in fds; what went wrong ("" if nothing)."""
+        problem = ""
+        try:
+            await self._kernel_thread.call(self._state.open_kernel().cancel)
+        except (LuoError, OSError) as exc:
+            problem = f"kernel cancel: {exc}"
+        self.registry.close_all()
+        return problem
+
+    # ----------------------------------------------------------------------------- the kexec
+
+    async def reboot(
+        self, gate: Gate, blackout_started: float, announce: Callable[[], None]
+    ) -> ph.Event | None:
+        """The kexec: returns only if it failed (``announce`` publishes "rebooting" either way,
+        once the blackout-critical path is behind)."""
+        assert self._state.record is not None
+        record = self._state.record.with_phase(ph.Phase.REBOOTING)
+        started = time.monotonic()
+        try:
+            await self._kexec_now(gate, record, blackout_started, announce)
+        except (LuoError, OSError) as exc:
+            announce()
+            log.error("kexec_failed", error=str(exc), update_id=record.id)
+            reason = f"kexec reboot failed: {exc}"
+            if self.abi == "rfc-v2":
+                return ph.RebootFailedAfterFreeze(reason)
+            return ph.RebootFailed(reason)
+        announce()
+        log.info(
+            "kexec_issued",
+            update_id=record.id,
+            seconds=round(time.monotonic() - started, 6),
+            strategy=self.strategy.chosen,
+        )
+        return None
+
+    async def _kexec_now(
+        self,
+        gate: Gate,
+        record: UpdateRecord,
+        blackout_started: float,
+        announce: Callable[[], None],
+    ) -> None:
+        kernel = self._state.open_kernel()
+        call = self._kernel_thread.call
+
+        def final_metadata() -> None:
+            """O(1) before the jump: one pwrite of the small metadata, stamped with the agent's
+            share of the blackout so far."""
+            blackout = time.monotonic() - blackout_started
+            kernel.update_metadata(replace(record, blackout_critical=blackout))
+
+        def entrust() -> int:
+            final_metadata()
+            return kernel.entrust_outgoing()
+
+        def reboot() -> None:
+            final_metadata()
+            kernel.reboot()
+
+        if self.strategy.chosen != "systemd":
+            await call(reboot)
+            return
+        # The systemd strategy: the session fds go to the fd store, kexec.target stops every
+        # unit (this agent too) and PID 1 carries the store through reboot(KEXEC) (>= 261).
+        await hand_over_to_pid1(
+            gate,
+            image_loaded=lambda: call(kernel.kexec_image_loaded),
+            entrust=lambda: call(entrust),
+            reclaim=lambda: call(kernel.reclaim_outgoing),
+            announce=announce,
+        )

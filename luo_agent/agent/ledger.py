@@ -1,0 +1,227 @@
+"""The update's record and its publication: the runtime directory (state file, active/ marker,
+current.json), the durable history and in-flight record, ``STATUS=``, the log and the listeners.
+
+The order is the contract: a phase is saved before it is announced, the history entry is written
+before current.json and in-flight.json are removed (``docs/reliability.md``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Final
+
+import structlog
+
+from .. import phase as ph
+from ..persist import History, PersistError, RuntimeState
+from ..records import UpdateRecord
+from .state import MARKERS, AgentListener, AgentState
+
+log = structlog.get_logger("luo_agent.agent")
+
+# How many unconfirmed fds a finished-with-losses record names (the rest are counted).
+MAX_NAMED_FDS: Final = 20
+ERROR_PREFIX: Final = "org.luoagent.LiveUpdate1.Error."
+# The record's error name for each failure event of the engine (any other: a kernel error).
+FAILURE_NAMES: Final = {
+    "GateFailed": "ParticipantFailed",
+    "Timeout": "TimedOut",
+    "Recovered": "Aborted",
+}
+
+
+class Ledger:
+    def __init__(
+        self,
+        state: AgentState,
+        runtime: RuntimeState,
+        history: History,
+        listeners: Sequence[AgentListener],
+        status: Callable[[str], object],
+        release: Callable[[], None],
+    ) -> None:
+        self._state = state
+        self._release = release  # lets go of the fds of an update that ended
+        self.runtime = runtime
+        self.history = history
+        self._listeners = listeners
+        self._status = status
+        # What the runtime directory shows, so a step that keeps the phase rewrites nothing.
+        self._published_phase: ph.Phase | None = None
+        self._saved_record: UpdateRecord | None = None
+        # The phase before "rebooting", published only once the reboot call returns.
+        self._unpublished_reboot: ph.Phase | None = None
+
+    # ------------------------------------------------------------------------------ start-up
+
+    def load_current(self) -> UpdateRecord | None:
+        try:
+            return self.runtime.load_current()
+        except PersistError as exc:
+            log.error("current_state_corrupt", error=str(exc))
+            return None
+
+    def last_from_history(self) -> UpdateRecord | None:
+        for entry in reversed(self.history.load()):
+            with contextlib.suppress(ValueError):
+                return UpdateRecord.from_json(entry)
+        return None
+
+    # --------------------------------------------------------------------------- a new phase
+
+    def publish(self, new: ph.Phase, previous: ph.Phase) -> None:
+        """Save the phase just entered, then announce it.  Entering idle with an update in hand
+        ends it (its fds let go, its record into the history, then current.json removed)."""
+        if new is ph.Phase.REBOOTING:
+            # The blackout-critical path (freeze → metadata pwrite → reboot) carries no file
+            # writes, logging or signals: "rebooting" is published when the reboot call returns
+            # (with a real kernel it returns only on failure).
+            self._unpublished_reboot = previous
+            return
+        self._publish(new, previous)
+
+    def publish_reboot(self) -> None:
+        previous, self._unpublished_reboot = self._unpublished_reboot, None
+        if previous is not None and self._state.phase is ph.Phase.REBOOTING:
+            self._publish(ph.Phase.REBOOTING, previous)
+
+    def _publish(self, new: ph.Phase, previous: ph.Phase) -> None:
+        ended = self._save_phase(new, previous)
+        if ended is not None:
+            self._release()
+            # The history entry first, then current.json: a crash between the two leaves a
+            # current.json whose id the history has, which start-up ignores; the other order
+            # lost the update.
+            self.finish_record(ended)
+            self.save(None)
+        self._announce(new, previous)
+
+    def _save_phase(self, new: ph.Phase, previous: ph.Phase) -> UpdateRecord | None:
+        """Make ``new`` durable before anything announces it: the state file and marker, then
+        current.json (and in-flight.json once prepared); the record of an update it ends."""
+        marker = MARKERS.get(new)
+        if new is not self._published_phase:
+            try:
+                self.runtime.set_active([marker] if marker else [])
+                self.runtime.publish_phase(new)
+                self._published_phase = new
+            except PersistError as exc:
+                log.error("runtime_state_unwritable", error=str(exc))
+        record = self._state.record
+        if new is ph.Phase.IDLE and record is not None:
+            self._state.record = None
+            return self._ended(record, previous)
+        self.save(record)
+        if new in (ph.Phase.PREPARED, ph.Phase.FREEZING) and new is not previous:
+            self._save_in_flight()
+        return None
+
+    def _announce(self, new: ph.Phase, previous: ph.Phase) -> None:
+        if new is previous:
+            return
+        update_id = self._state.update_id
+        log.info("phase_changed", phase=str(new), previous=str(previous), update_id=update_id)
+        self._status(f"phase: {new}" + (f" (update {update_id})" if update_id else ""))
+        for listener in self._listeners:
+            listener.phase_changed(self._state.record, new)
+
+    def save(self, record: UpdateRecord | None) -> None:
+        if record is not None and record is self._saved_record:
+            return  # written already (a step that kept the phase and the record)
+        try:
+            self.runtime.save_current(record)
+            self._saved_record = record
+        except PersistError as exc:
+            log.error("runtime_state_unwritable", error=str(exc))
+
+    def _save_in_flight(self) -> None:
+        """Keep the prepared update in the state directory (durable, outside the blackout): a
+        boot that comes up without its handover can still record it as lost."""
+        record = self._state.record
+        if record is None:
+            return
+        try:
+            self.history.save_in_flight(record)
+        except PersistError as exc:
+            log.error("in_flight_unwritable", error=str(exc), update_id=record.id)
+
+    # ---------------------------------------------------------------------------- outcomes
+
+    def record_failure(self, failure: ph.ReportFailure, reason: str, recorded: str | None) -> None:
+        """Log a failed phase and write it into the record, with ``recorded`` as its message
+        (``None``: the failure is logged only)."""
+        log.warning(
+            "phase_failed",
+            phase=str(failure.phase),
+            cause=failure.event,
+            reason=reason,
+            update_id=self._state.update_id,
+        )
+        if self._state.record is None or recorded is None:
+            return
+        self._state.record = replace(
+            self._state.record,
+            # Found prepared at start-up: the update of an agent that died.
+            result="aborted" if failure.event == "Recovered" else "failed",
+            error_name=ERROR_PREFIX + FAILURE_NAMES.get(failure.event, "KernelError"),
+            message=recorded,
+        )
+
+    def abort(self, why: str) -> None:
+        """The update in hand is over without its phases' say (the agent stops)."""
+        if self._state.record is not None:
+            self.finish_record(self._state.record.ended("aborted", ERROR_PREFIX + "Aborted", why))
+
+    def _ended(self, record: UpdateRecord, previous: ph.Phase) -> UpdateRecord:
+        if previous is ph.Phase.CANCELLING:
+            if record.result in ("failed", "aborted"):
+                return record.ended(record.result, record.error_name, record.message)
+            return record.ended(
+                "cancelled", ERROR_PREFIX + "Cancelled", record.message or "cancelled"
+            )
+        if previous is ph.Phase.FINISHING:
+            return finished(record)
+        return record.ended(record.result or "success")
+
+    def finish_record(self, record: UpdateRecord) -> None:
+        self._state.last = record
+        try:
+            self.history.append(record)
+        except PersistError as exc:
+            log.error("history_unwritable", error=str(exc), update_id=record.id)
+        try:
+            # After the entry: a crash between the two leaves an in-flight record whose id the
+            # history has, which start-up removes.  Removed even if the entry could not be
+            # written: the update is over, and a later boot must not call it lost.
+            self.history.clear_in_flight()
+        except PersistError as exc:
+            log.error("in_flight_unremovable", error=str(exc), update_id=record.id)
+        log.info(
+            "update_finished",
+            update_id=record.id,
+            result=record.result,
+            error=record.error_name,
+            message=record.message,
+        )
+        for listener in self._listeners:
+            listener.update_finished(record)
+
+
+def finished(record: UpdateRecord) -> UpdateRecord:
+    """The outcome of a kernel finish: success only if every participant confirmed its restore
+    (the restore gate passed); otherwise the kernel discarded whatever was not retrieved, and the
+    record names the failure and the unconfirmed fds."""
+    if any(t.phase == ph.Phase.RESTORED for t in record.timings):
+        return record.ended("success")
+    why = record.message if record.result == "failed" else "the restore gate did not pass"
+    fds = [f"{p.session}/{p.token} (owner {p.owner or '?'})" for p in record.preserved]
+    listed = ", ".join(fds[:MAX_NAMED_FDS])
+    if len(fds) > MAX_NAMED_FDS:
+        listed += f" and {len(fds) - MAX_NAMED_FDS} more"
+    return record.ended(
+        "finished-with-losses",
+        ERROR_PREFIX + "FinishedWithLosses",
+        f"finished without every participant confirming its restore ({why}); the kernel "
+        f"discarded whatever was not retrieved of: {listed or 'no fds'}",
+    )
