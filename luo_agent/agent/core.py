@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -20,10 +19,9 @@ import structlog
 
 from .. import phase as ph
 from ..config import Config
-from ..errors import Busy, InvalidArgument, LuoError, PhaseError, Unsupported
+from ..errors import Busy, InvalidArgument, LuoError, PhaseError
 from ..fdkind import check_preservable
 from ..kernel.backend import KernelBackend
-from ..kexec_handover import missing_kexec_image
 from ..persist import History, RuntimeState
 from ..records import UpdateRecord
 from ..registry import FdRegistry
@@ -33,7 +31,6 @@ from .gates import Gates
 from .ledger import Ledger
 from .startup import Recovery, Startup
 from .state import (
-    PROGRESS,
     UPDATE_ID_RE,
     AgentListener,
     AgentState,
@@ -100,6 +97,7 @@ class Agent:
     last = RoomView[UpdateRecord | None]("state.last")
     kernel = RoomView[KernelBackend | None]("state.kernel")
     abi = RoomView[str]("custody.abi")
+    progress = RoomView[int]("state.progress")
     history = RoomView[History]("ledger.history")
     boot_notes = RoomView[tuple[str, ...]]("_recovery.boot_notes")
     participants = RoomView[tuple[UnitStatus, ...]]("gates.participants")
@@ -109,10 +107,6 @@ class Agent:
     reboot_strategy_blocker = RoomView[str]("custody.strategy.blocker")
     observed_kernel_state = RoomView[str | None]("watchers.observed_kernel_state")
     kernel_state_text = RoomView[str]("watchers.kernel_state_text")
-
-    @property
-    def progress(self) -> int:
-        return PROGRESS.get(self.phase, 0)
 
     @property
     def gate(self) -> Gate:
@@ -232,13 +226,7 @@ class Agent:
 
     async def execute(self, update_id: str = "") -> None:
         self._require_update(update_id)
-        if not self.kernel_loaded and self.phase is ph.Phase.PREPARED:
-            raise PhaseError(self.phase, "Execute without a loaded kernel (LoadKernel first)")
-        if self.reboot_strategy_blocker:
-            # Before the freeze gate: nothing is frozen, the update stays prepared.
-            raise Unsupported("Execute", errno.EOPNOTSUPP, self.reboot_strategy_blocker)
-        if self.reboot_strategy == "systemd" and (gone := missing_kexec_image(self.kernel)):
-            raise PhaseError(self.phase, f"Execute while {gone}")
+        self.custody.refuse_execute()
         await self.submit(ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:

@@ -4,6 +4,7 @@ it.  Every kernel call runs on the kernel thread; each step returns the engine's
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ import structlog
 
 from .. import phase as ph
 from ..config import Config
-from ..errors import InvalidArgument, KernelError, LuoError, PhaseError
+from ..errors import InvalidArgument, KernelError, LuoError, PhaseError, Unsupported
 from ..kernel.backend import PreserveItem
 from ..kexec_handover import hand_over_to_pid1, missing_kexec_image
 from ..records import PreservedFd, UpdateRecord
@@ -208,6 +209,17 @@ class Custody:
             kernel_loaded=self.kernel_loaded,
             preserved=len(self.registry),
         )
+
+    def refuse_execute(self) -> None:
+        """Raise why Execute cannot start now (before the freeze gate: nothing is frozen, the
+        update stays as it is)."""
+        phase = self._state.phase
+        if not self.kernel_loaded and phase is ph.Phase.PREPARED:
+            raise PhaseError(phase, "Execute without a loaded kernel (LoadKernel first)")
+        if self.strategy.blocker:
+            raise Unsupported("Execute", errno.EOPNOTSUPP, self.strategy.blocker)
+        if self.strategy.chosen == "systemd" and (gone := missing_kexec_image(self._state.kernel)):
+            raise PhaseError(phase, f"Execute while {gone}")
 
     # ------------------------------------------------------------------------- kernel steps
 

@@ -93,6 +93,10 @@ class AgentState:
     kernel: KernelBackend | None = None
 
     @property
+    def progress(self) -> int:
+        return PROGRESS.get(self.phase, 0)
+
+    @property
     def update_id(self) -> str:
         return self.record.id if self.record is not None else ""
 
