@@ -226,9 +226,10 @@ if [ "$LAB_BOOT" = 1 ]; then
     systemctl start liveupdate.service
     rc=$?
     # direct custody: the agent's reboot(KEXEC) ends this boot inside the call.  systemd
-    # custody: the call returns once kexec.target is queued, and PID 1 ends the boot shortly.
+    # custody: kexec.target, queued in replace-irreversibly mode, may cancel this very start
+    # job (rc 1) or let it finish (rc 0); either way PID 1 ends the boot shortly.
     echo "lab: liveupdate.service returned $rc"
-    [ $rc = 0 ] && sleep 300
+    if [ $rc = 0 ] || [ "$(systemctl is-system-running)" = stopping ]; then sleep 300; fi
     echo "lab: no kexec"
     exit 14
 fi

@@ -28,9 +28,8 @@ if ((${#missing[@]})); then
         exit 1
     fi
     echo "build-deb: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Waits while another apt or dpkg holds the locks (unattended upgrades on a fresh machine).
+    "$top/scripts/apt-install" "${missing[@]}" >&2
 fi
 
 # Is every pinned requirement already in the wheelhouse?  pip answers without the network.
