@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -19,6 +17,7 @@ from ..config import BusKind
 from ..errors import LuoError
 from .auth import Authorizer, track_senders
 from .bus import AgentMessageBus
+from .fds import close_fds
 from .manager import ManagerInterface
 from .names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH, error
 
@@ -66,15 +65,15 @@ def guard_fds(bus: MessageBus) -> None:
     def check(msg: Message) -> Message | bool | None:
         fds = msg.unix_fds
         if msg.message_type is not MessageType.METHOD_CALL:
-            _close_all(fds)  # nothing the agent receives besides calls carries fds
+            close_fds(*fds)  # nothing the agent receives besides calls carries fds
             return None
         sig = msg.signature
         if "h" not in sig and "v" not in sig:
-            _close_all(fds)
+            close_fds(*fds)
             return None
         indices = list(_fd_indices(msg.signature_tree.types, msg.body))
         if any(not 0 <= i < len(fds) for i in indices):
-            _close_all(fds)
+            close_fds(*fds)
             log.info("call_refused", member=msg.member, reason="fd index out of range")
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
                 return True
@@ -84,7 +83,7 @@ def guard_fds(bus: MessageBus) -> None:
                 f"the call names fd indices {sorted(set(indices))} but carries {len(fds)} fds",
             )
         owned = _owned_indices(msg)
-        _close_all([fd for i, fd in enumerate(fds) if i not in owned])
+        close_fds(*[fd for i, fd in enumerate(fds) if i not in owned])
         return None
 
     bus.add_message_handler(check)
@@ -154,9 +153,3 @@ def _walk(st: SignatureType, value: Any) -> Iterator[int]:
                 yield from _fd_indices(st.children, [item])
         case "(":
             yield from _fd_indices(st.children, value)
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in dict.fromkeys(fds):
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -1,6 +1,6 @@
 """The import rules stated in the packages' docstrings (``luo_agent/__init__.py`` and the
-``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``examples/``), read from the source
-with ``ast``."""
+``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``dbus/``, ``cli/``, ``examples/``),
+read from the source with ``ast``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,22 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
         ),
         ("luo_agent.kernel.uapi", ("luo_agent.kernel.uapi",)),
         ("luo_agent.systemd", ("luo_agent.systemd", "luo_agent.errors")),
+        (
+            "luo_agent.dbus",
+            (
+                "luo_agent.dbus",
+                "luo_agent.agent",
+                "luo_agent.phase",
+                "luo_agent.records",
+                "luo_agent.errors",
+                "luo_agent.config",
+                "luo_agent.__version__",
+            ),
+        ),
+        (
+            "luo_agent.cli",
+            ("luo_agent.cli", "luo_agent.client", "luo_agent.dbus.names", "luo_agent.__version__"),
+        ),
         ("luo_agent.examples", ("luo_agent.client", "luo_agent.persist.write_atomic")),
     ],
 )
