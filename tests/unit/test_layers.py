@@ -150,3 +150,25 @@ def test_the_agents_rooms_are_reached_only_through_its_core() -> None:
     assert not {
         n for n in _ours(MODULES["luo_agent.agent.state"]) if n.startswith("luo_agent.agent")
     }
+
+
+def test_the_daemon_never_imports_the_tools_beside_it() -> None:
+    """``luo_agent/__init__.py``: ``cli``, ``client``, ``examples/`` and the test rigs stand beside
+    the daemon; nothing the daemon runs imports them."""
+    beside = (
+        "luo_agent.cli",
+        "luo_agent.client",
+        "luo_agent.examples",
+        "luo_agent.sandbox",
+        "luo_agent.sandbox_cgroups",
+        "luo_agent.testbed",
+        "luo_agent.demo",
+    )
+    wrong = {
+        (module, name)
+        for module, names in MODULES.items()
+        if not _within(module, beside) and module not in ("luo_agent", "luo_agent.__main__")
+        for name in _ours(names)
+        if _within(name, beside)
+    }
+    assert not wrong
