@@ -1,6 +1,7 @@
-"""The emulated LUO kernel: a kernel server process per emulated boot (``server``), the
-``Syscalls`` implementation that talks to it (``EmulatedSyscalls``) and machine control
-(``EmulatedMachine``).  Contract: ``docs/emulator.md``; behaviour: the LUO uAPI reference
+"""The emulated LUO kernel: a kernel server process per emulated boot (``server``: device and
+session sockets; ``control``: the control socket's ops; ``process``: logging, signals, the ready
+pipe), the ``Syscalls`` implementation that talks to it (``EmulatedSyscalls``) and machine
+control (``EmulatedMachine``).  Contract: ``docs/emulator.md``; behaviour: the LUO uAPI reference
 (``kernel-abi.md`` in the design documents).
 
 Emulator choices (where the kernel cannot be copied exactly):
