@@ -28,6 +28,10 @@ CONTROL_OPS = ("open", "reboot", "kexec_file_load")
 
 
 def handle_control(server: Server, conn: Conn) -> None:
+    if server.log_buffer is not None:
+        # What happened before a control request is in the log when it is answered: a
+        # power-off pings first, then kills the server.
+        server.log_buffer.flush()
     try:
         data, fds = recv_with_fds(conn.sock, CONTROL_RECV_SIZE)
     except OSError:

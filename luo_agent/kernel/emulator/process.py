@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -20,15 +21,19 @@ from .server import Server
 log = logging.getLogger("luo_emu.server")
 
 
-def _setup_logging(layout: Layout) -> None:
-    handler = logging.FileHandler(layout.kernel_log)
-    handler.setFormatter(
+def _setup_logging(layout: Layout) -> logging.handlers.MemoryHandler:
+    """The kernel log, buffered until the server is idle (``Server.serve_forever``); warnings and
+    errors are written at once, and everything before a control request is answered."""
+    file = logging.FileHandler(layout.kernel_log)
+    file.setFormatter(
         logging.Formatter("%(asctime)s luo-emu[%(process)d] %(name)s %(levelname)s: %(message)s")
     )
+    handler = logging.handlers.MemoryHandler(1024, logging.WARNING, file, flushOnClose=True)
     root = logging.getLogger("luo_emu")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if os.environ.get("LUO_EMU_DEBUG") else logging.INFO)
     root.propagate = False
+    return handler
 
 
 def _raise_fd_limit() -> None:
@@ -44,17 +49,18 @@ def serve(root: Path, ready_fd: int = -1) -> int:
     ``ready_fd`` (a pipe) receives ``ok``, ``panic <reason>`` or ``error <reason>``."""
     layout = Layout(root)
     layout.emu_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(layout)
+    log_buffer = _setup_logging(layout)
     _raise_fd_limit()
 
     def report(line: str) -> None:
+        log_buffer.flush()  # the boot's lines are in the log once the machine is up (or not)
         if ready_fd >= 0:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, line.encode() + b"\n")
                 os.close(ready_fd)
 
     try:
-        server = Server(root)
+        server = Server(root, log_buffer)
         server.boot()
     except HandoverCorrupt as exc:
         report(f"panic {exc}")

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import logging.handlers
 import os
 import selectors
 import socket
@@ -47,6 +48,9 @@ from .protocol import (
 
 log = logging.getLogger("luo_emu.server")
 
+# How long the server must have been idle before it writes the kernel log's pending lines.
+LOG_DELAY = 0.002
+
 
 class ConnKind(StrEnum):
     DEVICE_LISTENER = "device-listener"
@@ -77,8 +81,12 @@ def make_kernel(abi: str, host: Server, profile: str | None) -> GenerationKernel
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, log_buffer: logging.handlers.BufferingHandler | None = None
+    ) -> None:
         self.layout = Layout(root)
+        # The kernel log's lines wait here until the server is idle (see serve_forever).
+        self.log_buffer = log_buffer
         config = read_config(self.layout)
         abi = config.get("abi")
         if not isinstance(abi, str):
@@ -241,7 +249,13 @@ class Server:
 
     def serve_forever(self) -> None:
         while self.running:
-            for key, _events in self.selector.select():
+            ready = self.selector.select(LOG_DELAY if self._log_pending() else None)
+            if not ready and self.log_buffer is not None:
+                # Idle: write the kernel log now.  A file write per line at once would sit on
+                # the emulated syscalls' path, in the middle of a caller's series of ioctls.
+                self.log_buffer.flush()
+                continue
+            for key, _events in ready:
                 conn = key.data
                 assert isinstance(conn, Conn)
                 if conn.closed:
@@ -254,14 +268,16 @@ class Server:
                 if self._went_down():
                     break
 
+    def _log_pending(self) -> bool:
+        return self.log_buffer is not None and bool(self.log_buffer.buffer)
+
     def _went_down(self) -> bool:
         return not self.running
 
     def _readable(self, conn: Conn) -> None:
         match conn.kind:
             case ConnKind.DEVICE_LISTENER | ConnKind.CONTROL_LISTENER:
-                sock, _addr = conn.sock.accept()
-                sock.set_inheritable(False)
+                sock, _addr = conn.sock.accept()  # accept4(SOCK_CLOEXEC): not inheritable
                 kind = (
                     ConnKind.DEVICE_PENDING
                     if conn.kind is ConnKind.DEVICE_LISTENER
@@ -276,7 +292,10 @@ class Server:
                 handle_control(self, conn)
 
     def _open(self, conn: Conn) -> None:
-        data = self._recv(conn.sock, OPEN_REQUEST.size)
+        try:
+            data = conn.sock.recv(OPEN_REQUEST.size)
+        except OSError:
+            data = b""
         if len(data) < OPEN_REQUEST.size:
             self.close(conn)
             return
@@ -296,13 +315,6 @@ class Server:
             conn.sock.send(OPEN_REPLY.pack(0))
         except OSError:
             self.close(conn)
-
-    @staticmethod
-    def _recv(sock: socket.socket, size: int) -> bytes:
-        try:
-            return sock.recv(size)
-        except OSError:
-            return b""
 
     def _ioctl(self, conn: Conn) -> None:
         try:
