@@ -1,5 +1,4 @@
-"""The agent's bus connection: dbus-fast's asyncio ``MessageBus`` with back-pressure on send,
-and the messages of one turn of the event loop written together.
+"""The agent's bus connection: dbus-fast's asyncio ``MessageBus`` with back-pressure on send.
 
 dbus-fast 5.2's ``_MessageWriter.write_callback`` writes with ``sock.send``/``sock.sendmsg`` on a
 non-blocking socket and treats every exception as fatal, BlockingIOError (EAGAIN) included: when
@@ -11,11 +10,6 @@ message where it is and waits for the socket to become writable (the writer call
 registered with the loop), exactly as a partial write already did.  Nothing is sent twice or
 dropped: on EAGAIN the kernel took no bytes (and no fds) of the message.
 
-dbus-fast writes each message at once, one ``send`` (and one wake-up of the bus daemon) each; a
-phase change publishes three (two PropertiesChanged and PhaseChanged).  ``BackPressureWriter``
-queues them and writes the queue at the end of the loop turn, in one ``send`` (a message with
-fds starts a write of its own: fds travel with a write's first byte).  Order is unchanged.
-
 What a connection that is lost anyway means for the agent is ``wait_until_stopped``'s business.
 """
 
@@ -26,40 +20,12 @@ import asyncio
 import socket
 from typing import Any
 
-from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 
 
 class BackPressureWriter(_MessageWriter):
-    """dbus-fast's writer, except that EAGAIN/EINTR on send waits for writability, and that the
-    messages queued in one turn of the event loop go out together, in one ``sendmsg``."""
-
-    _flush_scheduled: bool = False
-    _futs: tuple[asyncio.Future[None] | None, ...] = ()
-
-    def schedule_write(
-        self, msg: Message | None = None, future: asyncio.Future[None] | None = None
-    ) -> None:
-        # One system call (and one wake-up of the bus daemon) for what a phase change publishes
-        # (two PropertiesChanged and a PhaseChanged), not one each: the write waits for the end
-        # of the current loop turn.  The order of messages is unchanged.
-        if msg is not None:
-            self.buffer_message(msg, future)
-        if not self.bus.unique_name or self._flush_scheduled:
-            return  # before Hello, connect() writes the queue itself
-        self._flush_scheduled = True
-        self.loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Write what is queued now; what the socket does not take waits for writability."""
-        self._flush_scheduled = False
-        fd = self.fd
-        if self.bus._disconnected or fd is None:
-            return
-        self.write_callback(remove_writer=False)
-        if self.buf is not None or self.messages:
-            self.loop.add_writer(fd, self.write_callback)
+    """dbus-fast's writer, except that EAGAIN/EINTR on send waits for writability."""
 
     def write_callback(self, remove_writer: bool = True) -> None:
         sock, fd = self.sock, self.fd
@@ -71,8 +37,11 @@ class BackPressureWriter(_MessageWriter):
                         if remove_writer:
                             self.loop.remove_writer(fd)
                         return
-                    self._take_batch()
-                assert self.buf is not None
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
                 try:
                     if self.unix_fds and self.negotiate_unix_fd:
                         fds = array.array("i", self.unix_fds)
@@ -88,32 +57,10 @@ class BackPressureWriter(_MessageWriter):
                 if self.offset < len(self.buf):
                     return  # partial write: wait for writable
                 self.buf = None
-                futs, self._futs = self._futs, ()
-                for fut in futs:
-                    _settle(fut)
+                _settle(self.fut)
         except Exception as exc:
-            futs, self._futs = self._futs, ()
-            for fut in futs:
-                _settle(fut, None if self.bus._user_disconnect else exc)
+            _settle(self.fut, None if self.bus._user_disconnect else exc)
             self.bus._finalize(exc)
-
-    def _take_batch(self) -> None:
-        """The next message, joined by the queued messages after it that carry no fds (fds
-        travel with the first byte of a write, so a message with fds starts a write of its
-        own)."""
-        buf, unix_fds, fut = self.messages.popleft()
-        futs = [fut]
-        if not unix_fds and self.messages and not self.messages[0][1]:
-            parts = [buf]
-            while self.messages and not self.messages[0][1]:
-                more, _fds, more_fut = self.messages.popleft()
-                parts.append(more)
-                futs.append(more_fut)
-            buf = bytearray().join(parts)
-        self.unix_fds = unix_fds
-        self.buf = memoryview(buf)
-        self.offset = 0
-        self._futs = tuple(futs)
 
 
 def _settle(fut: asyncio.Future[None] | None, exc: Exception | None = None) -> None:
@@ -134,12 +81,6 @@ class AgentMessageBus(MessageBus):
         # The writer is created inside connect(); it has no slots and only its method differs.
         writer.__class__ = BackPressureWriter
         return self
-
-    def disconnect(self) -> None:
-        writer: Any = self._writer
-        if isinstance(writer, BackPressureWriter) and writer._flush_scheduled:
-            writer.flush()  # what was sent before the disconnect still goes out
-        super().disconnect()
 
 
 async def wait_until_stopped(bus: MessageBus, stop: asyncio.Event) -> bool:
