@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -42,8 +42,10 @@ class StampingGate(FakeGate):
         super().__init__()
         self.freeze_done: list[float] = []
 
-    async def run_target(self, target: str) -> GateOutcome:
-        outcome = await super().run_target(target)
+    async def run_target(
+        self, target: str, queued: Callable[[], None] | None = None
+    ) -> GateOutcome:
+        outcome = await super().run_target(target, queued)
         if target == FREEZE_TARGET:
             self.freeze_done.append(time.monotonic())
         return outcome

@@ -39,11 +39,13 @@ class TimedGate(PystemdGate):
         super().__init__(bus_address=address)
         self.marks = marks
 
-    async def run_target(self, target: str) -> GateOutcome:
+    async def run_target(
+        self, target: str, queued: Callable[[], None] | None = None
+    ) -> GateOutcome:
         ours = target == PREPARE_TARGET
         if ours:
             self.marks["gate start"].append(time.monotonic())
-        outcome = await super().run_target(target)
+        outcome = await super().run_target(target, queued)
         if ours:
             self.marks["gate job done"].append(time.monotonic())
         return outcome

@@ -20,6 +20,7 @@ from .errors import LuoError
 from .records import UpdateRecord
 
 HISTORY_LIMIT = 200
+_CREATE_MARKER = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 
 
 class PersistError(LuoError):
@@ -74,14 +75,15 @@ class RuntimeState:
     def set_active(self, steps: Iterable[str]) -> None:
         wanted = set(steps)
         try:
-            for marker in self.active.iterdir():
-                if marker.name not in wanted:
-                    with contextlib.suppress(FileNotFoundError):
-                        marker.unlink()
+            present = set(os.listdir(self.active))
+            for name in present - wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.active / name)
+            for name in wanted - present:
+                # An empty file appears whole: no temp file and rename needed.
+                os.close(os.open(self.active / name, _CREATE_MARKER, 0o644))
         except OSError as exc:  # read-only: reported like a failed write
             raise PersistError(f"cannot update {self.active}: {exc.strerror}") from None
-        for step in wanted:
-            write_atomic(self.active / step, b"")
 
     def save_current(self, record: UpdateRecord | None) -> None:
         if record is None:

@@ -6,6 +6,7 @@ starts the target in job mode ``fail`` and reads the job result (landscape.md §
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -92,8 +93,11 @@ class ShutdownWatch(Protocol):
 
 
 class Gate(Protocol):
-    async def run_target(self, target: str) -> GateOutcome:
-        """Start ``target`` in job mode ``fail`` and wait for its job to end.
+    async def run_target(
+        self, target: str, queued: Callable[[], None] | None = None
+    ) -> GateOutcome:
+        """Start ``target`` in job mode ``fail`` and wait for its job to end; ``queued`` is
+        called (on the loop) once the manager has queued the job, if it does.
 
         No timeout inside (callers wrap it in ``asyncio.timeout``).  If the waiting task is
         cancelled, the systemd job (and the pending start jobs of the target's participants)

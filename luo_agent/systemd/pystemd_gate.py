@@ -9,7 +9,7 @@ cancellation propagates.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Final
 
@@ -79,8 +79,12 @@ class PystemdGate:
     def __init__(self, user_mode: bool = False, *, bus_address: str | None = None) -> None:
         self._bus = BusThread(user_mode, bus_address)
 
-    async def run_target(self, target: str) -> GateOutcome:
-        result = await self._run_job(b"StartUnit", target, "fail", cancel_participants=True)
+    async def run_target(
+        self, target: str, queued: Callable[[], None] | None = None
+    ) -> GateOutcome:
+        result = await self._run_job(
+            b"StartUnit", target, "fail", cancel_participants=True, queued=queued
+        )
         job_result = JobResult(result)
         if job_result == JobResult.DONE:
             return GateOutcome(target, job_result, ())
@@ -152,7 +156,13 @@ class PystemdGate:
         await self.close()
 
     async def _run_job(
-        self, method: bytes, unit: str, mode: str, *, cancel_participants: bool
+        self,
+        method: bytes,
+        unit: str,
+        mode: str,
+        *,
+        cancel_participants: bool,
+        queued: Callable[[], None] | None = None,
     ) -> str:
         loop = asyncio.get_running_loop()
         request = JobRequest(loop, loop.create_future())
@@ -163,6 +173,8 @@ class PystemdGate:
 
         try:
             await self._bus.call(enqueue)
+            if queued is not None:
+                queued()
             return await request.done
         except asyncio.CancelledError:
             # The caller gave up (its timeout): cancel the job in systemd before propagating.

@@ -37,8 +37,12 @@ class FakeGate:
     def queue_shutdown_job(self, target: str) -> None:
         self.shutdown_jobs.put_nowait(target)
 
-    async def run_target(self, target: str) -> GateOutcome:
+    async def run_target(
+        self, target: str, queued: Callable[[], None] | None = None
+    ) -> GateOutcome:
         self.started.append(target)
+        if queued is not None:
+            queued()
         if target in self.hanging:
             try:
                 await asyncio.Event().wait()

@@ -167,6 +167,33 @@ async def test_unknown_target_raises_gate_error(gate: PystemdGate) -> None:
         await gate.run_target("no-such.target")
 
 
+async def test_queued_is_called_once_the_job_is_queued(sandbox: Sandbox, gate: PystemdGate) -> None:
+    # A participant that waits for a file: the job is queued, and still running, when
+    # ``queued`` is called; the gate's outcome comes only after the file appears.
+    waiting = sandbox.path_inside("/run/luo-test-go")
+    sandbox.write_units(
+        {
+            "waits.service": "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+            "ExecStart=/bin/sh -c 'while [ ! -e /run/luo-test-go ]; do sleep 0.05; done'\n",
+            "phase-wait.target": "[Unit]\nRequires=waits.service\nAfter=waits.service\n",
+        }
+    )
+    seen: list[str] = []
+
+    def queued() -> None:
+        seen.append(_active_state(sandbox, "waits.service"))
+        waiting.touch()
+
+    outcome = await asyncio.wait_for(gate.run_target("phase-wait.target", queued), 30)
+
+    assert outcome.ok
+    assert seen in (["activating"], ["inactive"])  # queued (maybe not yet started), not done
+    refused: list[str] = []
+    with pytest.raises(GateError):
+        await gate.run_target("no-such.target", lambda: refused.append("queued"))
+    assert refused == []  # no job, no call
+
+
 async def test_reload_picks_up_new_units(sandbox: Sandbox, gate: PystemdGate) -> None:
     unit_dir = sandbox.path_inside("/run/user/0/systemd/user")
     (unit_dir / "good.service").write_text(GOOD)

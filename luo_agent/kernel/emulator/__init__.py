@@ -1,12 +1,15 @@
-"""The emulated LUO kernel: a kernel server process per emulated boot (``server``), the
-``Syscalls`` implementation that talks to it (``EmulatedSyscalls``) and machine control
-(``EmulatedMachine``).  Contract: ``docs/emulator.md``; behaviour: the LUO uAPI reference
+"""The emulated LUO kernel: a kernel server process per emulated boot (``server``: device and
+session sockets; ``control``: the control socket's ops; ``process``: logging, signals, the ready
+pipe), the ``Syscalls`` implementation that talks to it (``EmulatedSyscalls``) and machine
+control (``EmulatedMachine``).  Contract: ``docs/emulator.md``; behaviour: the LUO uAPI reference
 (``kernel-abi.md`` in the design documents).
 
 Emulator choices (where the kernel cannot be copied exactly):
 
 * Logging: the server logs to ``root/.luo-emu/kernel.log`` (the machine's dmesg);
-  ``LUO_EMU_DEBUG=1`` adds every failed ioctl.
+  ``LUO_EMU_DEBUG=1`` adds every failed ioctl.  Lines are written once the server has been idle
+  for 2 ms, not before the reply that caused them (warnings and errors at once, and all of them
+  before a control request is answered): a file write per line would slow every emulated call.
 * G1 tokens: a counter from 1 per cold boot, never repeating within a boot; a live-update boot
   continues after the largest carried token.  EACCES for non-CAP_SYS_ADMIN callers is not
   emulated; LIVEUPDATE_IOCTL_SELFTESTS (a debugfs ioctl) is ENOTTY on the device.

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     if args.command == "boot" and args.foreground:
-        from .server import serve
+        from .process import serve
 
         if args.abi is not None:
             EmulatedMachine(args.root, args.abi, args.profile)  # records abi/profile

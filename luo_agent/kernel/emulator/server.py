@@ -2,42 +2,38 @@
 
 Sockets it owns: the device node ``root/dev/liveupdate`` (one accepted connection = one open file
 of /dev/liveupdate), one socketpair end per session fd, and the control socket
-``root/.luo-emu/control`` (kexec_file_load, reboot, inspect, inject_fault).  A socket's EOF is
-the last fput of that file: the server sees it once every copy (dup, fork, SCM_RIGHTS, process
-death) is gone.  Logging goes to ``root/.luo-emu/kernel.log`` (the machine's dmesg).
+``root/.luo-emu/control`` (kexec_file_load, reboot, inspect, inject_fault; ``control.py``).
+A socket's EOF is the last fput of that file: the server sees it once every copy (dup, fork,
+SCM_RIGHTS, process death) is gone.  The process around it (logging to
+``root/.luo-emu/kernel.log``, the machine's dmesg; signals; the ready pipe): ``process.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import itertools
 import logging
+import logging.handlers
 import os
-import resource
 import selectors
-import signal
 import socket
-import stat
-import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from luo_agent.errors import HandoverCorrupt
-from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 
 from .base import DeviceOpen, GenerationKernel
 from .config import ABIS, read_config, write_atomic, write_config
+from .control import handle_control
 from .dispatch import Errno, IoctlResult
 from .g1 import RfcV2Kernel
 from .g3 import V3Kernel
 from .g5 import Session, SessionKernel
-from .handover import BlobSink, read_image, write_image
+from .handover import read_image
 from .protocol import (
-    CONTROL_RECV_SIZE,
     DEFAULT_CMDLINE,
     IOCTL_REPLY,
     IOCTL_REQUEST,
@@ -46,16 +42,14 @@ from .protocol import (
     RECV_SIZE,
     SESSION_ADDRESS_PREFIX,
     Layout,
-    decode_json,
-    encode_json,
-    recv_with_fds,
     send_with_fds,
     short_socket_path,
 )
 
 log = logging.getLogger("luo_emu.server")
 
-CONTROL_OPS = ("open", "reboot", "kexec_file_load")
+# How long the server must have been idle before it writes the kernel log's pending lines.
+LOG_DELAY = 0.002
 
 
 class ConnKind(StrEnum):
@@ -87,8 +81,12 @@ def make_kernel(abi: str, host: Server, profile: str | None) -> GenerationKernel
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, log_buffer: logging.handlers.BufferingHandler | None = None
+    ) -> None:
         self.layout = Layout(root)
+        # The kernel log's lines wait here until the server is idle (see serve_forever).
+        self.log_buffer = log_buffer
         config = read_config(self.layout)
         abi = config.get("abi")
         if not isinstance(abi, str):
@@ -117,7 +115,7 @@ class Server:
         config["boot_count"] = self.boot_count
         write_config(layout, config)
         write_atomic(layout.proc_cmdline, self.cmdline + "\n")
-        self._publish_kexec_loaded()
+        self.publish_kexec_loaded()
         if self.kernel.sysfs_state() is not None:
             layout.sysfs_dir.mkdir(parents=True, exist_ok=True)
         else:
@@ -201,13 +199,22 @@ class Server:
             peeked = b""
         if peeked:
             return False
-        self._close(conn)
+        self.close(conn)
         return True
 
     def state_changed(self) -> None:
         state = self.kernel.sysfs_state()
         if state is not None:
             write_atomic(self.layout.sysfs_state, state + "\n")
+
+    def session_bound_to(self, address: object) -> Session | None:
+        """The open session whose channel has this socket address (see ``control._fd_link``)."""
+        for conn in self.conns:
+            mine = conn.kind is ConnKind.SESSION and not conn.closed
+            if mine and conn.sock.getsockname() == address:
+                assert isinstance(conn.handle, Session)
+                return conn.handle
+        return None
 
     def reap_all(self) -> None:
         for conn in list(self.conns):
@@ -221,7 +228,7 @@ class Server:
             self.by_handle[id(conn.handle)] = conn
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
 
-    def _close(self, conn: Conn) -> None:
+    def close(self, conn: Conn) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -242,7 +249,13 @@ class Server:
 
     def serve_forever(self) -> None:
         while self.running:
-            for key, _events in self.selector.select():
+            ready = self.selector.select(LOG_DELAY if self._log_pending() else None)
+            if not ready and self.log_buffer is not None:
+                # Idle: write the kernel log now.  A file write per line at once would sit on
+                # the emulated syscalls' path, in the middle of a caller's series of ioctls.
+                self.log_buffer.flush()
+                continue
+            for key, _events in ready:
                 conn = key.data
                 assert isinstance(conn, Conn)
                 if conn.closed:
@@ -251,9 +264,12 @@ class Server:
                     self._readable(conn)
                 except Exception:
                     log.exception("internal error on %s connection", conn.kind)
-                    self._close(conn)
+                    self.close(conn)
                 if self._went_down():
                     break
+
+    def _log_pending(self) -> bool:
+        return self.log_buffer is not None and bool(self.log_buffer.buffer)
 
     def _went_down(self) -> bool:
         return not self.running
@@ -261,8 +277,7 @@ class Server:
     def _readable(self, conn: Conn) -> None:
         match conn.kind:
             case ConnKind.DEVICE_LISTENER | ConnKind.CONTROL_LISTENER:
-                sock, _addr = conn.sock.accept()
-                sock.set_inheritable(False)
+                sock, _addr = conn.sock.accept()  # accept4(SOCK_CLOEXEC): not inheritable
                 kind = (
                     ConnKind.DEVICE_PENDING
                     if conn.kind is ConnKind.DEVICE_LISTENER
@@ -274,12 +289,15 @@ class Server:
             case ConnKind.DEVICE | ConnKind.SESSION:
                 self._ioctl(conn)
             case ConnKind.CONTROL:
-                self._control(conn)
+                handle_control(self, conn)
 
     def _open(self, conn: Conn) -> None:
-        data = self._recv(conn.sock, OPEN_REQUEST.size)
+        try:
+            data = conn.sock.recv(OPEN_REQUEST.size)
+        except OSError:
+            data = b""
         if len(data) < OPEN_REQUEST.size:
-            self._close(conn)
+            self.close(conn)
             return
         (flags,) = OPEN_REQUEST.unpack_from(data)
         try:
@@ -288,7 +306,7 @@ class Server:
             log.debug("open: %s", exc)
             with contextlib.suppress(OSError):
                 conn.sock.send(OPEN_REPLY.pack(exc.code))
-            self._close(conn)
+            self.close(conn)
             return
         conn.kind = ConnKind.DEVICE
         conn.handle = dev
@@ -296,14 +314,7 @@ class Server:
         try:
             conn.sock.send(OPEN_REPLY.pack(0))
         except OSError:
-            self._close(conn)
-
-    @staticmethod
-    def _recv(sock: socket.socket, size: int) -> bytes:
-        try:
-            return sock.recv(size)
-        except OSError:
-            return b""
+            self.close(conn)
 
     def _ioctl(self, conn: Conn) -> None:
         try:
@@ -311,7 +322,7 @@ class Server:
         except OSError:
             data, flags = b"", 0
         if not data:
-            self._close(conn)
+            self.close(conn)
             return
         result: IoctlResult | None = None
         code = 0
@@ -349,156 +360,17 @@ class Server:
             if result is not None and result.close_after_send and result.fd >= 0:
                 os.close(result.fd)
 
-    # --- control ----------------------------------------------------------------------------
-    def _control(self, conn: Conn) -> None:
-        try:
-            data, fds = recv_with_fds(conn.sock, CONTROL_RECV_SIZE)
-        except OSError:
-            data, fds = b"", []
-        if not data:
-            self._close(conn)
-            return
-        try:
-            request = decode_json(data)
-            op = request.get("op")
-            if op == "reboot":
-                self._reboot(conn)
-                return
-            reply: dict[str, Any] = {"ok": True, "result": self._control_op(op, request, fds)}
-        except Errno as exc:
-            reply = {"ok": False, "errno": exc.code, "message": exc.why or str(exc)}
-        except (ValueError, KeyError, TypeError) as exc:
-            reply = {"ok": False, "errno": errno.EINVAL, "message": str(exc)}
-        finally:
-            for fd in fds:
-                os.close(fd)
-        with contextlib.suppress(OSError):
-            conn.sock.send(encode_json(reply))
-
-    def _control_op(self, op: object, request: dict[str, Any], fds: list[int]) -> Any:
-        match op:
-            case "ping":
-                return {"pid": os.getpid(), "abi": self.abi, "profile": self.kernel.profile}
-            case "inspect":
-                self.reap_all()
-                return self.inspect()
-            case "inject_fault":
-                name, code, count = request["name"], int(request["errno"]), int(request["count"])
-                if name not in {*CONTROL_OPS, *self.kernel.fault_names()}:
-                    raise ValueError(f"unknown fault op {name!r} for {self.abi}")
-                self.kernel.faults.arm(name, code, count)
-                log.info(
-                    "fault armed: next %d x %s -> %s", count, name, errno.errorcode.get(code, code)
-                )
-                return None
-            case "kexec_file_load":
-                self._kexec_file_load(request, fds)
-                return None
-            case "fd_link":
-                return self._fd_link(fds)
-        raise ValueError(f"unknown control op {op!r}")
-
-    def _kexec_file_load(self, request: dict[str, Any], fds: list[int]) -> None:
-        self.kernel.faults.check("kexec_file_load")
-        flags = int(request["flags"])
-        if flags & KEXEC_FILE_UNLOAD:
-            self.kexec_image = None
-            self._publish_kexec_loaded()
-            log.info("kexec image unloaded")
-            return
-        has_initrd = bool(request.get("initrd"))
-        if len(fds) != (2 if has_initrd else 1):
-            raise Errno(errno.EBADF, "kernel/initrd fd missing")
-        kernel_st = os.fstat(fds[0])
-        if not stat.S_ISREG(kernel_st.st_mode) or kernel_st.st_size == 0:
-            raise Errno(errno.EINVAL, "kernel image must be a non-empty regular file")
-        initrd_size = -1
-        if has_initrd:
-            initrd_st = os.fstat(fds[1])
-            if not stat.S_ISREG(initrd_st.st_mode):
-                raise Errno(errno.EINVAL, "initrd must be a regular file")
-            initrd_size = initrd_st.st_size
-        hasher = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(fds[0], 1 << 20, offset):
-            hasher.update(chunk)
-            offset += len(chunk)
-        cmdline = str(request.get("cmdline", ""))
-        self.kexec_image = {
-            "size": offset,
-            "sha256": hasher.hexdigest(),
-            "cmdline": cmdline,
-            "initrd_size": initrd_size,
-        }
-        self._publish_kexec_loaded()
-        log.info("kexec image loaded: %d bytes, cmdline %r", offset, cmdline)
-
-    def _publish_kexec_loaded(self) -> None:
+    def publish_kexec_loaded(self) -> None:
         self.layout.kexec_loaded.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.layout.kexec_loaded, "1\n" if self.kexec_image else "0\n")
 
-    def _fd_link(self, fds: list[int]) -> str:
-        """What ``readlink(/proc/self/fd/N)`` shows for a passed fd: a session channel of this
-        machine reads like the real anon inode, ``anon_inode:[luo_session] <name>``."""
-        if len(fds) != 1:
-            raise Errno(errno.EBADF, "one fd expected")
-        with contextlib.suppress(OSError):
-            peer = socket.socket(fileno=os.dup(fds[0]))
-            with peer:
-                address = peer.getpeername()
-            for conn in self.conns:
-                mine = conn.kind is ConnKind.SESSION and not conn.closed
-                if mine and conn.sock.getsockname() == address:
-                    session = conn.handle
-                    assert isinstance(session, Session)
-                    return "anon_inode:[luo_session] " + session.display_name()
-        return os.readlink(f"/proc/self/fd/{fds[0]}")
-
-    def _reboot(self, conn: Conn) -> None:
-        """reboot(LINUX_REBOOT_CMD_KEXEC): carry what the generation carries, write the image,
-        go down.  Any failure before the image is renamed into place leaves everything as it
-        was and is returned to the caller."""
-        try:
-            self.kernel.faults.check("reboot")
-            image = self.kexec_image
-            if image is None:
-                raise Errno(errno.EINVAL, "no kexec image loaded")
-            self.reap_all()  # closes that happened before this call count (last fput)
-            carried = self.kernel.carries_luo_data()
-            count = self.liveupdate_count + 1 if carried else 0
-
-            def build(sink: BlobSink) -> dict[str, Any]:
-                return {
-                    "generation": self.abi,
-                    "cmdline": image["cmdline"],
-                    "liveupdate_count": count,
-                    "kernel_image": image,
-                    "luo": self.kernel.serialize(sink),
-                }
-
-            try:
-                write_image(self.layout, self.abi, build)
-            except OSError as exc:
-                log.error("kexec: writing the handover image failed: %s", exc)
-                raise Errno(exc.errno or errno.EIO, str(exc)) from exc
-        except Errno as exc:
-            log.info("reboot(KEXEC) failed: %s", exc)
-            with contextlib.suppress(OSError):
-                conn.sock.send(encode_json({"ok": False, "errno": exc.code, "message": exc.why}))
-            return
-        log.info("kexec: handover image written, going down")
-        self._go_down(keep=conn)
-        with contextlib.suppress(OSError):
-            conn.sock.send(encode_json({"ok": True, "result": None}))
-        self._close(conn)
-
-    def _go_down(self, keep: Conn | None = None) -> None:
+    def go_down(self, keep: Conn | None = None) -> None:
         """Close every socket (clients see EOF), remove what only exists while running."""
         self.running = False
         for conn in list(self.conns):
             if conn is not keep:
                 conn.handle = None  # no release callbacks: the machine is gone, not closing
-                self._close(conn)
+                self.close(conn)
         self.kernel.shutdown()
         for path in (
             self.layout.device,
@@ -523,63 +395,3 @@ class Server:
             "device_open": any(c.kind is ConnKind.DEVICE for c in self.conns),
             **self.kernel.inspect(),
         }
-
-
-def _setup_logging(layout: Layout) -> None:
-    handler = logging.FileHandler(layout.kernel_log)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s luo-emu[%(process)d] %(name)s %(levelname)s: %(message)s")
-    )
-    root = logging.getLogger("luo_emu")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if os.environ.get("LUO_EMU_DEBUG") else logging.INFO)
-    root.propagate = False
-
-
-def _raise_fd_limit() -> None:
-    # 2000 sessions plus their memfds need far more than the usual soft limit of 1024.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def serve(root: Path, ready_fd: int = -1) -> int:
-    """Run one boot of the emulated kernel in this process until kexec or a signal.
-
-    ``ready_fd`` (a pipe) receives ``ok``, ``panic <reason>`` or ``error <reason>``."""
-    layout = Layout(root)
-    layout.emu_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(layout)
-    _raise_fd_limit()
-
-    def report(line: str) -> None:
-        if ready_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(ready_fd, line.encode() + b"\n")
-                os.close(ready_fd)
-
-    try:
-        server = Server(root)
-        server.boot()
-    except HandoverCorrupt as exc:
-        report(f"panic {exc}")
-        return 1
-    except Exception as exc:
-        log.exception("boot failed")
-        report(f"error {exc}")
-        return 2
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    report("ok")
-    try:
-        server.serve_forever()
-    finally:
-        if server.running:
-            log.info("powering off (signal)")
-            server._go_down()
-    sys.stdout.flush()
-    return 0
