@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -158,11 +159,13 @@ class Agent:
                     ack.set_exception(exc)
                 continue
             if ack is not None and not ack.done():
-                ack.set_result(ph.Step(self.phase))
+                # Answered after the phase's announcement (a D-Bus reply follows its signals).
+                self.ledger.after_announced(functools.partial(_resolve, ack, ph.Step(self.phase)))
 
     async def stop(self) -> None:
         """Stopping the agent before the reboot aborts the update: closing the handle does it on
         v3 and session kernels; rfc-v2 keeps preserved files on close, so cancel explicitly."""
+        self.ledger.announce_held()
         self._disarm()
         await self.gates.close()
         await self.watchers.close()
@@ -181,6 +184,7 @@ class Agent:
             with contextlib.suppress(LuoError, OSError):
                 await self._kernel_thread.call(kernel.close)
         self.custody.close()
+        self.ledger.close()
         self._kernel_thread.shutdown()
 
     # ----------------------------------------------------------------------------- requests
@@ -251,14 +255,17 @@ class Agent:
     # ---------------------------------------------------------------------------- the engine
 
     def _apply(self, event: ph.Event) -> None:
+        self.ledger.announce_held()  # whatever happens next is announced after it
         step = ph.step(self.phase, event)
         previous = self.phase
         self._disarm()  # a timeout overtaken by this event is stale
         for effect in step.effects:
             if isinstance(effect, ph.ReportFailure):
                 self._report_failure(effect)
-        self._enter(step.next, previous)
         work = [e for e in step.effects if not isinstance(e, ph.ReportFailure)]
+        # "preparing" is announced in the shadow of its gate's job, once systemd has queued it.
+        hold = step.next is ph.Phase.PREPARING and any(isinstance(e, ph.StartTarget) for e in work)
+        self._enter(step.next, previous, hold)
         if work:
             if self._work is not None and not self._work.done():
                 self._work.cancel()
@@ -298,11 +305,11 @@ class Agent:
                 recorded = recovery.abort_reason
         self.ledger.record_failure(failure, reason, recorded)
 
-    def _enter(self, new: ph.Phase, previous: ph.Phase) -> None:
+    def _enter(self, new: ph.Phase, previous: ph.Phase, hold: bool) -> None:
         self.state.phase = new
         if self.record is not None and new is not previous:
             self.state.record = self.record.with_phase(new)
-        self.ledger.publish(new, previous)
+        self.ledger.publish(new, previous, hold=hold)
         if new is ph.Phase.RESTORED and self.config.auto_finish:
             self._post(ph.Finish())
         if new is ph.Phase.PREPARED:
@@ -312,7 +319,10 @@ class Agent:
     # ------------------------------------------------------------------------------ effects
 
     async def _run_effects(self, effects: Sequence[ph.Effect]) -> None:
-        outcome = await self._effects_outcome(effects)
+        try:
+            outcome = await self._effects_outcome(effects)
+        finally:
+            self.ledger.announce_held()  # if the gate ended before its job was queued
         if outcome is not None:
             self._post(outcome)
 
@@ -341,6 +351,11 @@ class Agent:
         if ph.KernelFinish in kinds:
             return await self.custody.finish()
         if target:
-            return await self.gates.run(target)
+            return await self.gates.run(target, queued=self.ledger.announce_held)
         log.error("unknown_effects", effects=[type(e).__name__ for e in effects])
         return None
+
+
+def _resolve(ack: asyncio.Future[ph.Step], step: ph.Step) -> None:
+    if not ack.done():
+        ack.set_result(step)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import structlog
@@ -40,7 +40,7 @@ class Gates:
         # Between a phase timer's expiry and its Timeout event: which participants still run.
         self._stuck: tuple[UnitStatus, ...] = ()
 
-    async def run(self, target: str) -> ph.Event:
+    async def run(self, target: str, queued: Callable[[], None] | None = None) -> ph.Event:
         # The previous gate's target must be stopped before another gate starts (job mode fail).
         await self.settle()
         self._unread = ""
@@ -48,7 +48,7 @@ class Gates:
             self._refresh.cancel()  # this gate's reading supersedes it
             self._refresh = None
         try:
-            outcome = await self.gate.run_target(target)
+            outcome = await self.gate.run_target(target, queued)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 self.participants = await asyncio.shield(self.gate.unit_statuses(target))
