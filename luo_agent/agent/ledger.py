@@ -6,6 +6,7 @@ before current.json and in-flight.json are removed (``docs/reliability.md``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,9 @@ log = structlog.get_logger("luo_agent.agent")
 # How many unconfirmed fds a finished-with-losses record names (the rest are counted).
 MAX_NAMED_FDS: Final = 20
 ERROR_PREFIX: Final = "org.luoagent.LiveUpdate1.Error."
+# How long a held announcement waits for systemd to queue its gate's job: the request that
+# entered the phase is answered after the announcement, and must not wait on a slow PID 1.
+HOLD_LIMIT_SECONDS: Final = 0.1
 # The record's error name for each failure event of the engine (any other: a kernel error).
 FAILURE_NAMES: Final = {
     "GateFailed": "ParticipantFailed",
@@ -58,6 +62,7 @@ class Ledger:
         # after it).
         self._held: tuple[ph.Phase, ph.Phase] | None = None
         self._after_held: list[Callable[[], None]] = []
+        self._hold_limit: asyncio.TimerHandle | None = None
         # The durable in-flight record at "prepared" is written on this thread, overlapping the
         # announcement; every other use of in-flight.json waits for it first.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-flight")
@@ -96,6 +101,9 @@ class Ledger:
         """Announce the held phase, if any (before anything else happens to the update, so the
         phases are announced in order), then run what waited for it."""
         held, self._held = self._held, None
+        if self._hold_limit is not None:
+            self._hold_limit.cancel()
+            self._hold_limit = None
         if held is not None:
             self._announce(*held)
         waiting, self._after_held = self._after_held, []
@@ -125,6 +133,9 @@ class Ledger:
             self.save(None)
         if hold and new is not previous:
             self._held = (new, previous)
+            self._hold_limit = asyncio.get_running_loop().call_later(
+                HOLD_LIMIT_SECONDS, self.announce_held
+            )
         else:
             self._announce(new, previous)
 

@@ -115,6 +115,36 @@ async def test_hanging_prepare_participant_times_out_and_cancels(host: Host) -> 
         assert CANCEL in gate.started
 
 
+class PhaseRecorder:
+    def __init__(self) -> None:
+        self.phases: list[ph.Phase] = []
+
+    def phase_changed(self, record: object, phase: ph.Phase) -> None:
+        self.phases.append(phase)
+
+    def update_finished(self, record: object) -> None:
+        pass
+
+    def kernel_state_changed(self, value: str) -> None:
+        pass
+
+
+async def test_preparing_is_announced_and_answered_even_if_systemd_never_says_queued(
+    host: Host,
+) -> None:
+    """ "preparing" waits for its gate's job to be queued, but not on a PID 1 slow to answer."""
+    heard = PhaseRecorder()
+    gate = FakeGate(unqueued={PREPARE}, hanging={PREPARE})
+    async with host.agent(gate) as agent:
+        agent.listeners.append(heard)
+        record = await asyncio.wait_for(agent.prepare("upd-q"), 5)
+        assert record.id == "upd-q"
+        assert heard.phases == [ph.Phase.PREPARING]
+        await agent.cancel("upd-q")
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+        assert heard.phases == [ph.Phase.PREPARING, ph.Phase.CANCELLING, ph.Phase.IDLE]
+
+
 async def test_execute_without_kernel_and_double_prepare_are_refused(host: Host) -> None:
     async with host.agent(FakeGate()) as agent:
         await agent.prepare("upd-4")
