@@ -4,7 +4,7 @@
   dispatched to the rooms; the requests the D-Bus layer makes.
 * ``state`` — what the rooms share: ``AgentState`` (phase, update in hand, kernel), the kernel
   thread, the listeners' port, the per-phase tables.
-* ``ledger`` — the update's record: saved, announced, ended, kept in the history.
+* ``ledger`` — the update's record: begun, saved, announced, ended, kept in the history.
 * ``gates`` — the phase targets' systemd jobs and the participants' states.
 * ``custody`` — the fds and the kexec image in the agent's hands, the kernel's steps, the kexec.
 * ``watchers`` — what others change behind the agent's back (kernel state, shutdown jobs).

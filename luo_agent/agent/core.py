@@ -20,7 +20,7 @@ import structlog
 
 from .. import phase as ph
 from ..config import Config
-from ..errors import Busy, InvalidArgument, LuoError, PhaseError
+from ..errors import Busy, LuoError, PhaseError
 from ..fdkind import check_preservable
 from ..kernel.backend import KernelBackend
 from ..persist import History, RuntimeState
@@ -32,12 +32,10 @@ from .gates import Gates
 from .ledger import Ledger
 from .startup import Recovery, Startup
 from .state import (
-    UPDATE_ID_RE,
     AgentListener,
     AgentState,
     KernelThread,
     RoomView,
-    new_update_id,
 )
 from .watchers import Watchers
 
@@ -198,21 +196,7 @@ class Agent:
         self._queue.put_nowait((event, None))
 
     async def prepare(self, update_id: str = "", caller: str = "") -> UpdateRecord:
-        if update_id and not UPDATE_ID_RE.match(update_id):
-            raise InvalidArgument("an update id is 1-64 characters of [A-Za-z0-9_-]")
-        current = self.state.record
-        # A record while idle is another Prepare whose event is still queued: it has won.
-        if self.phase is not ph.Phase.IDLE or current is not None:
-            raise Busy(f"update {current.id if current else '?'} is in phase {self.phase}")
-        if update_id and self.last is not None and self.last.id == update_id:
-            raise InvalidArgument(f"update id {update_id!r} was already used")
-        record = UpdateRecord(
-            id=update_id or new_update_id(),
-            abi=self.abi,
-            started_by=caller,
-            kernel_cmdline=self.kernel_cmdline,
-        )
-        self.state.record = record
+        record = self.ledger.begin(update_id, caller, self.abi, self.kernel_cmdline)
         try:
             await self.submit(ph.Prepare())
         except PhaseError:
@@ -223,26 +207,21 @@ class Agent:
         current = self.state.record
         return current if current is not None and current.id == record.id else record
 
-    def _require_update(self, update_id: str) -> None:
-        if update_id and (self.record is None or self.record.id != update_id):
-            current = self.record.id if self.record else "none"
-            raise InvalidArgument(f"no update {update_id!r} in progress (current: {current})")
-
     async def execute(self, update_id: str = "") -> None:
-        self._require_update(update_id)
+        self.ledger.require(update_id)
         self.custody.refuse_execute()
         await self.submit(ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:
-        self._require_update(update_id)
+        self.ledger.require(update_id)
         await self.submit(ph.Cancel())
 
     async def finish(self, update_id: str = "") -> None:
-        self._require_update(update_id)
+        self.ledger.require(update_id)
         await self.submit(ph.Finish())
 
     async def restore(self, update_id: str = "") -> None:
-        self._require_update(update_id)
+        self.ledger.require(update_id)
         await self.submit(ph.Restore())
 
     async def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> str:

@@ -16,9 +16,10 @@ from typing import Final
 import structlog
 
 from .. import phase as ph
+from ..errors import Busy, InvalidArgument
 from ..persist import History, PersistError, RuntimeState
 from ..records import UpdateRecord
-from .state import MARKERS, AgentListener, AgentState
+from .state import MARKERS, UPDATE_ID_RE, AgentListener, AgentState, new_update_id
 
 log = structlog.get_logger("luo_agent.agent")
 
@@ -82,6 +83,35 @@ class Ledger:
             with contextlib.suppress(ValueError):
                 return UpdateRecord.from_json(entry)
         return None
+
+    # ------------------------------------------------------------------------------ requests
+
+    def begin(self, update_id: str, caller: str, abi: str, kernel_cmdline: str) -> UpdateRecord:
+        """A Prepare's record: the update in hand from now on (its event still to be applied)."""
+        if update_id and not UPDATE_ID_RE.match(update_id):
+            raise InvalidArgument("an update id is 1-64 characters of [A-Za-z0-9_-]")
+        current, phase = self._state.record, self._state.phase
+        # A record while idle is another Prepare whose event is still queued: it has won.
+        if phase is not ph.Phase.IDLE or current is not None:
+            raise Busy(f"update {current.id if current else '?'} is in phase {phase}")
+        last = self._state.last
+        if update_id and last is not None and last.id == update_id:
+            raise InvalidArgument(f"update id {update_id!r} was already used")
+        record = UpdateRecord(
+            id=update_id or new_update_id(),
+            abi=abi,
+            started_by=caller,
+            kernel_cmdline=kernel_cmdline,
+        )
+        self._state.record = record
+        return record
+
+    def require(self, update_id: str) -> None:
+        """A request naming an update (``""``: whichever is in hand) names the one in hand."""
+        current = self._state.record
+        if update_id and (current is None or current.id != update_id):
+            name = current.id if current else "none"
+            raise InvalidArgument(f"no update {update_id!r} in progress (current: {name})")
 
     # --------------------------------------------------------------------------- a new phase
 
