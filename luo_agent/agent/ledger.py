@@ -64,7 +64,7 @@ class Ledger:
         self._held: tuple[ph.Phase, ph.Phase] | None = None
         self._after_held: list[Callable[[], None]] = []
         self._hold_limit: asyncio.TimerHandle | None = None
-        # The durable in-flight record at "prepared" is written on this thread, overlapping the
+        # The durable in-flight record at "prepared" is written on this thread, right after the
         # announcement; every other use of in-flight.json waits for it first.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-flight")
         self._in_flight_write: Future[None] | None = None
@@ -168,10 +168,12 @@ class Ledger:
             )
         else:
             self._announce(new, previous)
+        if new is ph.Phase.PREPARED and new is not previous:
+            self._start_in_flight_write()  # after the signals: its thread would contend for the GIL
 
     def _save_phase(self, new: ph.Phase, previous: ph.Phase) -> UpdateRecord | None:
         """Make ``new`` durable before anything announces it: the state file and marker, then
-        current.json (and in-flight.json once prepared); the record of an update it ends."""
+        current.json (and in-flight.json at freezing); the record of an update it ends."""
         marker = MARKERS.get(new)
         if new is not self._published_phase:
             try:
@@ -185,9 +187,7 @@ class Ledger:
             self._state.record = None
             return self._ended(record, previous)
         self.save(record)
-        if new is ph.Phase.PREPARED and new is not previous:
-            self._start_in_flight_write()
-        elif new is ph.Phase.FREEZING and new is not previous:
+        if new is ph.Phase.FREEZING and new is not previous:
             self._save_in_flight()  # before the freeze gate: the kexec follows it
         return None
 
@@ -218,8 +218,8 @@ class Ledger:
             self._write_in_flight(self._state.record)
 
     def _start_in_flight_write(self) -> None:
-        """The same at "prepared", on the writer thread: its fsyncs (1-2 ms, more on a busy
-        disk) overlap the announcement instead of delaying it."""
+        """The same at "prepared", on the writer thread, once the phase is announced: its fsyncs
+        (1-2 ms, more on a busy disk) no longer delay the announcement."""
         self._wait_in_flight()
         if self._state.record is not None:
             self._in_flight_write = self._writer.submit(self._write_in_flight, self._state.record)
