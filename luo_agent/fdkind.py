@@ -1,4 +1,4 @@
-"""What kind of file an fd refers to, and whether the kernel can preserve it.
+"""What kind of file an fd refers to, whether the kernel can preserve it, and closing fds.
 
 The kernel's memfd handler accepts shmem-backed files with no links (``memfd_luo``
 ``can_preserve``): memfds, and also O_TMPFILE files on a tmpfs.  The agent checks this when a
@@ -8,6 +8,7 @@ time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -67,3 +68,12 @@ def check_preservable(fd: int) -> None:
     kind = describe(fd)
     if kind != "memfd":
         raise InvalidArgument(f"only memfds can be preserved by this kernel, got a {kind}")
+
+
+def close_fds(*fds: int) -> None:
+    """Close each fd once, ignoring -1 (no fd) and errors: ``LoadKernel(0, 0)`` names one fd
+    twice, and a second close could hit a reused number."""
+    for fd in dict.fromkeys(fds):
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)

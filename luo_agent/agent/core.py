@@ -298,10 +298,7 @@ class Agent:
     # ------------------------------------------------------------------------------ effects
 
     async def _run_effects(self, effects: Sequence[ph.Effect]) -> None:
-        try:
-            outcome = await self._effects_outcome(effects)
-        finally:
-            self.ledger.announce_held()  # if the gate ended before its job was queued
+        outcome = await self._effects_outcome(effects)
         if outcome is not None:
             self._post(outcome)
 

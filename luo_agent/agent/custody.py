@@ -15,6 +15,7 @@ import structlog
 from .. import phase as ph
 from ..config import Config
 from ..errors import InvalidArgument, KernelError, LuoError, PhaseError, Unsupported
+from ..fdkind import close_fds
 from ..kernel.backend import PreserveItem
 from ..kexec_handover import hand_over_to_pid1, missing_kexec_image
 from ..records import PreservedFd, UpdateRecord
@@ -25,7 +26,6 @@ from .state import (
     AgentState,
     KernelThread,
     RebootStrategy,
-    close_fds,
     enables_liveupdate,
     with_marker,
 )
@@ -87,7 +87,7 @@ class Custody:
         reloads it with the right marker (outside the blackout)."""
         if self._state.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING):
             raise PhaseError(self._state.phase, "LoadKernel")
-        kernel = self._state.open_kernel()
+        kernel = self._state.opened_kernel()
         if len(cmdline) > 4096 or "\0" in cmdline:
             raise InvalidArgument("the command line must be under 4096 bytes without NUL")
         base = " ".join(w for w in cmdline.split() if not w.startswith(CMDLINE_MARKER))
@@ -136,7 +136,7 @@ class Custody:
     async def retrieve(self, session: str, token: int, caller: str = "") -> int:
         if self._state.phase not in RETRIEVE_PHASES:
             raise PhaseError(self._state.phase, "Retrieve (only after a live-update boot)")
-        kernel = self._state.open_kernel()
+        kernel = self._state.opened_kernel()
         key = (session, token)
         held = self._held.get(key)
         if held is None:
@@ -224,7 +224,7 @@ class Custody:
     # ------------------------------------------------------------------------- kernel steps
 
     async def preserve_and_prepare(self) -> ph.Event:
-        kernel = self._state.open_kernel()
+        kernel = self._state.opened_kernel()
         assert self._state.record is not None
         entries = self.registry.preservation_order()
         record = self._state.record
@@ -259,13 +259,15 @@ class Custody:
         return ph.PreparationDone()
 
     async def freeze(self) -> ph.Event:
-        return await self._step(self._state.open_kernel().freeze, ph.FreezeDone(), ph.FreezeFailed)
+        return await self._step(
+            self._state.opened_kernel().freeze, ph.FreezeDone(), ph.FreezeFailed
+        )
 
     async def finish(self) -> ph.Event:
         return await self._step(self._finish_kernel, ph.FinishDone(), ph.FinishFailed)
 
     def _finish_kernel(self) -> None:
-        problems = self._state.open_kernel().finish()
+        problems = self._state.opened_kernel().finish()
         if problems:
             raise KernelError("finish", 16, "; ".join(problems))
 
@@ -282,7 +284,7 @@ class Custody:
         """Cancel in the kernel and let go of the handed-in fds; what went wrong ("" if nothing)."""
         problem = ""
         try:
-            await self._kernel_thread.call(self._state.open_kernel().cancel)
+            await self._kernel_thread.call(self._state.opened_kernel().cancel)
         except (LuoError, OSError) as exc:
             problem = f"kernel cancel: {exc}"
         self.registry.close_all()
@@ -323,7 +325,7 @@ class Custody:
         blackout_started: float,
         announce: Callable[[], None],
     ) -> None:
-        kernel = self._state.open_kernel()
+        kernel = self._state.opened_kernel()
         call = self._kernel_thread.call
 
         def final_metadata() -> None:

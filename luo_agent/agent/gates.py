@@ -18,7 +18,7 @@ import structlog
 from .. import phase as ph
 from ..errors import LuoError
 from ..systemd.gate import Gate, GateOutcome, UnitStatus
-from .state import AgentListener, describe_units, notify_listeners
+from .state import AgentListener, describe_units
 
 log = structlog.get_logger("luo_agent.agent")
 
@@ -97,7 +97,10 @@ class Gates:
         if statuses == self.participants:
             return
         self.participants = statuses
-        notify_listeners(self._listeners, "participants_changed")
+        for listener in self._listeners:
+            notify = getattr(listener, "participants_changed", None)  # optional in listeners
+            if notify is not None:
+                notify()
 
     def stop_targets(self) -> None:
         """Stop the passed gates' targets, so the next update runs the participants again.

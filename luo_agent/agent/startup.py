@@ -187,7 +187,7 @@ class Startup:
           restore it once): the update is taken from ``in-flight.json``;
         * an update in ``in-flight.json`` that this boot has no handover for: recorded as lost.
         """
-        kernel = self._state.open_kernel()
+        kernel = self._state.opened_kernel()
         last = self._state.last
         self._record_lost_update(kernel, boot, previous)
         if previous is not None and last is not None and previous.id == last.id:
@@ -278,7 +278,7 @@ class Startup:
             # Sessions the dead agent finished but had not yet let go of come back from the
             # fd store: FINISH again is a no-op that releases them (elsewhere it only fails).
             with contextlib.suppress(LuoError, OSError):
-                await self._kernel_thread.call(self._state.open_kernel().finish)
+                await self._kernel_thread.call(self._state.opened_kernel().finish)
             self._ledger.finish_record(finished(previous))
             return
         # After the reboot with the carried files gone (incoming sessions closed with the dead

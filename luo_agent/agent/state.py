@@ -4,9 +4,7 @@ tables that say what each phase means outside the engine."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import operator
-import os
 import re
 import secrets
 import time
@@ -100,7 +98,7 @@ class AgentState:
     def update_id(self) -> str:
         return self.record.id if self.record is not None else ""
 
-    def open_kernel(self) -> KernelBackend:
+    def opened_kernel(self) -> KernelBackend:
         assert self.kernel is not None, "the kernel is opened at start-up"
         return self.kernel
 
@@ -147,14 +145,6 @@ class KernelThread:
         self._pool.shutdown(wait=True)
 
 
-def notify_listeners(listeners: Sequence[AgentListener], method: str, *args: object) -> None:
-    """Call ``method`` on every listener that has it (optional methods may be left out)."""
-    for listener in listeners:
-        notify = getattr(listener, method, None)
-        if notify is not None:
-            notify(*args)
-
-
 def describe_units(units: Sequence[UnitStatus]) -> str:
     return ", ".join(f"{u.unit} ({u.active_state}/{u.sub_state}, result {u.result})" for u in units)
 
@@ -166,13 +156,6 @@ def enables_liveupdate(cmdline: str) -> bool:
 
 def with_marker(cmdline: str, update_id: str) -> str:
     return f"{cmdline} {CMDLINE_MARKER}{update_id}".strip()
-
-
-def close_fds(*fds: int) -> None:
-    for fd in fds:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def new_update_id() -> str:

@@ -83,7 +83,7 @@ class Watchers:
             )
 
     async def _cancel_if_kernel_normal(self) -> None:
-        kernel = self._state.open_kernel()
+        kernel = self._state.opened_kernel()
         try:
             state = await self._kernel_thread.call(kernel.describe_state)
         except (LuoError, OSError) as exc:

@@ -8,7 +8,7 @@ checks what callers send, ``values`` builds what the API answers, ``fds`` says w
 ``auth`` identifies and authorises callers (polkit), ``errors`` maps domain errors to the error
 names once, ``bus`` is the connection and ``names`` the bus names, paths and interfaces.
 
-Imports from the rest of luo_agent only ``agent``, ``phase``, ``records``, ``errors``, ``config``
-and the version: the adapters (``kernel/``, ``systemd/``, ``persist``, ...) are reached only
+Imports from the rest of luo_agent only ``agent``, ``phase``, ``records``, ``errors``, ``config``,
+``fdkind.close_fds`` and the version: the adapters (``kernel/``, ``systemd/``, ``persist``, ...) are reached only
 through the Agent; never ``daemon``, ``cli``, ``client`` or the tools.
 """

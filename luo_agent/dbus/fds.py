@@ -8,15 +8,9 @@ the reply, and is closed when the update ends or the same token is retrieved aga
 
 from __future__ import annotations
 
-import contextlib
-import os
+from ..fdkind import close_fds
 
-
-def close_fds(*fds: int) -> None:
-    # Once each: LoadKernel(0, 0) names one fd twice, and a second close could hit a reused number.
-    for fd in dict.fromkeys(fds):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+__all__ = ["HandedOutFds", "close_fds"]
 
 
 class HandedOutFds:
@@ -32,7 +26,5 @@ class HandedOutFds:
         self._fds[(session, token)] = fd
 
     def close_all(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds(*self._fds.values())
         self._fds.clear()

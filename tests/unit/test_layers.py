@@ -83,6 +83,7 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
                 "luo_agent.records",
                 "luo_agent.errors",
                 "luo_agent.config",
+                "luo_agent.fdkind.close_fds",
                 "luo_agent.__version__",
             ),
         ),
