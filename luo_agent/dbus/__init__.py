@@ -9,6 +9,6 @@ checks what callers send, ``values`` builds what the API answers, ``fds`` says w
 names once, ``bus`` is the connection and ``names`` the bus names, paths and interfaces.
 
 Imports from the rest of luo_agent only ``agent``, ``phase``, ``records``, ``errors``, ``config``,
-``fdkind.close_fds`` and the version: the adapters (``kernel/``, ``systemd/``, ``persist``, ...) are reached only
-through the Agent; never ``daemon``, ``cli``, ``client`` or the tools.
+``fdkind.close_fds`` and the version: the adapters (``kernel/``, ``systemd/``, ``persist``, ...)
+are reached only through the Agent; never ``daemon``, ``cli``, ``client`` or the tools.
 """
