@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -310,6 +311,43 @@ def test_rfc_v2_sysfs_and_kexec_from_frozen(make_machine: MakeMachine, kernel_im
     assert struct.unpack_from("<Q", buf, 8)[0] == 2
     for fd in (dev, other, m, new):
         os.close(fd)
+
+
+def test_threads_sharing_one_device_fd_each_get_their_own_reply(
+    make_machine: MakeMachine,
+) -> None:
+    """As with the kernel, an ioctl's reply reaches the thread that asked: the agent's loop reads
+    the state on the fd its kernel thread preserves through."""
+    machine = make_machine("rfc-v2")
+    machine.boot()
+    sc = machine.syscalls
+    dev = open_dev(sc)
+    data = memfd_with(b"shared")
+    rounds = 200
+    tokens: list[int] = []
+    states: set[int] = set()
+
+    def preserve_many() -> None:
+        for _ in range(rounds):
+            buf = bytearray(struct.pack("<iIQ", data, 0, 0))
+            sc.ioctl(dev, rfc_v2.LIVEUPDATE_IOCTL_FD_PRESERVE, buf)
+            tokens.append(struct.unpack_from("<Q", buf, 8)[0])
+
+    def read_states() -> None:
+        for _ in range(rounds):
+            state = bytearray(4)
+            sc.ioctl(dev, rfc_v2.LIVEUPDATE_IOCTL_GET_STATE, state)
+            states.add(struct.unpack("<I", state)[0])
+
+    workers = [threading.Thread(target=preserve_many), threading.Thread(target=read_states)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert tokens == list(range(1, rounds + 1))
+    assert states == {rfc_v2.liveupdate_state.LIVEUPDATE_STATE_NORMAL}
+    os.close(dev)
+    os.close(data)
 
 
 # --- kexec_file_load / reboot ------------------------------------------------------------------

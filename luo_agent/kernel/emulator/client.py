@@ -2,7 +2,8 @@
 
 Machine down: ``open`` of the device raises OSError(ENOENT) (a kernel without LUO);
 ``kexec_file_load``/``reboot_kexec`` raise OSError(ENOENT) too.  An ioctl on a socket whose
-server has gone (after a kexec or power-off) raises OSError(EIO).
+server has gone (after a kexec or power-off) raises OSError(EIO).  Threads may share an fd, as
+with the kernel: each ioctl's request and reply are one round trip, never interleaved.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 import struct
 import termios
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,9 @@ class EmulatedSyscalls:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.layout = Layout(self.root)
+        # One lock per socket (by inode: a dup shares it), so that a reply reaches its caller.
+        self._round_trips: dict[int, threading.Lock] = {}
+        self._round_trips_guard = threading.Lock()
 
     def path(self, path: str) -> str:
         return str(self.root) + path
@@ -115,8 +120,9 @@ class EmulatedSyscalls:
         # The kernel's ioctl cmd is an unsigned int.
         message = IOCTL_REQUEST.pack(os.getpid(), request & 0xFFFFFFFF) + bytes(buf)
         try:
-            sock.send(message)
-            data, fds = recv_with_fds(sock, RECV_SIZE, max_fds=1)
+            with self._round_trip(sock):
+                sock.send(message)
+                data, fds = recv_with_fds(sock, RECV_SIZE, max_fds=1)
         except _GONE_ERRORS as exc:
             raise _oserror(errno.EIO, "emulated machine is down") from exc
         if len(data) < IOCTL_REPLY.size:
@@ -142,6 +148,11 @@ class EmulatedSyscalls:
             else:
                 os.close(new_fd)
         return rc
+
+    def _round_trip(self, sock: socket.socket) -> threading.Lock:
+        inode = os.fstat(sock.fileno()).st_ino
+        with self._round_trips_guard:
+            return self._round_trips.setdefault(inode, threading.Lock())
 
     def close(self, fd: int) -> None:
         os.close(fd)
