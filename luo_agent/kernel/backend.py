@@ -113,9 +113,16 @@ class KernelBackend(Protocol):
 
     def start(self) -> BootState: ...
 
+    def preserve_metadata(self, record: UpdateRecord) -> None:
+        """Put the agent's metadata (``record``) in the kernel ahead of ``preserve``, which
+        otherwise does it: done while the participants still prepare, it is off their path."""
+        ...
+
     def preserve(
         self, items: Sequence[PreserveItem], record: UpdateRecord
-    ) -> dict[tuple[str, int], int]: ...
+    ) -> dict[tuple[str, int], int]:
+        """Preserve ``items`` and, unless already done, the metadata; all or nothing."""
+        ...
 
     def prepare(self) -> None: ...
 

@@ -35,6 +35,7 @@ class GlobalListBackend(MetadataMemfd):
         self.syscalls = syscalls
         self.kernel_tokens: dict[tuple[str, int], int] = {}
         self.meta_kernel_token: int | None = None
+        self._metadata_ahead = False  # preserve_metadata ran, preserve has not yet
 
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
@@ -101,13 +102,23 @@ class GlobalListBackend(MetadataMemfd):
             return BootState(state, stale_prepared=True)
         return BootState(state)
 
-    def preserve(
-        self, items: Sequence[PreserveItem], record: UpdateRecord
-    ) -> dict[tuple[str, int], int]:
+    def preserve_metadata(self, record: UpdateRecord) -> None:
         try:
             self._meta_fd = new_metadata_memfd(record)
             self.meta_kernel_token = self._preserve_one(self._meta_fd, METADATA_TOKEN)
             self._remember_metadata_token(self.meta_kernel_token)
+        except BaseException:
+            self._unpreserve_all()
+            raise
+        self._metadata_ahead = True
+
+    def preserve(
+        self, items: Sequence[PreserveItem], record: UpdateRecord
+    ) -> dict[tuple[str, int], int]:
+        if not self._metadata_ahead:
+            self.preserve_metadata(record)
+        self._metadata_ahead = False
+        try:
             for index, item in enumerate(items, start=1):
                 self.kernel_tokens[(item.session, item.token)] = self._preserve_one(item.fd, index)
         except BaseException:
@@ -124,6 +135,7 @@ class GlobalListBackend(MetadataMemfd):
                 self._unpreserve(token)
         self.kernel_tokens.clear()
         self.meta_kernel_token = None
+        self._metadata_ahead = False
         self._drop_metadata()
 
     def prepare(self) -> None:

@@ -96,24 +96,40 @@ class SessionBackend(MetadataMemfd):
                     notes.append(f"session {name!r} not carried: {exc}")
             return BootState(kernel_state=None, incoming=record, notes=tuple(notes))
 
-    def preserve(
-        self, items: Sequence[PreserveItem], record: UpdateRecord
-    ) -> dict[tuple[str, int], int]:
-        if self.outgoing:
-            raise WrongKernelState("preserve", errno.EBUSY, "outgoing sessions already exist")
+    def preserve_metadata(self, record: UpdateRecord) -> None:
+        if AGENT_SESSION in self.outgoing:
+            raise WrongKernelState("preserve", errno.EBUSY, "the agent's session already exists")
         try:
             with self._device() as dev:
-                for item in items:
-                    session = self.outgoing.get(item.session)
-                    if session is None:
-                        session = self.outgoing[item.session] = dev.create_session(item.session)
-                    session.preserve_fd(item.fd, item.token)
-                own = self.outgoing[AGENT_SESSION] = dev.create_session(AGENT_SESSION)
-                self._meta_fd = new_metadata_memfd(record)
-                own.preserve_fd(self._meta_fd, METADATA_TOKEN)
+                self._preserve_own(dev, record)
         except BaseException:
             self.cancel()
             raise
+
+    def _preserve_own(self, dev: SessionDevice, record: UpdateRecord) -> None:
+        own = self.outgoing[AGENT_SESSION] = dev.create_session(AGENT_SESSION)
+        self._meta_fd = new_metadata_memfd(record)
+        own.preserve_fd(self._meta_fd, METADATA_TOKEN)
+
+    def preserve(
+        self, items: Sequence[PreserveItem], record: UpdateRecord
+    ) -> dict[tuple[str, int], int]:
+        if any(name != AGENT_SESSION for name in self.outgoing):
+            raise WrongKernelState("preserve", errno.EBUSY, "outgoing sessions already exist")
+        own_missing = AGENT_SESSION not in self.outgoing
+        if items or own_missing:
+            try:
+                with self._device() as dev:
+                    if own_missing:
+                        self._preserve_own(dev, record)
+                    for item in items:
+                        session = self.outgoing.get(item.session)
+                        if session is None:
+                            session = self.outgoing[item.session] = dev.create_session(item.session)
+                        session.preserve_fd(item.fd, item.token)
+            except BaseException:
+                self.cancel()
+                raise
         return {(i.session, i.token): i.token for i in items}
 
     def prepare(self) -> None:
