@@ -333,8 +333,9 @@ class PreserveRegistered:
 
 @dataclass(frozen=True, slots=True)
 class PreserveMetadata:
-    """Write the agent's metadata memfd (update id, mapping, timings) and preserve it last, when
-    every kernel token is known (rfc-v2 tokens are made by the kernel)."""
+    """Preserve the agent's metadata memfd (update id, mapping, timings): the agent does it while
+    the prepare target runs, and rewrites it in place once every kernel token is known (rfc-v2
+    tokens are made by the kernel)."""
 
 
 @dataclass(frozen=True, slots=True)

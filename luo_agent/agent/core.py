@@ -327,9 +327,17 @@ class Agent:
         if ph.KernelFinish in kinds:
             return await self.custody.finish()
         if target:
-            return await self.gates.run(target, queued=self.ledger.announce_held)
+            queued = self.ledger.announce_held
+            if self.phase is ph.Phase.PREPARING:
+                queued = self._prepare_target_queued
+            return await self.gates.run(target, queued=queued)
         log.error("unknown_effects", effects=[type(e).__name__ for e in effects])
         return None
+
+    def _prepare_target_queued(self) -> None:
+        # While systemd runs the participants: the agent's own kernel work, then "preparing".
+        self.custody.preserve_metadata_ahead()
+        self.ledger.announce_held()
 
 
 def _resolve(ack: asyncio.Future[ph.Step], step: ph.Step) -> None:

@@ -4,6 +4,7 @@ it.  Every kernel call runs on the kernel thread; each step returns the engine's
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
@@ -73,6 +74,7 @@ class Custody:
         # Retrieve again (a participant that died after its first one) gets a duplicate of it,
         # since rfc-v2 and v3 restore a token only once.
         self._held: dict[tuple[str, int], int] = {}
+        self._ahead: asyncio.Future[None] | None = None
 
     @property
     def abi(self) -> str:
@@ -223,8 +225,24 @@ class Custody:
 
     # ------------------------------------------------------------------------- kernel steps
 
+    def preserve_metadata_ahead(self) -> None:
+        """Once the prepare target's job is queued: the agent's metadata into the kernel while
+        the participants run (it does not depend on their fds), off the path after them."""
+        kernel = self._state.opened_kernel()
+        record = self._state.record
+        assert record is not None and self._ahead is None
+        ahead = self._kernel_thread.submit(kernel.preserve_metadata, record)
+        ahead.add_done_callback(_retrieved)  # awaited by the preservation, or dropped by a cancel
+        self._ahead = ahead
+
     async def preserve_and_prepare(self) -> ph.Event:
         kernel = self._state.opened_kernel()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                await ahead
+            except (LuoError, OSError) as exc:
+                return ph.PreparationFailed(str(exc))
         assert self._state.record is not None
         entries = self.registry.preservation_order()
         record = self._state.record
@@ -283,6 +301,7 @@ class Custody:
     async def cancel(self) -> str:
         """Cancel in the kernel and let go of the handed-in fds; what went wrong ("" if nothing)."""
         problem = ""
+        self._ahead = None  # the cancel runs after it on the kernel thread and undoes it
         try:
             await self._kernel_thread.call(self._state.opened_kernel().cancel)
         except (LuoError, OSError) as exc:
@@ -354,3 +373,8 @@ class Custody:
             reclaim=lambda: call(kernel.reclaim_outgoing),
             announce=announce,
         )
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

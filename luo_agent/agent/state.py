@@ -139,7 +139,11 @@ class KernelThread:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue ``fn`` now (calls run in the order they were queued)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -115,6 +115,31 @@ async def test_hanging_prepare_participant_times_out_and_cancels(host: Host) -> 
         assert CANCEL in gate.started
 
 
+async def test_metadata_goes_into_the_kernel_while_the_participants_prepare(host: Host) -> None:
+    """Once systemd has queued the prepare target's job, the agent's metadata is preserved while
+    the participants run (their fds follow the gate); a failed gate takes it out again."""
+    held_during_gate: list[int] = []
+
+    async def participant_runs() -> None:
+        for _ in range(500):
+            if host.kernel_files():
+                break
+            await asyncio.sleep(0.01)
+        held_during_gate.append(host.kernel_files())
+
+    bad = UnitStatus("bad.service", "failed", "failed", "exit-code")
+    gate = FakeGate(hooks={PREPARE: participant_runs}, failing={PREPARE: bad})
+    fd = memfd_with(b"x" * 4096, 0)
+    async with host.agent(gate) as agent:
+        agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
+        os.close(fd)
+        await agent.prepare("upd-ahead")
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        assert held_during_gate == [1]  # the metadata memfd alone
+        assert host.kernel_files() == 0
+        assert agent.last is not None and agent.last.result == "failed"
+
+
 class PhaseRecorder:
     def __init__(self) -> None:
         self.phases: list[ph.Phase] = []
