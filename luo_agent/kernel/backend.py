@@ -115,7 +115,8 @@ class KernelBackend(Protocol):
 
     def preserve_metadata(self, record: UpdateRecord) -> None:
         """Put the agent's metadata (``record``) in the kernel ahead of ``preserve``, which
-        otherwise does it: done while the participants still prepare, it is off their path."""
+        otherwise does it: done while the participants still prepare, it is off their path.
+        A backend whose kernel keeps files after the agent dies may leave it to ``preserve``."""
         ...
 
     def preserve(

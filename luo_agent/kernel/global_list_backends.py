@@ -103,6 +103,9 @@ class GlobalListBackend(MetadataMemfd):
         return BootState(state)
 
     def preserve_metadata(self, record: UpdateRecord) -> None:
+        self._preserve_metadata(record)
+
+    def _preserve_metadata(self, record: UpdateRecord) -> None:
         try:
             self._meta_fd = new_metadata_memfd(record)
             self.meta_kernel_token = self._preserve_one(self._meta_fd, METADATA_TOKEN)
@@ -116,7 +119,7 @@ class GlobalListBackend(MetadataMemfd):
         self, items: Sequence[PreserveItem], record: UpdateRecord
     ) -> dict[tuple[str, int], int]:
         if not self._metadata_ahead:
-            self.preserve_metadata(record)
+            self._preserve_metadata(record)
         self._metadata_ahead = False
         try:
             for index, item in enumerate(items, start=1):
@@ -231,6 +234,11 @@ class RfcV2Backend(GlobalListBackend):
 
     def _state(self) -> KernelState:
         return self.device.get_state()
+
+    def preserve_metadata(self, record: UpdateRecord) -> None:
+        """Left to ``preserve``: RFC v2 keeps preserved files when the agent dies and cannot list
+        them, so a preservation ahead would widen the crash window of unnamed files from the
+        preservation itself to the whole prepare gate (docs/reliability.md)."""
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
         return self.device.fd_preserve(fd)
