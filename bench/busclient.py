@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,27 @@ class Client:
         result = await asyncio.wait_for(fut, 60)
         del self._jobs[str(path)]
         return result
+
+    async def settled(self, unit: str, limit: float = 5.0) -> None:
+        """Until systemd has no job left and ``unit`` is inactive again (the tail of the previous
+        round), polling without sleeping: an idle pause would let this VM's vCPUs go cold and
+        slow the next timed part down several-fold."""
+        (path,) = await call(self.bus, "GetUnit", "s", [unit], **SYSTEMD)
+        active_state = {
+            **SYSTEMD,
+            "path": path,
+            "interface": "org.freedesktop.DBus.Properties",
+        }
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            (jobs,) = await call(self.bus, "ListJobs", **SYSTEMD)
+            (state,) = await call(
+                self.bus, "Get", "ss", ["org.freedesktop.systemd1.Unit", "ActiveState"],
+                **active_state,
+            )  # fmt: skip
+            if not jobs and state.value == "inactive":
+                return
+        raise TimeoutError(f"systemd still busy with {unit} after {limit} s")
 
     async def subscribe_systemd(self) -> None:
         await call(self.bus, "Subscribe", **SYSTEMD)

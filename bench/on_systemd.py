@@ -20,6 +20,7 @@ from .busclient import Client
 from .stats import Sample, fmt, ratio
 
 PREPARE_TARGET = "liveupdate-prepare.target"
+CANCEL_TARGET = "liveupdate-cancel.target"
 MARKER = "/run/luo-agent/active/prepare"  # the target asserts it: only the agent starts it
 
 
@@ -49,6 +50,8 @@ async def _phase_overhead(tb: Testbed, address: str, marker: Path, rounds: int) 
             idle = client.arm_phase("idle")
             await client.agent("Cancel", "s", [update_id])
             await asyncio.wait_for(idle, 60)
+            # The agent stops the cancel target after "idle": not while the plain client runs.
+            await client.settled(CANCEL_TARGET)
             # A plain client: the same target on the same manager, waiting for its job.
             marker.touch()  # noqa: ASYNC240 - a tmpfs file, before the timed part
             try:
