@@ -94,9 +94,21 @@ class Custody:
             raise InvalidArgument("the command line must be under 4096 bytes without NUL")
         base = " ".join(w for w in cmdline.split() if not w.startswith(CMDLINE_MARKER))
         own = (os.dup(kernel_fd), os.dup(initrd_fd) if initrd_fd >= 0 else -1)
-        full = with_marker(base, self._state.update_id or "pending")
+
+        def load() -> str:
+            # On the kernel thread, like the reload in preserve_and_prepare: the loads and the
+            # record of what is loaded keep one order, whatever the loop does meanwhile.
+            full = with_marker(base, self._state.update_id or "pending")
+            kernel.load_kernel(own[0], own[1], full)
+            previous, self._kexec = self._kexec, LoadedKernel(own[0], own[1], base)
+            self.kernel_cmdline = full
+            self.kernel_loaded = True
+            if previous is not None:
+                close_fds(previous.kernel_fd, previous.initrd_fd)
+            return full
+
         try:
-            await self._kernel_thread.call(kernel.load_kernel, own[0], own[1], full)
+            return await self._kernel_thread.call(load)
         except OSError as exc:
             close_fds(*own)
             # kexec_file_load refused the image (EPERM, ENOEXEC, EBADF): the caller's answer.
@@ -104,12 +116,6 @@ class Custody:
         except BaseException:
             close_fds(*own)
             raise
-        if self._kexec is not None:
-            close_fds(self._kexec.kernel_fd, self._kexec.initrd_fd)
-        self._kexec = LoadedKernel(own[0], own[1], base)
-        self.kernel_loaded = True
-        self.kernel_cmdline = full
-        return full
 
     def preserve(
         self, fd: int, session: str, token: int, depends_on: Sequence[tuple[str, int]], owner: str
@@ -246,13 +252,14 @@ class Custody:
         assert self._state.record is not None
         entries = self.registry.preservation_order()
         record = self._state.record
-        loaded = self._kexec
-        marked = with_marker(loaded.base_cmdline if loaded else "", record.id)
-        reload = loaded if self.kernel_cmdline != marked else None
 
         def in_kernel() -> tuple[PreservedFd, ...]:
-            if reload is not None:
-                kernel.load_kernel(reload.kernel_fd, reload.initrd_fd, marked)
+            # What is loaded is read here, after any LoadKernel queued before (load_kernel).
+            loaded = self._kexec
+            marked = with_marker(loaded.base_cmdline if loaded else "", record.id)
+            if loaded is not None and self.kernel_cmdline != marked:
+                kernel.load_kernel(loaded.kernel_fd, loaded.initrd_fd, marked)
+                self.kernel_cmdline = marked
             items = [PreserveItem(e.session, e.token, e.fd) for e in entries]
             tokens = kernel.preserve(items, record)
             preserved = tuple(
@@ -268,8 +275,6 @@ class Custody:
             preserved = await self._kernel_thread.call(in_kernel)
         except (LuoError, OSError) as exc:
             return ph.PreparationFailed(str(exc))
-        if reload is not None:
-            self.kernel_cmdline = marked
         if self._state.record is not None:
             self._state.record = replace(
                 self._state.record, preserved=preserved, kernel_cmdline=self.kernel_cmdline

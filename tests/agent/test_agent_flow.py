@@ -7,6 +7,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +140,44 @@ async def test_metadata_goes_into_the_kernel_while_the_participants_prepare(host
         assert held_during_gate == [0 if host.abi == "rfc-v2" else 1]
         assert host.kernel_files() == 0
         assert agent.last is not None and agent.last.result == "failed"
+
+
+async def test_a_kernel_loaded_as_the_prepare_gate_ends_is_the_one_recorded(host: Host) -> None:
+    """LoadKernel while preparing, queued on the kernel thread just before the preservation,
+    which reloads the earlier image with the update's marker: the kernel and the agent agree on
+    the last image loaded, and it carries the marker."""
+    images = {name: host.tmp / f"vmlinuz-{name}" for name in ("old", "new")}
+    for name, path in images.items():
+        path.write_bytes(name.encode() * 1000)
+    fds = {name: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for name, path in images.items()}
+    kernel_thread_free = threading.Event()
+    loads: list[asyncio.Task[str]] = []
+    gate = FakeGate()
+    try:
+        async with host.agent(gate) as agent:
+
+            async def participant_runs() -> None:
+                # The load and the preservation queue up behind this, in that order.
+                agent.custody._kernel_thread.submit(kernel_thread_free.wait)
+                loads.append(asyncio.create_task(agent.load_kernel(fds["new"], -1, "new")))
+                await asyncio.sleep(0)
+                asyncio.get_running_loop().call_later(0.3, kernel_thread_free.set)
+
+            gate.hooks[PREPARE] = participant_runs
+            await agent.load_kernel(fds["old"], -1, "old")  # before the update: no id yet
+            await agent.prepare("upd-load")
+            await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
+            await loads[0]
+            loaded = host.machine.inspect()["kexec_image"]
+            new_image = hashlib.sha256(images["new"].read_bytes()).hexdigest()
+            assert loaded["sha256"] == new_image
+            assert loaded["cmdline"] == agent.custody.kernel_cmdline
+            assert agent.record is not None and agent.record.kernel_cmdline == loaded["cmdline"]
+            assert loaded["cmdline"].split() == ["new", "luo_agent.update=upd-load"]
+    finally:
+        kernel_thread_free.set()
+        for fd in fds.values():
+            os.close(fd)
 
 
 class PhaseRecorder:
