@@ -116,20 +116,20 @@ class SessionBackend(MetadataMemfd):
     ) -> dict[tuple[str, int], int]:
         if any(name != AGENT_SESSION for name in self.outgoing):
             raise WrongKernelState("preserve", errno.EBUSY, "outgoing sessions already exist")
-        own_missing = AGENT_SESSION not in self.outgoing
-        if items or own_missing:
-            try:
-                with self._device() as dev:
-                    if own_missing:
-                        self._preserve_own(dev, record)
-                    for item in items:
-                        session = self.outgoing.get(item.session)
-                        if session is None:
-                            session = self.outgoing[item.session] = dev.create_session(item.session)
-                        session.preserve_fd(item.fd, item.token)
-            except BaseException:
-                self.cancel()
-                raise
+        if not items and AGENT_SESSION in self.outgoing:
+            return {}  # the metadata went ahead: nothing to open the device for
+        try:
+            with self._device() as dev:
+                if AGENT_SESSION not in self.outgoing:
+                    self._preserve_own(dev, record)
+                for item in items:
+                    session = self.outgoing.get(item.session)
+                    if session is None:
+                        session = self.outgoing[item.session] = dev.create_session(item.session)
+                    session.preserve_fd(item.fd, item.token)
+        except BaseException:
+            self.cancel()
+            raise
         return {(i.session, i.token): i.token for i in items}
 
     def prepare(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from luo_agent import phase as ph
+from luo_agent.agent import Agent
 from luo_agent.errors import Busy, InvalidArgument, PhaseError
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
@@ -86,14 +87,19 @@ async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
     assert [(e["id"], e["result"]) for e in history] == [("upd-1", "success")]
 
 
+async def prepare_one_fd_until_ended(agent: Agent, update_id: str) -> None:
+    """A participant's memfd handed in, then an update prepared until it has ended."""
+    fd = memfd_with(b"x" * 4096, 0)
+    agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
+    os.close(fd)
+    await agent.prepare(update_id)
+    await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+
+
 async def test_failing_prepare_participant_cancels(host: Host) -> None:
     gate = FakeGate(failing={PREPARE: UnitStatus("bad.service", "failed", "failed", "exit-code")})
-    fd = memfd_with(b"x" * 4096, 0)
     async with host.agent(gate) as agent:
-        agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
-        os.close(fd)
-        await agent.prepare("upd-2")
-        await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        await prepare_one_fd_until_ended(agent, "upd-2")
         assert agent.last is not None
         assert agent.last.result == "failed"
         assert agent.last.error_name.endswith(".ParticipantFailed")
@@ -130,12 +136,8 @@ async def test_metadata_goes_into_the_kernel_while_the_participants_prepare(host
 
     bad = UnitStatus("bad.service", "failed", "failed", "exit-code")
     gate = FakeGate(hooks={PREPARE: participant_runs}, failing={PREPARE: bad})
-    fd = memfd_with(b"x" * 4096, 0)
     async with host.agent(gate) as agent:
-        agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
-        os.close(fd)
-        await agent.prepare("upd-ahead")
-        await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
+        await prepare_one_fd_until_ended(agent, "upd-ahead")
         # The metadata memfd alone; rfc-v2 keeps it for the preservation after the gate.
         assert held_during_gate == [0 if host.abi == "rfc-v2" else 1]
         assert host.kernel_files() == 0

@@ -60,9 +60,9 @@ class EmulatedSyscalls:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.layout = Layout(self.root)
-        # One lock per socket (by inode: a dup shares it), so that a reply reaches its caller.
-        self._round_trips: dict[int, threading.Lock] = {}
-        self._round_trips_guard = threading.Lock()
+        # The server answers one request at a time and none waits for another: one lock for
+        # every round trip of this process is enough for each reply to reach its caller.
+        self._round_trip = threading.Lock()
 
     def path(self, path: str) -> str:
         return str(self.root) + path
@@ -120,7 +120,7 @@ class EmulatedSyscalls:
         # The kernel's ioctl cmd is an unsigned int.
         message = IOCTL_REQUEST.pack(os.getpid(), request & 0xFFFFFFFF) + bytes(buf)
         try:
-            with self._round_trip(sock):
+            with self._round_trip:
                 sock.send(message)
                 data, fds = recv_with_fds(sock, RECV_SIZE, max_fds=1)
         except _GONE_ERRORS as exc:
@@ -148,11 +148,6 @@ class EmulatedSyscalls:
             else:
                 os.close(new_fd)
         return rc
-
-    def _round_trip(self, sock: socket.socket) -> threading.Lock:
-        inode = os.fstat(sock.fileno()).st_ino
-        with self._round_trips_guard:
-            return self._round_trips.setdefault(inode, threading.Lock())
 
     def close(self, fd: int) -> None:
         os.close(fd)
