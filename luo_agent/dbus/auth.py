@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextvars
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import structlog
 from dbus_fast import Message, MessageType, Variant
@@ -27,6 +28,11 @@ log = structlog.get_logger(__name__)
 _sender: contextvars.ContextVar[str] = contextvars.ContextVar("luo_agent_dbus_sender", default="")
 
 AuthMode = Literal["polkit", "same-user"]
+
+# Callers whose credentials are kept (least recently seen dropped first).  A connection's
+# credentials never change and the bus never gives its unique name to another connection, so a
+# kept answer is exact for as long as the agent's own connection lives; only the round trip goes.
+KNOWN_CALLERS_MAX: Final = 256
 
 
 def track_senders(bus: MessageBus) -> None:
@@ -56,11 +62,24 @@ class Authorizer:
     def __init__(self, bus: MessageBus, mode: AuthMode) -> None:
         self.bus = bus
         self.mode = mode
+        self._known: OrderedDict[str, Caller] = OrderedDict()
 
     async def identify(self) -> Caller:
         sender = current_sender()
         if not sender:
             raise NotAuthorized("unknown caller")
+        known = self._known.get(sender)
+        if known is not None:
+            self._known.move_to_end(sender)
+            return known
+        caller = await self._credentials(sender)
+        if sender.startswith(":") and caller.uid >= 0:  # unique names only: never reassigned
+            self._known[sender] = caller
+            if len(self._known) > KNOWN_CALLERS_MAX:
+                self._known.popitem(last=False)
+        return caller
+
+    async def _credentials(self, sender: str) -> Caller:
         reply = await self.bus.call(
             Message(
                 destination="org.freedesktop.DBus",
