@@ -8,6 +8,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,13 @@ def participant_units(count: int) -> dict[str, str]:
     return {f"bench-participant-{i}.service": unit for i in range(count)}
 
 
-async def _phase_overhead(tb: Testbed, address: str, marker: Path, rounds: int) -> Any:
+async def _phase_overhead(
+    tb: Testbed,
+    address: str,
+    marker: Path,
+    rounds: int,
+    mark: Callable[[str], None] = lambda step: None,
+) -> Any:
     client = await Client.connect(address)
     await client.subscribe_systemd()
     agent_times: list[float] = []
@@ -43,10 +50,12 @@ async def _phase_overhead(tb: Testbed, address: str, marker: Path, rounds: int) 
         for index in range(rounds + 1):  # the first round warms both paths up
             # The agent: Prepare over D-Bus until the "prepared" signal, then cancel (untimed).
             prepared = client.arm_phase("prepared")
+            mark("client calls Prepare")
             started = time.monotonic()
             update_id, _ = await client.agent("Prepare", "a{sv}", [{}])
             await asyncio.wait_for(prepared, 60)
             elapsed = time.monotonic() - started
+            mark("client has PhaseChanged(prepared)")
             idle = client.arm_phase("idle")
             await client.agent("Cancel", "s", [update_id])
             await asyncio.wait_for(idle, 60)
