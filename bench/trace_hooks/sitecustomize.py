@@ -11,6 +11,7 @@ targets check, stay) and all kernel work.  What is left is the floor of the desi
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 import time
@@ -40,33 +41,30 @@ def _install() -> None:
 
     floor = os.environ.get("LUO_BENCH_FLOOR") == "1"
 
-    def around(cls: Any, name: str, before: str | None, after: str | None) -> None:
+    def around(cls: Any, name: str, before: str, after: str = "") -> None:
+        """Mark ``before`` each call of ``cls.name`` and ``after`` it (sync or async)."""
         original = getattr(cls, name)
+        if inspect.iscoroutinefunction(original):
 
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if before:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 mark(before)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if after:
-                    mark(after)
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    if after:
+                        mark(after)
 
-        setattr(cls, name, wrapper)
+        else:
 
-    def around_async(cls: Any, name: str, before: str, after: str) -> None:
-        original = getattr(cls, name)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                mark(before)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    if after:
+                        mark(after)
 
-        @functools.wraps(original)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            mark(before)
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                mark(after)
-
-        setattr(cls, name, wrapper)
+        setattr(cls, name, functools.wraps(original)(wrapper))
 
     # The loop.
     original_identify = Authorizer.identify
@@ -100,11 +98,9 @@ def _install() -> None:
         mark(f"'{phase}' signalled")
 
     Publisher.phase_changed = phase_changed  # type: ignore[method-assign]
-    around(Agent, "_prepare_target_queued", "job queued (loop)", None)
-    around_async(PystemdGate, "run_target", "gate starts (loop)", "gate returned (loop)")
-    around_async(
-        Custody, "preserve_and_prepare", "kernel step starts (loop)", "kernel step done (loop)"
-    )
+    around(Agent, "_prepare_target_queued", "job queued (loop)")
+    around(PystemdGate, "run_target", "gate starts (loop)", "gate returned (loop)")
+    around(Custody, "preserve_and_prepare", "kernel step starts (loop)", "kernel step done (loop)")
 
     # The bus thread.
     sent, answered = "StartUnit sent (bus thread)", "StartUnit answered (bus thread)"
