@@ -195,6 +195,9 @@ class Agent:
         self._queue.put_nowait((event, None))
 
     async def prepare(self, update_id: str = "", caller: str = "") -> UpdateRecord:
+        in_hand = self.ledger.in_hand(update_id)
+        if in_hand is not None:
+            return in_hand  # a retry of the Prepare that started it: the same answer
         record = self.ledger.begin(update_id, caller, self.abi, self.kernel_cmdline)
         try:
             await self.submit(ph.Prepare())

@@ -19,6 +19,7 @@ ERROR_EXIT: Final[dict[str, ExitCode]] = {
     f"{ERROR_PREFIX}.NotAuthorized": ExitCode.NOT_AUTHORIZED,
     "org.freedesktop.DBus.Error.AccessDenied": ExitCode.NOT_AUTHORIZED,
     f"{ERROR_PREFIX}.Busy": ExitCode.BUSY,
+    f"{ERROR_PREFIX}.UpdateEnded": ExitCode.ENDED,
     f"{ERROR_PREFIX}.KernelBusy": ExitCode.BUSY,
     f"{ERROR_PREFIX}.WrongPhase": ExitCode.BLOCKED,
     f"{ERROR_PREFIX}.InvalidArgument": ExitCode.INVALID,

@@ -317,6 +317,32 @@ async def test_prepare_execute_cancel_and_their_exit_codes(host: AgentHost) -> N
     assert run.result["update"] == "p-3"
 
 
+async def test_prepare_with_the_same_id_is_idempotent_and_an_ended_id_exits_7(
+    host: AgentHost,
+) -> None:
+    bus = await client_bus()
+    log = SignalLog(bus)
+    await log.match_manager()
+    try:
+        first = await ctl("prepare", "--id", "retry-me", as_json=True)
+        await log.wait_for(lambda: "prepared" in log.phases("retry-me"))
+        again = await ctl("prepare", "--id", "retry-me", as_json=True)
+        assert first.code == again.code == ExitCode.OK, again.stderr
+        assert again.result["update"] == "retry-me" and again.result["path"] == first.result["path"]
+        assert log.phases("retry-me") == ["preparing", "prepared"]
+        assert (await ctl("cancel", "--id", "retry-me")).code == ExitCode.OK
+        await log.wait_for(lambda: log.ended("retry-me"))
+    finally:
+        await disconnect(bus)
+    for _ in range(2):
+        run = await ctl("prepare", "--id", "retry-me", as_json=True)
+        assert run.code == ExitCode.ENDED, run.stderr
+        assert run.result["error"] == error("UpdateEnded")
+        assert "retry-me" in run.result["message"] and "cancelled" in run.result["message"]
+    history = (await ctl("history", as_json=True)).result["history"]
+    assert [(h["id"], h["result"]) for h in history] == [("retry-me", "cancelled")]
+
+
 async def test_invalid_arguments_exit_6(host: AgentHost, tmp_path: Path) -> None:
     run = await ctl("prepare", "--id", "no spaces allowed", as_json=True)
     assert run.code == ExitCode.INVALID and run.result["error"] == error("InvalidArgument")
