@@ -441,3 +441,31 @@ async def test_json_and_session_bus_go_before_or_after_the_command(host: AgentHo
     # Given before the command, an option is not undone by its absence after it.
     run = await ctl("--json", "status", env={"LUO_AGENT_BUS": ""})
     assert run.code == ExitCode.OK and json.loads(run.stdout)["status"]["Phase"] == "idle"
+
+
+async def test_keep_runs_the_command_with_a_kept_memfd_and_unpreserve_takes_it_back(
+    host: AgentHost,
+) -> None:
+    # The command writes through $LIVEUPDATE_FILE and lists what the agent holds meanwhile.
+    script = (
+        'printf "count=1" > "$LIVEUPDATE_FILE"; '
+        f"{sys.executable} -m luo_agent.cli --session-bus sessions; "
+        'echo "fd=$LIVEUPDATE_FD update=[$LIVEUPDATE_UPDATE]"; exit 3'
+    )
+    run = await ctl("keep", "--session", "counter", "--size", "64", "--", "sh", "-c", script)
+    assert run.code == 3, run.stderr  # the command's own exit code
+    assert "counter" in run.stdout and "registered" in run.stdout
+    assert "update=[]" in run.stdout  # not a live-update boot
+    # Handed in it stays (the agent's own duplicate) until taken back.
+    run = await ctl("sessions", as_json=True)
+    assert [(s["session"], s["token"]) for s in run.result["sessions"]] == [("counter", 1)]
+    run = await ctl("unpreserve", "--session", "counter", "--token", "1", as_json=True)
+    assert run.code == ExitCode.OK and run.result["token"] == 1
+    run = await ctl("sessions", as_json=True)
+    assert run.result["sessions"] == []
+    run = await ctl("unpreserve", "--session", "counter", "--token", "1", as_json=True)
+    assert run.code == ExitCode.INVALID and "no fd registered" in run.result["message"]
+    run = await ctl("keep", "--session", "counter", as_json=True)
+    assert run.code == ExitCode.INVALID and "COMMAND" in run.result["message"]
+    run = await ctl("keep", "--session", "counter", "--", "true", as_json=True)
+    assert run.code == ExitCode.OK and run.result["exit"] == 0
