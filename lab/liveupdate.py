@@ -410,6 +410,8 @@ class Scenario:
     extra_units: dict[str, str] = field(default_factory=dict)
     # The example participant (Python) is enabled; without it, ``extra_units`` bring their own.
     example: bool = True
+    # The unit whose start is the participant's start in the new boot (``timeline``).
+    participant_unit: str = "luo-example-restore.service"
 
 
 SCENARIOS = {
@@ -547,7 +549,7 @@ def run_scenario(
     vm = Vm(kernel, mode="systemd", root=host.root, echo=echo)
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(spec.name, result, {})
-    run.summary = summarize(run)
+    run.summary = summarize(run, spec.participant_unit)
     (result.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
     return run
 
@@ -566,7 +568,9 @@ def read_marks(run_dir: Path) -> list[tuple[float, str, float]]:
     return marks
 
 
-def summarize(run: UpdateRun) -> dict[str, Any]:
+def summarize(
+    run: UpdateRun, participant_unit: str = "luo-example-restore.service"
+) -> dict[str, Any]:
     """What the run showed, for people and benchmarks (written to summary.json)."""
     summary: dict[str, Any] = {
         "scenario": run.scenario,
@@ -604,7 +608,9 @@ def summarize(run: UpdateRun) -> dict[str, Any]:
     elif any(what == "kexec-call" for _, what, _ in read_marks(run.run_dir)):
         summary["clock"] = _kexec_clock(run.run_dir, {})  # a baseline: no agent, its own mark
     if "clock" in summary and run.vm.boots >= 2:
-        summary["timeline"] = timeline(run.run_dir, run.vm.boots, summary["clock"])
+        summary["timeline"] = timeline(
+            run.run_dir, run.vm.boots, summary["clock"], participant_unit
+        )
     return summary
 
 
@@ -613,6 +619,7 @@ def summarize(run: UpdateRun) -> dict[str, Any]:
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
 UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
 TIMELINE_UNITS = {
+    "sysinit.target": "sysinit_target",
     "basic.target": "basic_target",
     "dbus.service": "dbus",
     "luo-agent.service": "agent",
@@ -623,7 +630,9 @@ def _ended(agent_message: str) -> bool:
     return "event='phase_changed'" in agent_message and "phase='idle'" in agent_message
 
 
-def timeline(run_dir: Path, boot: int, clock: dict[str, Any]) -> dict[str, Any]:
+def timeline(
+    run_dir: Path, boot: int, clock: dict[str, Any], participant_unit: str
+) -> dict[str, Any]:
     """The new boot's steps, in seconds since the new kernel's first log line, with the lab's
     package install (between init.sh's setup marks, just before PID 1 starts) taken out of every
     point after it; ``kexec_call`` is the kexec call on that scale (negative).
@@ -663,13 +672,17 @@ def timeline(run_dir: Path, boot: int, clock: dict[str, Any]) -> dict[str, Any]:
         setup = float(clock.get("lab_package_setup_s", 0.0))
     for entry in entries:
         unit, message_id = entry.get("UNIT"), entry.get("MESSAGE_ID")
-        name = TIMELINE_UNITS.get(str(unit))
+        name = TIMELINE_UNITS.get(str(unit)) or (
+            "participant" if unit == participant_unit else None
+        )
         if name is not None and message_id in (UNIT_STARTING, UNIT_STARTED):
             step = f"{name}_{'start' if message_id == UNIT_STARTING else 'ready'}"
             points.setdefault(step, mono(entry))
         if entry.get("_SYSTEMD_UNIT") == "luo-agent.service":
             message = str(entry.get("MESSAGE", ""))
-            if "event='fd_retrieved'" in message:
+            if "event='agent_starting'" in message:
+                points.setdefault("agent_imported", mono(entry))
+            elif "event='fd_retrieved'" in message:
                 points.setdefault("first_retrieve_answered", mono(entry))
             elif "first_retrieve_answered" in points and _ended(message):
                 points.setdefault("finish", mono(entry))
