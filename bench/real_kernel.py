@@ -126,9 +126,17 @@ save_journal
     return job
 
 
+# After the update (off its path): the agent's imports under the new kernel's clock, per module.
+IMPORTTIME = (
+    "/usr/lib/luo-agent/bin/python3 -X importtime -c "
+    "'import luo_agent.daemon, luo_agent.dbus.server, luo_agent.dbus.bus' "
+    '2> "$out/importtime.$LAB_BOOT.txt"\n'
+)
+
+
 def _agent_c_job(kernel: Path) -> str:
     check = 'grep -q "^ok " "$out/cpart/verified" || { save_journal; exit 21; }\n'
-    return SCENARIOS["whole-update"].job(kernel) + check
+    return SCENARIOS["whole-update"].job(kernel) + check + IMPORTTIME
 
 
 def build_participant(into: Path) -> Path:
