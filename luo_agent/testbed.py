@@ -33,6 +33,9 @@ EXAMPLE_UNITS = [
     "luo-example-restore.service",
 ]
 
+# The smallest participants (docs/participants.md), hooked in by their own [Install] only.
+COUNTER_UNITS = ["luo-example-counter.service", "luo-example-counter-sh.service"]
+
 _SYSTEM_RUN_NODES = (
     "mkdir -p /run/luo-agent /run/systemd/inaccessible && cd /run/systemd/inaccessible"
     " && mkdir -p -m 0 dir && install -m 0 /dev/null reg && mkfifo -m 0 fifo"
@@ -112,6 +115,26 @@ class Testbed:
         }
         return {f"{unit}.d/50-sandbox.conf": text for unit, text in units.items()}
 
+    def adapt_unit(self, text: str) -> str:
+        """A participant's unit as written for a real machine, made to run in the sandbox: the
+        interpreter is this checkout's, ``liveupdatectl`` is ``python -m luo_agent.cli``, the
+        packaged example scripts are this checkout's, and the agent is on the session bus."""
+        cli = f"{self.python} -m luo_agent.cli "
+        swaps = (
+            ("/usr/bin/python3 ", f"{self.python} "),
+            ("/usr/bin/liveupdatectl ", cli),
+            ("=liveupdatectl ", "=" + cli),
+            ("/usr/share/doc/luo-agent/examples/", f"{REPO}/luo_agent/examples/"),
+        )
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("Exec"):
+                for old, new in swaps:
+                    line = line.replace(old, new)
+            lines.append(line)
+        lines += ["[Service]", "Environment=LUO_AGENT_BUS=session PYTHONUNBUFFERED=1"]
+        return "\n".join(lines) + "\n"
+
     def boot_sandbox(
         self,
         stack: contextlib.ExitStack,
@@ -130,8 +153,8 @@ class Testbed:
         # system RuntimeDirectory= of luo-agent.service.
         sandbox.run(["sh", "-c", _SYSTEM_RUN_NODES])
         sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
-        if extra_units:
-            sandbox.write_units(dict(extra_units))
+        units = {name: self.adapt_unit((UNITS / name).read_text()) for name in COUNTER_UNITS}
+        sandbox.write_units(units | dict(extra_units or {}))
         enable = list(enable)
         if enable:
             sandbox.systemctl("enable", "--runtime", *enable)
