@@ -779,7 +779,7 @@ async def test_a_shutdown_inhibitor_blocks_check_and_execute_before_the_freeze(
             "a shutdown is inhibited (logind block lock) by fwupd (PID 42): Updating"
             in " ".join(report.blockers)
         )
-        with pytest.raises(PhaseError, match="inhibited .* by fwupd"):
+        with pytest.raises(PhaseError, match=r"inhibited .* by fwupd"):
             await agent.execute()
         assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
         gate.inhibitors.clear()
