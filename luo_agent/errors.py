@@ -71,6 +71,18 @@ class Busy(LuoError):
     """Another update is in progress."""
 
 
+class UpdateEnded(LuoError):
+    """A Prepare named an update that has ended: an id names one update for ever."""
+
+    def __init__(self, update_id: str, result: str, error_name: str, message: str) -> None:
+        why = f" ({error_name}: {message})" if error_name else f" ({message})" if message else ""
+        super().__init__(
+            f"update {update_id!r} has ended: {result or 'unknown'}{why}; an id names one "
+            "update for ever, choose a new one"
+        )
+        self.update_id, self.result, self.error_name = update_id, result, error_name
+
+
 class GateError(LuoError):
     """A phase target's job did not end ``done``: which unit failed and why."""
 
@@ -97,3 +109,19 @@ class NotAuthorized(LuoError):
 
 class HandoverCorrupt(LuoError):
     """The emulated kernel's handover image failed validation; nothing was loaded."""
+
+
+class CoordinatorError(LuoError):
+    """The fleet coordinator (etcd, a FleetLock server) did not give what the update needs."""
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """No endpoint of the coordinator answered, or it answered with an error of its own."""
+
+
+class CoordinatorInvalid(CoordinatorError):
+    """The coordinator answered something that cannot be true (garbage, a slot count of 0)."""
+
+
+class RolloutHalted(CoordinatorError):
+    """The fleet's rollout is halted (a failure budget ran out, or an operator said so)."""

@@ -36,6 +36,9 @@ VM_PHASES = ("prepare", "freeze", "cancel", "restore", "finish")
 # The VM participant's templates (luo_agent/vmm, docs/vm-participant.md).
 VM_UNITS = ["luo-vm@.service", *(f"luo-vm-{phase}@.service" for phase in VM_PHASES)]
 
+# The smallest participants (docs/participants.md), hooked in by their own [Install] only.
+COUNTER_UNITS = ["luo-example-counter.service", "luo-example-counter-sh.service"]
+
 _SYSTEM_RUN_NODES = (
     "mkdir -p /run/luo-agent /run/systemd/inaccessible && cd /run/systemd/inaccessible"
     " && mkdir -p -m 0 dir && install -m 0 /dev/null reg && mkfifo -m 0 fifo"
@@ -124,6 +127,26 @@ class Testbed:
             units[unit] = f"[Service]\n{env}\nExecStart=\nExecStart={vm.format(command)}\n"
         return {f"{unit}.d/50-sandbox.conf": text for unit, text in units.items()}
 
+    def adapt_unit(self, text: str) -> str:
+        """A participant's unit as written for a real machine, made to run in the sandbox: the
+        interpreter is this checkout's, ``liveupdatectl`` is ``python -m luo_agent.cli``, the
+        packaged example scripts are this checkout's, and the agent is on the session bus."""
+        cli = f"{self.python} -m luo_agent.cli "
+        swaps = (
+            ("/usr/bin/python3 ", f"{self.python} "),
+            ("/usr/bin/liveupdatectl ", cli),
+            ("=liveupdatectl ", "=" + cli),
+            ("/usr/share/doc/luo-agent/examples/", f"{REPO}/luo_agent/examples/"),
+        )
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("Exec"):
+                for old, new in swaps:
+                    line = line.replace(old, new)
+            lines.append(line)
+        lines += ["[Service]", "Environment=LUO_AGENT_BUS=session PYTHONUNBUFFERED=1"]
+        return "\n".join(lines) + "\n"
+
     def boot_sandbox(
         self,
         stack: contextlib.ExitStack,
@@ -143,8 +166,8 @@ class Testbed:
         sandbox.run(["sh", "-c", _SYSTEM_RUN_NODES])
         units = PHASE_UNITS + EXAMPLE_UNITS + VM_UNITS
         sandbox.install_units([UNITS / u for u in units], self.dropins())
-        if extra_units:
-            sandbox.write_units(dict(extra_units))
+        counters = {name: self.adapt_unit((UNITS / name).read_text()) for name in COUNTER_UNITS}
+        sandbox.write_units(counters | dict(extra_units or {}))
         enable = list(enable)
         if enable:
             sandbox.systemctl("enable", "--runtime", *enable)

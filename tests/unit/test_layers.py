@@ -89,12 +89,30 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
         ),
         (
             "luo_agent.cli",
-            ("luo_agent.cli", "luo_agent.client", "luo_agent.dbus.names", "luo_agent.__version__"),
+            (
+                "luo_agent.cli",
+                "luo_agent.client",
+                "luo_agent.participant",
+                "luo_agent.dbus.names",
+                "luo_agent.__version__",
+            ),
         ),
-        ("luo_agent.examples", ("luo_agent.client", "luo_agent.persist.write_atomic")),
+        (
+            "luo_agent.participant",
+            ("luo_agent.client", "luo_agent.dbus.names"),
+        ),
+        (
+            "luo_agent.examples",
+            ("luo_agent.client", "luo_agent.participant", "luo_agent.persist.write_atomic"),
+        ),
         (
             "luo_agent.vmm",
-            ("luo_agent.vmm", "luo_agent.client", "luo_agent.persist.write_atomic"),
+            (
+                "luo_agent.vmm",
+                "luo_agent.client",
+                "luo_agent.participant",
+                "luo_agent.persist.write_atomic",
+            ),
         ),
     ],
 )
@@ -158,11 +176,12 @@ def test_the_agents_rooms_are_reached_only_through_its_core() -> None:
 
 
 def test_the_daemon_never_imports_the_tools_beside_it() -> None:
-    """``luo_agent/__init__.py``: ``cli``, ``client``, ``examples/`` and the test rigs stand beside
-    the daemon; nothing the daemon runs imports them."""
+    """``luo_agent/__init__.py``: ``cli``, ``client``, ``participant``, ``examples/`` and the test
+    rigs stand beside the daemon; nothing the daemon runs imports them."""
     beside = (
         "luo_agent.cli",
         "luo_agent.client",
+        "luo_agent.participant",
         "luo_agent.examples",
         "luo_agent.vmm",
         "luo_agent.sandbox",
