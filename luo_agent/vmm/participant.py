@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -31,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..client import CallError, call, connect, get_property
+from ..client import CallError
+from ..participant import PHASES, Participant, error_is, notify, run_hooks
 from ..persist import write_atomic
 from . import qemu as driver
 from .guest import ram_sha256, read_counter
@@ -45,7 +47,7 @@ STATE_CAPACITY = 32 << 20
 QEMU_START_TIMEOUT = 30.0
 SAVE_TIMEOUT = 600.0
 HEALTH_TIMEOUT = 30.0
-RESTORE_PHASES = ("updated", "restoring", "restored")
+UNPRESERVE_TIMEOUT = 5.0
 
 
 def session_name(name: str) -> str:
@@ -140,6 +142,7 @@ class Handover:
 @dataclass
 class Vm:
     settings: Settings
+    agent: Participant | None = None  # the kit's connection, for as long as the service runs
     ram_fd: int = -1
     qemu: driver.Qemu | None = None
     handover: Handover | None = None
@@ -165,10 +168,23 @@ class Vm:
     # ------------------------------------------------------------------ starting the guest
 
     async def boot(self) -> None:
-        """An ordinary boot: fresh RAM, QEMU boots the guest."""
+        """An ordinary boot: fresh RAM, QEMU boots the guest, the RAM is handed in early."""
         self.ram_fd = driver.ram_memfd(self.settings.name, self.settings.ram_bytes)
         async with asyncio.timeout(QEMU_START_TIMEOUT):
             self._watch(await driver.start(self.settings.vm, self.ram_fd, self.qmp_path))
+        with contextlib.suppress(CallError, OSError):  # no agent yet: prepare hands it in
+            await self._keep_ram()
+
+    async def connected(self) -> Participant:
+        if self.agent is None:
+            self.agent = await Participant.connect(self.session, self.settings.bus)
+        return self.agent
+
+    async def _keep_ram(self) -> None:
+        """Keep the RAM handed in (the kit hands it in again after a cancel, an agent restart or
+        a finished update), so that an update never starts without it."""
+        if not self.settings.copy_ram:  # the baseline carries RAM in the state instead
+            await (await self.connected()).keep(RAM_TOKEN, self.ram_fd)
 
     def _watch(self, vm: driver.Qemu) -> None:
         self.qemu = vm
@@ -202,15 +218,20 @@ class Vm:
             _memfd(f"luo-vm-metadata-{self.settings.name}", METADATA_CAPACITY),
         )
         try:
-            items = [(STATE_TOKEN, handover.state_fd), (METADATA_TOKEN, handover.metadata_fd)]
-            if not self.settings.copy_ram:  # the baseline carries RAM in the state instead
-                items.insert(0, (RAM_TOKEN, self.ram_fd))
-            await _preserve(self.settings.bus, self.session, items)
+            agent = await self.connected()
+            if not self.settings.copy_ram:  # handed in early; make sure (an update goes without
+                try:  # an fd the kit has not handed in again yet)
+                    await agent.preserve(RAM_TOKEN, self.ram_fd)
+                except CallError as exc:
+                    if not error_is(exc, "AlreadyExists"):
+                        raise
+            await agent.preserve(STATE_TOKEN, handover.state_fd)
+            await agent.preserve(METADATA_TOKEN, handover.metadata_fd)
         except BaseException:
             handover.close()
             raise
         self.handover = handover
-        return f"handed in RAM ({self.settings.ram_bytes} bytes), state and metadata"
+        return f"RAM ({self.settings.ram_bytes} bytes), state and metadata handed in"
 
     async def freeze(self) -> str:
         vm = self._running_qemu()
@@ -260,11 +281,10 @@ class Vm:
         fds: dict[int, int] = {}
         record: dict[str, Any] = {}
         try:
-            fds = await _retrieve(
-                self.settings.bus,
-                self.session,
-                [METADATA_TOKEN, STATE_TOKEN] + ([] if self.settings.copy_ram else [RAM_TOKEN]),
-            )
+            tokens = [METADATA_TOKEN, STATE_TOKEN] + ([] if self.settings.copy_ram else [RAM_TOKEN])
+            agent = await self.connected()
+            for token in tokens:
+                fds[token] = await agent.retrieve(token)
             record = _read_record(fds[METADATA_TOKEN])
             return await self._resume_from(record, fds)
         except Exception as exc:
@@ -305,6 +325,7 @@ class Vm:
         self._watch(vm)
         os.close(state)
         os.close(fds[METADATA_TOKEN])
+        await self._keep_ram()  # for the next update, once this one has finished
         self.last = {
             "resumed": True,
             "name": self.settings.name,
@@ -407,9 +428,20 @@ class Vm:
         writer.close()
 
     async def shutdown(self) -> None:
+        """The guest ends (QEMU died, or the service is stopped): take back what was handed in
+        for it, so that no update carries a guest that is gone."""
         self._expected_exit = True
         if self.qemu is not None:
             await self.qemu.quit()
+        if self.agent is not None:
+            # Not handed in, too late (an update under way) or no agent: nothing to take back.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(UNPRESERVE_TIMEOUT):
+                    for token in (RAM_TOKEN, STATE_TOKEN, METADATA_TOKEN):
+                        with contextlib.suppress(CallError):
+                            await self.agent.unpreserve(token)
+            with contextlib.suppress(Exception):
+                await self.agent.close()
 
 
 # ------------------------------------------------------------------------------ the helpers
@@ -469,98 +501,58 @@ def _copy_out(fd: int, path: Path) -> None:
         os.close(out)
 
 
-async def _preserve(bus_kind: str | None, session: str, items: list[tuple[int, int]]) -> None:
-    bus = await connect(bus_kind)
-    try:
-        for token, fd in items:
-            await call(bus, "Preserve", "hsta{sv}", [0, session, token, {}], unix_fds=[fd])
-    finally:
-        bus.disconnect()
-
-
-async def _retrieve(bus_kind: str | None, session: str, tokens: list[int]) -> dict[int, int]:
-    bus = await connect(bus_kind)
-    fds: dict[int, int] = {}
-    try:
-        for token in tokens:
-            (fds[token],) = await call(bus, "Retrieve", "st", [session, token])
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    finally:
-        bus.disconnect()
-    return fds
-
-
-async def _live_update_boot(bus_kind: str | None) -> bool:
-    try:
-        bus = await connect(bus_kind)
-    except (OSError, ValueError):
-        return False
-    try:
-        return await get_property(bus, "Phase") in RESTORE_PHASES
-    except CallError:  # no agent on the bus: an ordinary boot as far as we can tell
-        return False
-    finally:
-        bus.disconnect()
-
-
-def _sd_notify(message: str) -> None:
-    import socket
-
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.sendto(message.encode(), address)
-
-
 # -------------------------------------------------------------------------------- the program
 
 
 async def serve(settings: Settings) -> int:
     vm = Vm(settings)
-    if await _live_update_boot(settings.bus):
+    try:
+        live_update_boot = (await vm.connected()).live_update_boot
+    except (CallError, OSError) as exc:  # no agent: the guest runs all the same
+        print(f"luo-vm: no live-update agent ({exc}); starting the guest", flush=True)
+        live_update_boot = False
+    if live_update_boot:
         print("luo-vm: live-update boot, the guest waits for the restore phase", flush=True)
     else:
         await vm.boot()
         print(f"luo-vm: guest {settings.name} started (QEMU {vm.qemu and vm.qemu.version})")
     settings.control_socket.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(vm.handle, path=str(settings.control_socket))
-    _sd_notify("READY=1")
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    notify("READY=1")
     try:
         async with server:
-            await vm.died.wait()
-        return 1  # QEMU died under us: the guest is gone, and so is this service
+            ended = [asyncio.ensure_future(e.wait()) for e in (vm.died, stopping)]
+            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in ended:
+                waiter.cancel()
+        return 0 if stopping.is_set() else 1  # QEMU died under us: so does this service
     finally:
         await vm.shutdown()
 
 
-async def ask(settings: Settings, command: str) -> int:
+async def ask(settings: Settings, command: str) -> None:
+    """A hook: ask the workload to act; its "error ..." answer fails the hook (and the gate)."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(settings.control_socket))
     except OSError as exc:
         if command == "cancel":  # no workload (it died with its QEMU): nothing to resume
-            print(f"no guest to resume: {exc}")
-            return 0
-        print(f"error the VM service is not running: {exc}")
-        return 1
+            print(f"no guest to resume: {exc}", flush=True)
+            return
+        raise RuntimeError(f"the VM service is not running: {exc}") from exc
     writer.write(command.encode() + b"\n")
     await writer.drain()
     answer = (await reader.readline()).decode().strip()
     writer.close()
-    print(answer.removeprefix("ok ") if command == "status" else answer, flush=True)
-    return 0 if answer.startswith("ok") else 1
+    if not answer.startswith("ok"):
+        raise RuntimeError(answer.removeprefix("error "))
+    print(answer.removeprefix("ok "), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luo_agent.vmm.participant")
-    parser.add_argument(
-        "command", choices=("serve", "prepare", "freeze", "cancel", "restore", "finish", "status")
-    )
+    parser.add_argument("command", choices=("serve", *PHASES, "status"))
     parser.add_argument("name", help="the guest's name (the unit's instance)")
     parser.add_argument("--config", help="default: /etc/luo-vm/NAME.toml")
     parser.add_argument("--state-dir", help="default: /var/lib/luo-vm/NAME")
@@ -578,7 +570,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(settings.runtime_dir).mkdir(parents=True, exist_ok=True)
         Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
         return asyncio.run(serve(settings))
-    return asyncio.run(ask(settings, args.command))
+    if args.command == "status":
+        try:
+            asyncio.run(ask(settings, "status"))
+        except (RuntimeError, OSError) as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
+    hooks = {phase: lambda phase=phase: ask(settings, phase) for phase in PHASES}
+    return run_hooks(hooks, [parser.prog, args.command])
 
 
 if __name__ == "__main__":
