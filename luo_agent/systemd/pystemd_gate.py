@@ -1,7 +1,7 @@
 """The ``Gate`` port over pystemd: phase targets as systemd jobs, awaited on the asyncio loop.
 
 The connection lives on its own thread (``pystemd_thread``); what is asked of systemd is in
-``pystemd_calls``: the only two modules that import pystemd.  Callers bound whole operations
+``pystemd_calls``: the only module that imports pystemd.  Callers bound whole operations
 with ``asyncio.timeout``: a cancelled job wait cancels the job in systemd before the
 cancellation propagates.
 """
