@@ -58,7 +58,7 @@ class Gates:
             raise
         except LuoError as exc:
             return ph.GateFailed(target, str(exc))
-        if target == ph.PHASE_TARGETS[ph.Phase.FREEZING] and outcome.ok:
+        if target == ph.SPECS[ph.Phase.FREEZING].target and outcome.ok:
             # The blackout-critical path starts here: nothing slow until the kexec.
             self.freeze_passed_at = time.monotonic()
             return ph.GateOk(target)
@@ -138,7 +138,7 @@ class Gates:
         """Before a phase's Timeout: learn which participants of its gate are still running
         (cancelling the gate stops them, and the failure must name them)."""
         self._stuck = ()
-        target = ph.PHASE_TARGETS.get(phase)
+        target = ph.SPECS[phase].target
         if target is None:
             return
         try:
