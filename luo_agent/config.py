@@ -68,6 +68,37 @@ class Limits:
     max_fds_total: int = 1024
 
 
+CoordinatorKind = Literal["etcd", "fleetlock"]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """``[fleet]``: take a slot from the fleet's coordinator before anything irreversible
+    (docs/configuration.md, docs/fleet.md)."""
+
+    enabled: bool = False
+    coordinator: CoordinatorKind = "etcd"
+    # etcd: the members' client URLs (http://, https://, unix://); fleetlock: the server's base URL.
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    group: str = "default"
+    # etcd only: the slot count written when the group's semaphore does not exist yet.
+    slots: int = 1
+    zone: str = ""
+    zone_slots: int = 1
+    # Hosts whose update may fail while holding a slot before the rollout halts for everyone.
+    failure_budget: int = 0
+    # While every slot is taken, ask again this often (the coordinate step's timeout bounds it).
+    retry_interval: float = 5.0
+    # Releasing in the new boot is retried until the coordinator answers, backing off to this.
+    release_retry_max: float = 60.0
+    machine_id_file: Path = Path("/etc/machine-id")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     bus: BusKind = "system"
@@ -80,13 +111,27 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     limits: Limits = field(default_factory=Limits)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "bus": ("system", "session"),
     "reboot_strategy": ("direct", "systemd", "auto"),
     "kernel.abi": ("auto", "rfc-v2", "v3", "session"),
+    "fleet.coordinator": ("etcd", "fleetlock"),
 }
+# Keys whose default is None: absolute paths when set.
+_OPTIONAL_PATHS: Final = frozenset(
+    {
+        "kernel.emulate_root",
+        "fleet.ca_file",
+        "fleet.cert_file",
+        "fleet.key_file",
+        "fleet.password_file",
+    }
+)
+# Counts where 0 is meaningful.
+_COUNTS_FROM_ZERO: Final = frozenset({"fleet.failure_budget"})
 
 
 def _build(cls: type[Any], table: dict[str, Any], path: str, prefix: str) -> Any:
@@ -119,10 +164,16 @@ def _convert(value: Any, default: Any, path: str, key: str) -> Any:
             raise ConfigError(path, key, "must be a positive number of seconds")
         return float(value)
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(path, key, "must be a positive integer")
+        least = 0 if key in _COUNTS_FROM_ZERO else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            want = "a positive integer" if least else "an integer >= 0"
+            raise ConfigError(path, key, f"must be {want}")
         return value
-    if isinstance(default, Path) or key == "kernel.emulate_root":
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(path, key, "must be a non-empty list of strings")
+        return tuple(value)
+    if isinstance(default, Path) or key in _OPTIONAL_PATHS:
         if not isinstance(value, str) or not value.startswith("/"):
             raise ConfigError(path, key, "must be an absolute path")
         return Path(value)

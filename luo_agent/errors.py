@@ -97,3 +97,19 @@ class NotAuthorized(LuoError):
 
 class HandoverCorrupt(LuoError):
     """The emulated kernel's handover image failed validation; nothing was loaded."""
+
+
+class CoordinatorError(LuoError):
+    """The fleet coordinator (etcd, a FleetLock server) did not give what the update needs."""
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """No endpoint of the coordinator answered, or it answered with an error of its own."""
+
+
+class CoordinatorInvalid(CoordinatorError):
+    """The coordinator answered something that cannot be true (garbage, a slot count of 0)."""
+
+
+class RolloutHalted(CoordinatorError):
+    """The fleet's rollout is halted (a failure budget ran out, or an operator said so)."""

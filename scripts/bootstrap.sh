@@ -10,7 +10,9 @@ debs=(libsystemd-dev pkg-config dbus-daemon systemd polkitd python3-venv util-li
       # The real-kernel lab (lab/): QEMU, kexec in the VM, the kernel build, the private apt,
       # the sid root of systemd 262.
       qemu-system-x86 kexec-tools flex bison libelf-dev bc rsync cpio debian-archive-keyring
-      mmdebstrap)
+      mmdebstrap
+      # The fleet coordinator's tests (tests/fleet): a real etcd 3.4 on loopback.
+      etcd-server etcd-client)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

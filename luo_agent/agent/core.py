@@ -28,7 +28,7 @@ from ..persist import History, RuntimeState
 from ..records import UpdateRecord
 from ..registry import FdRegistry
 from ..systemd.gate import Gate, UnitStatus
-from .custody import Custody
+from .custody import CheckReport, Custody
 from .gates import Gates
 from .ledger import Ledger
 from .startup import Recovery, Startup
@@ -76,7 +76,6 @@ class Agent:
             self.state, self._kernel_thread, self.listeners, self._post, self.submit
         )
         # Requests that are one room's alone.
-        self.check = self.custody.check
         self.preserve = self.custody.preserve
         self.unpreserve = self.custody.unpreserve
         self.retrieve = self.custody.retrieve
@@ -203,6 +202,20 @@ class Agent:
         # The update may have moved on (or ended) already; the caller needs its id.
         current = self.state.record
         return current if current is not None and current.id == record.id else record
+
+    async def check(self) -> CheckReport:
+        """Whether an update could start now, and what stands in the way."""
+        fd_store = None
+        if self.custody.strategy.chosen == "systemd":
+            try:
+                fd_store = await self.gate.fd_store_fill()
+            except (LuoError, OSError) as exc:
+                log.warning("fd_store_unreadable", error=str(exc))
+        report = self.custody.check(fd_store)
+        if self.custody.strategy.chosen == "systemd" and fd_store is None:
+            unread = "the agent's fd store could not be read: PID 1 may drop the sessions"
+            report = replace(report, ready=False, blockers=(*report.blockers, unread))
+        return report
 
     async def execute(self, update_id: str = "") -> None:
         self.ledger.require(update_id)

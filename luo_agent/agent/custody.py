@@ -67,6 +67,10 @@ class Custody:
         self.kernel_loaded = False
         self.kernel_cmdline = ""
         self._kexec: LoadedKernel | None = None
+        # Whether the agent's image is in the kernel now: only while an update is prepared (an
+        # image loaded while idle would turn an operator's plain `systemctl reboot` into a kexec,
+        # logind's auto-kexec, under a marker that claims an update that does not exist).
+        self.image_in_kernel = False
         self._retrieved: dict[tuple[str, int], str] = {}
         # The agent's own copy of every fd handed out after the reboot, until the update ends: a
         # Retrieve again (a participant that died after its first one) gets a duplicate of it,
@@ -87,8 +91,8 @@ class Custody:
     async def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> str:
         """kexec_file_load with the agent's command-line marker (``luo_agent.update=<id>``)
         appended.  Returns the command line the new kernel will see.  The agent keeps its own
-        duplicates of the fds: if the kernel was loaded before the update had an id, prepare
-        reloads it with the right marker (outside the blackout)."""
+        duplicates of the fds.  Without a prepared update the image is only checked (loaded and
+        unloaded again): prepare loads it with the update's marker (outside the blackout)."""
         self._require(ph.Request.LOAD_KERNEL, "LoadKernel")
         kernel = self._state.opened_kernel()
         if len(cmdline) > 4096 or "\0" in cmdline:
@@ -101,6 +105,10 @@ class Custody:
             # record of what is loaded keep one order, whatever the loop does meanwhile.
             full = with_marker(base, self._state.update_id or "pending")
             kernel.load_kernel(own[0], own[1], full)
+            keep = self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED)
+            if not keep:
+                kernel.unload_kernel()
+            self.image_in_kernel = keep
             previous, self._kexec = self._kexec, LoadedKernel(own[0], own[1], base)
             self.kernel_cmdline = full
             self.kernel_loaded = True
@@ -184,7 +192,9 @@ class Custody:
                     return p.owner
         return ""
 
-    def check(self) -> CheckReport:
+    def check(self, fd_store: tuple[int, int] | None = None) -> CheckReport:
+        """What stands in the way of an update now; ``fd_store`` is the agent's unit's
+        ``(NFileDescriptorStore, FileDescriptorStoreMax)`` under the systemd strategy."""
         phase, kernel = self._state.phase, self._state.kernel
         blockers: list[str] = []
         if kernel is None:
@@ -196,8 +206,10 @@ class Custody:
         if self.strategy.blocker:
             blockers.append(self.strategy.blocker)
         gone = missing_kexec_image(kernel) if self.strategy.chosen == "systemd" else ""
-        if gone and self.kernel_loaded:
+        if gone and self.image_in_kernel:
             blockers.append(gone)
+        if fd_store is not None and (short := self._fd_store_short(*fd_store)):
+            blockers.append(short)
         warnings = [self.strategy.warning] if self.strategy.warning else []
         if self.kernel_loaded and not enables_liveupdate(self.kernel_cmdline):
             warnings.append(
@@ -212,6 +224,20 @@ class Custody:
             phase=str(phase),
             kernel_loaded=self.kernel_loaded,
             preserved=len(self.registry),
+        )
+
+    def _fd_store_short(self, stored: int, room: int) -> str:
+        """Why the fd store cannot carry the update's sessions ("" if it can).  A full store
+        drops an fd with only a warning in PID 1's log; for a session that closes it, and the
+        kernel ends it (service.c, service_add_fd_store)."""
+        pushed = len(self.registry.sessions()) + 1  # one per client session, and the agent's own
+        if stored + pushed <= room:
+            return ""
+        return (
+            f"the agent's fd store would need {stored + pushed} fds ({stored} held, {pushed} "
+            f"sessions to hand to PID 1 for the kexec) but FileDescriptorStoreMax={room}: PID 1 "
+            "drops what does not fit, which ends those sessions; raise FileDescriptorStoreMax= "
+            "(in this boot and the next)"
         )
 
     def refuse_execute(self) -> None:
@@ -239,9 +265,10 @@ class Custody:
             # What is loaded is read here, after any LoadKernel queued before (load_kernel).
             loaded = self._kexec
             marked = with_marker(loaded.base_cmdline if loaded else "", record.id)
-            if loaded is not None and self.kernel_cmdline != marked:
+            if loaded is not None and not (self.image_in_kernel and self.kernel_cmdline == marked):
                 kernel.load_kernel(loaded.kernel_fd, loaded.initrd_fd, marked)
                 self.kernel_cmdline = marked
+                self.image_in_kernel = True
             items = [PreserveItem(e.session, e.token, e.fd) for e in entries]
             tokens = kernel.preserve(items, record)
             self._preserved = tuple(
@@ -297,7 +324,21 @@ class Custody:
         except (LuoError, OSError) as exc:
             problem = f"kernel cancel: {exc}"
         self.registry.close_all()
+        await self.unload_image()
         return problem
+
+    async def unload_image(self) -> None:
+        """The update ended before its kexec: its image out of the kernel, so that a plain
+        reboot stays a reboot; unless someone else's shutdown is under way (a kexec asked for,
+        or logind's auto-kexec, keeps the image it chose)."""
+        if not self.image_in_kernel or self._state.shutdown_queued:
+            return
+        try:
+            await self._kernel_thread.call(self._state.opened_kernel().unload_kernel)
+        except OSError as exc:
+            log.warning("kexec_unload_failed", error=str(exc))
+            return
+        self.image_in_kernel = False
 
     # ----------------------------------------------------------------------------- the kexec
 

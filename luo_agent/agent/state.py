@@ -51,6 +51,9 @@ class AgentState:
     record: UpdateRecord | None = None
     last: UpdateRecord | None = None
     kernel: KernelBackend | None = None
+    # A reboot, poweroff, halt or kexec target someone else queued ("" if none): the machine is
+    # going down whatever the agent does, as that job says.
+    shutdown_queued: str = ""
 
     @property
     def progress(self) -> int:

@@ -159,7 +159,7 @@ class ManagerInterface(ServiceInterface):
     @dbus_method(name="Check")
     async def check(self) -> DBusDict:
         with dbus_errors("Check"):
-            report = self.agent.check()
+            report = await self.agent.check()
             return {
                 "ready": Variant("b", report.ready),
                 "blockers": Variant("as", list(report.blockers)),

@@ -151,6 +151,10 @@ class KernelBackend(Protocol):
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None: ...
 
+    def unload_kernel(self) -> None:
+        """Take the kexec image out of the kernel (``KEXEC_FILE_UNLOAD``)."""
+        ...
+
     def kexec_image_loaded(self) -> bool:
         """Whether a kexec image is loaded (by anyone), i.e. ``reboot(KEXEC)`` can jump."""
         ...

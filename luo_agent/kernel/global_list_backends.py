@@ -21,7 +21,7 @@ from .backend import (
 )
 from .device import Abi, Event, KernelState
 from .rfc_v2 import RfcV2Device
-from .syscalls import Syscalls, kexec_image_loaded
+from .syscalls import KEXEC_FILE_UNLOAD, Syscalls, kexec_image_loaded
 from .v3 import V3Device
 
 
@@ -51,6 +51,9 @@ class GlobalListBackend(MetadataMemfd):
 
     def load_kernel(self, kernel_fd: int, initrd_fd: int, cmdline: str) -> None:
         self.syscalls.kexec_file_load(kernel_fd, initrd_fd, cmdline, 0)
+
+    def unload_kernel(self) -> None:
+        self.syscalls.kexec_file_load(-1, -1, "", KEXEC_FILE_UNLOAD)
 
     def kexec_image_loaded(self) -> bool:
         return kexec_image_loaded(self.syscalls)

@@ -189,7 +189,7 @@ async def test_systemd_strategy_carries_sessions_through_kexec_target(
     gate = _gate(pid1)
     async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
         assert agent.reboot_strategy == "systemd"
-        assert not any("reboot_strategy" in b for b in agent.check().blockers)
+        assert not any("reboot_strategy" in b for b in (await agent.check()).blockers)
         await host.prepared(agent, data)
         await _execute_until_kexec_queued(host, agent, pid1)
         assert gate.started[-1] == FREEZE and gate.kexec_requests == 1
@@ -239,9 +239,9 @@ async def test_no_kexec_image_refuses_execute_and_keeps_the_update(
     gate = _gate(pid1)
     async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
         await host.prepared(agent, b"keep me")
-        assert not any("kexec image" in b for b in agent.check().blockers)
+        assert not any("kexec image" in b for b in (await agent.check()).blockers)
         host.unload_image()
-        assert any("no kexec image is loaded" in b for b in agent.check().blockers)
+        assert any("no kexec image is loaded" in b for b in (await agent.check()).blockers)
         with pytest.raises(PhaseError, match="no kexec image is loaded"):
             await agent.execute()
         assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
@@ -375,7 +375,7 @@ async def test_old_systemd_is_a_blocker_and_execute_is_refused(session_host: Hos
     gate = FakeGate(version="252.38-1~deb12u1")
     async with host.agent(gate, "systemd", NoCustody()) as agent:
         await host.prepared(agent, b"x" * 100)
-        report = agent.check()
+        report = await agent.check()
         assert any(">= 261" in b and "252.38" in b for b in report.blockers)
         with pytest.raises(Unsupported, match=">= 261"):
             await agent.execute()
@@ -391,7 +391,7 @@ async def test_state_machine_abis_cannot_use_the_systemd_strategy(
     host = state_machine_host
     gate = FakeGate(version="262")
     async with host.agent(gate, "systemd") as agent:
-        assert any("session ABI" in b for b in agent.check().blockers)
+        assert any("session ABI" in b for b in (await agent.check()).blockers)
         await host.prepared(agent, b"y" * 100)
         with pytest.raises(Unsupported, match="session ABI"):
             await agent.execute()
@@ -419,7 +419,7 @@ async def test_auto_picks_systemd_only_where_it_works(
         async with host.agent(gate, "auto", NoCustody(), user_mode=user_mode) as agent:
             assert agent.reboot_strategy == expected
             assert agent.reboot_strategy_blocker == ""
-            assert not any("reboot_strategy" in b for b in agent.check().blockers)
+            assert not any("reboot_strategy" in b for b in (await agent.check()).blockers)
 
 
 @pytest.mark.parametrize(
@@ -438,9 +438,9 @@ async def test_direct_strategy_under_a_carrying_pid1_is_a_warning(
     for host in _host(tmp_path, "session"):
         gate = FakeGate(version=version)
         async with host.agent(gate, strategy, NoCustody(), user_mode=user_mode) as agent:
-            warnings = agent.check().warnings
+            warnings = (await agent.check()).warnings
             assert any("bypasses PID 1" in w for w in warnings) is warned
-            assert not any("bypasses" in b for b in agent.check().blockers)
+            assert not any("bypasses" in b for b in (await agent.check()).blockers)
 
 
 def test_config_accepts_the_strategies() -> None:
@@ -529,3 +529,70 @@ def test_outgoing_sessions_left_in_the_store_by_a_kexec_that_never_happened(
     else:
         assert result == {"sessions": [], "fd3_open": False}
     assert not (runtime / "outgoing-in-fd-store").exists()
+
+
+def _image_cmdline(host: Host) -> str | None:
+    image = host.machine.inspect()["kexec_image"]
+    return None if image is None else str(image["cmdline"])
+
+
+async def test_the_image_is_in_the_kernel_only_while_an_update_is_prepared(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """With an image loaded, systemd >= 256's `systemctl reboot` kexecs into it (logind's
+    auto-kexec): an idle agent only checks the image, prepare loads it under the update's marker,
+    and a cancel takes it out again, unless someone else's shutdown is what ended the update."""
+    host = session_host
+    gate = _gate(pid1)
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        image = host.tmp / "vmlinuz"
+        image.write_bytes(b"kernel" * 100)
+        kfd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        await agent.load_kernel(kfd, -1, "liveupdate=1")
+        os.close(kfd)
+        assert _image_cmdline(host) is None and agent.kernel_loaded
+        assert (await agent.check()).ready  # nothing loaded in the kernel is no blocker while idle
+
+        await host.prepared(agent, b"data")  # loads again, with the update's id
+        assert _image_cmdline(host) == "liveupdate=1 luo_agent.update=upd-s"
+        await agent.cancel()
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+        assert _image_cmdline(host) is None
+
+        await agent.prepare("upd-t")
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
+        gate.queue_shutdown_job("reboot.target")
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+        assert agent.last is not None and agent.last.result == "cancelled"
+        assert "reboot.target was queued by someone else" in agent.last.message
+        assert _image_cmdline(host) == "liveupdate=1 luo_agent.update=upd-t"  # that reboot's
+
+
+async def test_check_blocks_when_the_fd_store_cannot_take_the_sessions(
+    session_host: Host,
+) -> None:
+    """PID 1 drops an fd that does not fit with a warning only, and a dropped session is ended:
+    Check() counts the store against what the kexec would push."""
+    host = session_host
+    pid1 = FakeSystemd262(host.machine, max_fds=3)
+    try:
+        async with host.agent(
+            _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
+        ) as agent:
+            image = host.tmp / "vmlinuz"
+            image.write_bytes(b"kernel" * 100)
+            kfd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            await agent.load_kernel(kfd, -1, "liveupdate=1")
+            os.close(kfd)
+            for session in ("vm-1", "vm-2"):
+                fd = memfd_with(b"x", 0)
+                agent.preserve(fd, session, 1, [], owner="uid=0")
+                os.close(fd)
+            assert (await agent.check()).ready  # 2 sessions + the agent's own: 3 fit
+            _push(pid1, "unrelated", memfd_with(b"y", 0))
+            report = await agent.check()
+            assert not report.ready
+            (blocker,) = [b for b in report.blockers if "FileDescriptorStoreMax=3" in b]
+            assert "would need 4 fds (1 held, 3 sessions" in blocker
+    finally:
+        pid1.close()

@@ -1,6 +1,6 @@
 """The import rules stated in the packages' docstrings (``luo_agent/__init__.py`` and the
-``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``dbus/``, ``cli/``, ``examples/``),
-read from the source with ``ast``."""
+``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``dbus/``, ``cli/``, ``examples/``,
+``vmm/``), read from the source with ``ast``."""
 
 from __future__ import annotations
 
@@ -92,6 +92,10 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
             ("luo_agent.cli", "luo_agent.client", "luo_agent.dbus.names", "luo_agent.__version__"),
         ),
         ("luo_agent.examples", ("luo_agent.client", "luo_agent.persist.write_atomic")),
+        (
+            "luo_agent.vmm",
+            ("luo_agent.vmm", "luo_agent.client", "luo_agent.persist.write_atomic"),
+        ),
     ],
 )
 def test_adapter_packages_import_only_what_their_docstring_allows(
@@ -160,6 +164,7 @@ def test_the_daemon_never_imports_the_tools_beside_it() -> None:
         "luo_agent.cli",
         "luo_agent.client",
         "luo_agent.examples",
+        "luo_agent.vmm",
         "luo_agent.sandbox",
         "luo_agent.sandbox_cgroups",
         "luo_agent.testbed",

@@ -1,0 +1,222 @@
+"""The etcd coordinator against a real etcd 3.4 on loopback (Debian's etcd-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from luo_agent.errors import (
+    ConfigError,
+    CoordinatorError,
+    CoordinatorInvalid,
+    CoordinatorUnavailable,
+    RolloutHalted,
+)
+from luo_agent.fleet.etcd import HALT_KEY, SEMAPHORE_KEY, EtcdCoordinator, EtcdGateway
+from luo_agent.fleet.port import Acquired
+
+from .etcd_server import Cluster, free_port
+
+
+def coordinator(
+    endpoints: list[str], group: str, host: str, slots: int = 2, **kw: object
+) -> EtcdCoordinator:
+    return EtcdCoordinator(EtcdGateway(endpoints), host_id=host, group=group, slots=slots, **kw)  # type: ignore[arg-type]
+
+
+def stored(etcd: Cluster, group: str) -> dict[str, object]:
+    raw = etcd.get(SEMAPHORE_KEY.format(group=group))
+    assert raw is not None
+    return dict(json.loads(raw))
+
+
+async def test_slots_counted_in_airlocks_key(etcd: Cluster, group: str) -> None:
+    hosts = [coordinator(etcd.endpoints, group, f"host{i}") for i in range(3)]
+    assert await hosts[1].acquire() is Acquired.HELD
+    assert await hosts[0].acquire() is Acquired.HELD
+    assert await hosts[2].acquire() is Acquired.FULL
+    # airlock's layout, read back with etcdctl: sorted holders, the slot count.
+    assert stored(etcd, group) == {"total_slots": 2, "holders": ["host0", "host1"]}
+    await hosts[0].release()
+    assert await hosts[2].acquire() is Acquired.HELD
+    assert stored(etcd, group) == {"total_slots": 2, "holders": ["host1", "host2"]}
+
+
+async def test_repeated_acquire_and_release_change_nothing(etcd: Cluster, group: str) -> None:
+    host = coordinator(etcd.endpoints, group, "host0")
+    other = coordinator(etcd.endpoints, group, "host1")
+    for _ in range(3):
+        assert await host.acquire() is Acquired.HELD
+    assert stored(etcd, group)["holders"] == ["host0"]
+    assert await other.acquire() is Acquired.HELD
+    for _ in range(3):
+        await host.release()
+    assert stored(etcd, group)["holders"] == ["host1"]
+    status = await host.status()
+    assert not status.holding and status.semaphores[0].holders == ("host1",)
+
+
+async def test_zone_and_fleet_limits_in_one_transaction(etcd: Cluster, group: str) -> None:
+    zone_a, zone_b = f"{group}-a", f"{group}-b"
+
+    def host(name: str, zone: str) -> EtcdCoordinator:
+        return coordinator(etcd.endpoints, group, name, slots=2, zone=zone, zone_slots=1)
+
+    a1, a2, b1, b2 = host("a1", zone_a), host("a2", zone_a), host("b1", zone_b), host("b2", zone_b)
+    assert await a1.acquire() is Acquired.HELD
+    assert await a2.acquire() is Acquired.FULL  # its zone is full, the fleet is not
+    assert await b1.acquire() is Acquired.HELD
+    await a1.release()
+    assert await b2.acquire() is Acquired.FULL  # zone b full
+    assert await a2.acquire() is Acquired.HELD
+    # The refused hosts left no trace in any key: both limits are one transaction.
+    assert stored(etcd, group)["holders"] == ["a2", "b1"]
+    assert stored(etcd, zone_a)["holders"] == ["a2"]
+    assert stored(etcd, zone_b)["holders"] == ["b1"]
+    c1 = coordinator(etcd.endpoints, group, "c1", slots=2, zone=f"{group}-c", zone_slots=1)
+    assert await c1.acquire() is Acquired.FULL  # its zone is free, the fleet is full
+    assert etcd.get(SEMAPHORE_KEY.format(group=f"{group}-c")) is None
+
+
+async def test_everyone_asking_at_once_never_exceeds_the_slots(etcd: Cluster, group: str) -> None:
+    holding: set[str] = set()
+    most = 0
+
+    async def host(name: str) -> None:
+        nonlocal most
+        me = coordinator(etcd.endpoints, group, name, slots=2)
+        for _ in range(400):  # bounded: every host gets its turn well before this
+            if await me.acquire() is Acquired.HELD:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"{name} never got a slot")
+        holding.add(name)
+        most = max(most, len(holding))
+        # What etcd says agrees with who thinks it holds a slot.
+        assert set(stored(etcd, group)["holders"]) >= {name}  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        holding.discard(name)
+        await me.release()
+
+    await asyncio.gather(*(host(f"host{i}") for i in range(6)))
+    assert most == 2
+    assert stored(etcd, group)["holders"] == []
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ('{"total_slots":0,"holders":[]}', "total_slots 0"),
+        ('{"total_slots":2,"holders":[1,2]}', "do not parse"),
+        ('{"total_slots":2,"holders":["a b"]}', "do not parse"),
+        ('{"total_slots":2,"holders":["x","x"]}', "twice"),
+        ("not json", "not JSON"),
+        ('{"holders":[]}', "total_slots None"),
+    ],
+)
+async def test_a_coordinator_that_lies_is_an_error(
+    etcd: Cluster, group: str, value: str, why: str
+) -> None:
+    etcd.put(SEMAPHORE_KEY.format(group=group), value)
+    with pytest.raises(CoordinatorInvalid, match=why):
+        await coordinator(etcd.endpoints, group, "host0").acquire()
+    assert etcd.get(SEMAPHORE_KEY.format(group=group)) == value  # nothing written over it
+
+
+async def test_failure_past_the_budget_halts_everyone(etcd: Cluster, group: str) -> None:
+    hosts = [coordinator(etcd.endpoints, group, f"h{i}", failure_budget=1) for i in range(3)]
+    assert await hosts[0].acquire() is Acquired.HELD
+    assert await hosts[1].acquire() is Acquired.HELD
+    assert await hosts[0].report_failure("restore gate failed") is False  # within the budget
+    assert await hosts[1].report_failure("boot fell back") is True
+    status = await hosts[2].status()
+    assert status.halted.startswith("2 host(s) failed (budget 1)")
+    assert status.failed == ("h0", "h1")
+    # The failed hosts keep their slots; nobody else gets one while halted.
+    assert stored(etcd, group)["holders"] == ["h0", "h1"]
+    await hosts[0].force_release("h0")
+    with pytest.raises(RolloutHalted, match="boot fell back"):
+        await hosts[2].acquire()
+    await hosts[2].resume()
+    assert etcd.get(HALT_KEY.format(group=group)) is None
+    assert await hosts[2].acquire() is Acquired.HELD
+
+
+async def test_operator_halt_and_set_max_keep_the_holders(etcd: Cluster, group: str) -> None:
+    host = coordinator(etcd.endpoints, group, "h0", slots=1)
+    other = coordinator(etcd.endpoints, group, "h1", slots=1)
+    assert await host.acquire() is Acquired.HELD
+    assert await other.acquire() is Acquired.FULL
+    await host.set_max(3)
+    assert stored(etcd, group) == {"total_slots": 3, "holders": ["h0"]}
+    await host.halt("maintenance window over")
+    with pytest.raises(RolloutHalted, match="maintenance window over"):
+        await other.acquire()
+    await host.resume()
+    assert await other.acquire() is Acquired.HELD
+    await host.set_max(1)  # fewer slots than holders: nobody new gets in, nobody is thrown out
+    assert stored(etcd, group) == {"total_slots": 1, "holders": ["h0", "h1"]}
+
+
+async def test_etcd_down_is_unavailable_fast() -> None:
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    host = coordinator(dead, "g", "h0")
+    async with asyncio.timeout(10):
+        with pytest.raises(CoordinatorUnavailable, match="no etcd member answered"):
+            await host.acquire()
+
+
+async def test_killing_the_leader_loses_no_slot(etcd3: Cluster, group: str) -> None:
+    hosts = [coordinator(etcd3.endpoints, group, f"h{i}") for i in range(3)]
+    assert await hosts[0].acquire() is Acquired.HELD
+    assert await hosts[1].acquire() is Acquired.HELD
+    leader = etcd3.leader()
+    leader.kill()
+    async with asyncio.timeout(60):
+        status = await hosts[2].status()
+        assert status.semaphores[0].holders == ("h0", "h1")
+        assert await hosts[2].acquire() is Acquired.FULL
+        await hosts[0].release()
+        assert await hosts[2].acquire() is Acquired.HELD
+    assert json.loads(etcd3.get(SEMAPHORE_KEY.format(group=group)) or "")["holders"] == ["h1", "h2"]
+
+
+async def test_etcd_users_and_root_only_password_file(tmp_path: Path, group: str) -> None:
+    from .etcd_server import make_cluster
+
+    cluster = make_cluster(tmp_path, 1)
+    try:
+        cluster.etcdctl("user", "add", "root", "--new-user-password=rootpw")
+        cluster.etcdctl("user", "add", "agent", "--new-user-password=s3cret")
+        cluster.etcdctl("role", "add", "fleet")
+        cluster.etcdctl(
+            "role", "grant-permission", "fleet", "--prefix=true", "readwrite", "com.coreos.airlock/"
+        )
+        cluster.etcdctl(
+            "role", "grant-permission", "fleet", "--prefix=true", "readwrite", "luo-agent/"
+        )
+        cluster.etcdctl("user", "grant-role", "agent", "fleet")
+        cluster.etcdctl("auth", "enable")
+        password = tmp_path / "password"
+        password.write_text("s3cret\n")
+        os.chmod(password, 0o644)
+        gateway = EtcdGateway(cluster.endpoints, username="agent", password_file=password)
+        host = EtcdCoordinator(gateway, host_id="h0", group=group, slots=1)
+        with pytest.raises(ConfigError, match="no group or other access"):
+            await host.acquire()
+        os.chmod(password, 0o600)
+        assert await host.acquire() is Acquired.HELD
+        anonymous = coordinator(cluster.endpoints, group, "h1")
+        with pytest.raises(CoordinatorError, match=r"user name is empty|permission denied"):
+            await anonymous.acquire()
+        value = cluster.etcdctl(
+            "--user=root:rootpw", "get", "--print-value-only", SEMAPHORE_KEY.format(group=group)
+        )
+        assert json.loads(value) == {"total_slots": 1, "holders": ["h0"]}
+    finally:
+        cluster.stop()
