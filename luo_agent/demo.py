@@ -206,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the demo cannot run here: {reason}", file=sys.stderr)
         return 77
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="luo-demo-"))
-    # SIGTERM (timeout, systemd) cleans up like Ctrl-C does.
+    # SIGTERM (timeout, systemd) cleans up like Ctrl-C does; so does SIGINT when the shell that
+    # started the demo in the background had set it to be ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cgroup = OwnCgroup()
     try:
         return Demo(workdir, args.abi, args.profile, args.size).run(args.keep)
