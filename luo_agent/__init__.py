@@ -11,9 +11,15 @@ Layers, from the top; a module imports only from layers below its own (``docs/ar
 * shared vocabulary: ``errors``, ``records``, ``config``, ``fdkind``.
 
 Beside the daemon, never imported by it: ``cli`` and ``client`` (``liveupdatectl``),
+<<<<<<< HEAD
+``participant`` (the participant kit), ``examples/`` (a participant), and the test rigs
+``sandbox``, ``sandbox_cgroups``, ``testbed`` and ``demo``.  Nothing below ``agent`` imports
+``agent``, ``dbus`` or ``daemon``; ``kernel/`` and ``systemd/`` do not import each other
+=======
 ``examples/`` (a participant), ``vmm/`` (the VM participant) and the test rigs ``sandbox``,
 ``sandbox_cgroups``, ``testbed`` and ``demo``.  Nothing below ``agent`` imports ``agent``,
 ``dbus`` or ``daemon``; ``kernel/`` and ``systemd/`` do not import each other
+>>>>>>> main
 (``tests/unit/test_layers.py``).
 """
 

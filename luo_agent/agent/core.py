@@ -5,7 +5,7 @@ consumed by one task (``run``).  Each event goes through the pure engine (``phas
 then saves and announces the new phase (``Ledger``) and starts the step's effects as one *work*
 task that feeds its outcome back as an event.  So the phase changes in one place only, and no lock
 is needed.  The effects are the rooms' work: ``Gates`` (systemd targets), ``Custody`` (the kernel
-and the fds), ``Watchers`` (others' changes), ``Recoverer`` (start-up).
+and the fds), ``Watchers`` (others' changes), ``Startup`` (opening the kernel, recovery).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import assert_never
 
 import structlog
 
@@ -40,6 +41,7 @@ from .state import (
 from .watchers import Watchers
 
 log = structlog.get_logger("luo_agent.agent")
+INHIBITED = "a shutdown is inhibited (logind block lock) by "
 
 
 class Agent:
@@ -110,10 +112,6 @@ class Agent:
     def gate(self) -> Gate:
         return self.gates.gate
 
-    @gate.setter
-    def gate(self, gate: Gate) -> None:  # a benchmark times the agent's gate calls
-        self.gates.gate = gate
-
     # ------------------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
@@ -177,7 +175,10 @@ class Agent:
             if ph.is_pre_reboot(phase) and phase is not ph.Phase.REBOOTING:
                 with contextlib.suppress(LuoError, OSError):
                     await self._kernel_thread.call(kernel.cancel)
-                self.ledger.abort(f"the agent was stopped in phase {phase}")
+                why = f"the agent was stopped in phase {phase}"
+                if self.state.shutdown_queued:
+                    why += f" ({self.state.shutdown_queued} was queued by someone else)"
+                self.ledger.abort(why)
             with contextlib.suppress(LuoError, OSError):
                 await self._kernel_thread.call(kernel.close)
         self.custody.close()
@@ -211,6 +212,7 @@ class Agent:
 
     async def check(self) -> CheckReport:
         """Whether an update could start now, and what stands in the way."""
+        blockers = [INHIBITED + who for who in await self._shutdown_inhibitors()]
         fd_store = None
         if self.custody.strategy.chosen == "systemd":
             try:
@@ -219,13 +221,27 @@ class Agent:
                 log.warning("fd_store_unreadable", error=str(exc))
         report = self.custody.check(fd_store)
         if self.custody.strategy.chosen == "systemd" and fd_store is None:
-            unread = "the agent's fd store could not be read: PID 1 may drop the sessions"
-            report = replace(report, ready=False, blockers=(*report.blockers, unread))
+            blockers.append("the agent's fd store could not be read: PID 1 may drop the sessions")
+        if blockers:
+            report = replace(report, ready=False, blockers=(*report.blockers, *blockers))
         return report
+
+    async def _shutdown_inhibitors(self) -> list[str]:
+        """Who holds a logind block inhibitor of shutdown (an fwupd-style update in flight).
+        The agent's kexec does not go through logind, which lets root past them, and a refusal
+        there would come after the freeze: the agent asks before it."""
+        try:
+            return await self.gate.shutdown_inhibitors()
+        except (LuoError, OSError) as exc:
+            log.warning("inhibitors_unreadable", error=str(exc))
+            return []
 
     async def execute(self, update_id: str = "") -> None:
         self.ledger.require(update_id)
         self.custody.refuse_execute()
+        inhibited = await self._shutdown_inhibitors()
+        if inhibited:
+            raise PhaseError(self.phase, "Execute while " + INHIBITED + "; ".join(inhibited))
         await self.submit(ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:
@@ -267,9 +283,9 @@ class Agent:
             self._work = asyncio.create_task(self._run_effects(work), name=f"effects-{step.next}")
         else:
             self.gates.at_rest()
-        if step.arms_timer and (seconds := self.config.timeouts.timeout_for(step.next)) is not None:
+        if step.arms_timer and (timed := ph.SPECS[step.next].step):
             self._timer = asyncio.get_running_loop().call_later(
-                seconds, self._timer_expired, step.next
+                self.config.timeouts.seconds(timed), self._timer_expired, step.next
             )
 
     def _disarm(self) -> None:
@@ -319,41 +335,51 @@ class Agent:
             self._post(outcome)
 
     async def _effects_outcome(self, effects: Sequence[ph.Effect]) -> ph.Event | None:
-        kinds = {type(e) for e in effects}
-        target = next((e.target_name for e in effects if isinstance(e, ph.StartTarget)), "")
-        if ph.KernelCancel in kinds:
-            problems = [await self.custody.cancel()]
-            if target and isinstance(outcome := await self.gates.run(target), ph.GateFailed):
+        """Run ``effects`` in order until one ends the work with an event, its outcome.  After a
+        KernelCancel the cancel target runs whatever the kernel said: both fold into one
+        CancelDone or CancelFailed."""
+        problems: list[str] | None = None  # the cancel's, once KernelCancel ran
+        for effect in effects:
+            outcome: ph.Event | None = None
+            match effect:
+                case ph.StartTarget(target_name=target):
+                    outcome = await self.gates.run(target, queued=self.ledger.announce_held)
+                case ph.KernelCancel():
+                    problems = [await self.custody.cancel()]
+                case ph.PreserveRegistered():
+                    outcome = await self.custody.preserve_registered()
+                case ph.PreserveMetadata():
+                    outcome = await self.custody.preserve_metadata()
+                case ph.KernelPrepare():
+                    outcome = await self.custody.prepare()
+                case ph.KernelFreeze():
+                    outcome = await self.custody.freeze()
+                case ph.KernelReboot():
+                    outcome = await self._reboot()
+                case ph.KernelFinish():
+                    outcome = await self.custody.finish()
+                case ph.ReportFailure():
+                    pass  # done when the step was applied (_report_failure)
+                case _:
+                    assert_never(effect)
+            if problems is None:
+                if outcome is not None:
+                    return outcome
+            elif isinstance(outcome, ph.GateFailed):
                 problems.append(outcome.reason)
-            if any(problems):
-                return ph.CancelFailed("; ".join(p for p in problems if p))
-            return ph.CancelDone()
-        if ph.PreserveRegistered in kinds:
-            return await self.custody.preserve_and_prepare()
-        if ph.KernelFreeze in kinds:
-            return await self.custody.freeze()
-        if ph.KernelReboot in kinds:
-            blackout_started = self.gates.freeze_passed_at
-            failed = await self.custody.reboot(
-                self.gate, blackout_started, self.ledger.publish_reboot
-            )
-            if failed is None:
-                self._on_rebooted()
-            return failed
-        if ph.KernelFinish in kinds:
-            return await self.custody.finish()
-        if target:
-            queued = self.ledger.announce_held
-            if self.phase is ph.Phase.PREPARING:
-                queued = self._prepare_target_queued
-            return await self.gates.run(target, queued=queued)
-        log.error("unknown_effects", effects=[type(e).__name__ for e in effects])
-        return None
+        if problems is None:
+            return None
+        if any(problems):
+            return ph.CancelFailed("; ".join(p for p in problems if p))
+        return ph.CancelDone()
 
-    def _prepare_target_queued(self) -> None:
-        # While systemd runs the participants: the agent's own kernel work, then "preparing".
-        self.custody.preserve_metadata_ahead()
-        self.ledger.announce_held()
+    async def _reboot(self) -> ph.Event | None:
+        """The kexec; an outcome only if it failed."""
+        blackout_started = self.gates.freeze_passed_at
+        failed = await self.custody.reboot(self.gate, blackout_started, self.ledger.publish_reboot)
+        if failed is None:
+            self._on_rebooted()
+        return failed
 
 
 def _resolve(ack: asyncio.Future[ph.Step], step: ph.Step) -> None:

@@ -8,8 +8,9 @@ docs/cli-schema.json; docs/cli.md).  Exit codes are stable (``ExitCode``).
 ``arguments`` the command line; ``commands`` one coroutine per command; ``watch`` waits for an
 update through the agent's signals; ``output`` prints the text and the JSON documents.
 
-A client like any other: imports from the rest of luo_agent only ``client`` and ``dbus.names``
-(and the version); never ``agent``, ``daemon``, the rest of ``dbus/`` or the adapters.
+A client like any other: imports from the rest of luo_agent only ``client``, ``participant`` (the
+kit, for ``keep``) and ``dbus.names`` (and the version); never ``agent``, ``daemon``, the rest of
+``dbus/`` or the adapters.
 """
 
 from .arguments import parser

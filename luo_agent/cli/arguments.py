@@ -12,7 +12,7 @@ from .output import ExitCode
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a usage error; 2 is NOTHING_TO_DO here, so usage errors are INVALID."""
+    """argparse exits 2 on a usage error; 2 is reserved here, so usage errors are INVALID."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
         prog="liveupdatectl",
         description="Drive Linux live updates through luo-agent (org.luoagent.LiveUpdate1): "
         "check, load the next kernel, prepare, execute; status and history.",
-        epilog="Exit codes: 0 done, 1 failed, 2 nothing to do, 3 busy, 4 blocked (not possible "
+        epilog="Exit codes: 0 done, 1 failed, 3 busy, 4 blocked (not possible "
         "now), 5 not authorized, 6 invalid argument, 69 agent not reachable.  See docs/cli.md.",
     )
     _global_options(p, default=False)
@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
                 "LIVEUPDATE_INITRD and LIVEUPDATE_CMDLINE (what liveupdate.service passes)",
             )
     for name, summary in (
-        ("cancel", "cancel the update before the kexec (exit 2 when there is none)"),
+        ("cancel", "cancel the update before the kexec (exit 4 when there is none)"),
         ("restore", "after a live-update boot: run the restore gate (again)"),
         ("finish", "after a live-update boot: run the finish gate and finish in the kernel"),
     ):
@@ -119,11 +119,41 @@ def parser() -> argparse.ArgumentParser:
         metavar="SESSION:TOKEN",
         help="restore it only after this one (repeatable)",
     )
+    s = command("unpreserve", "take a handed-in fd back before the update (idle or preparing)")
+    s.add_argument("--session", required=True, help="the session it was handed in to")
+    s.add_argument("--token", type=int, required=True, help="its token there")
+    s = command(
+        "keep",
+        "run COMMAND with a memfd (fd 3) that survives live updates: the carried one after a "
+        "live-update boot, else a new one; handed in again after every cancel; READY=1 once held",
+    )
+    s.add_argument("--session", required=True, help="the session to keep it in (your service)")
+    s.add_argument("--token", type=int, default=1, help="its token there (default 1)")
+    s.add_argument(
+        "--size", type=int, default=4096, help="a new memfd's size in bytes (default 4096)"
+    )
+    s.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND [ARG...]",
+        help="the workload; it finds the memfd as $LIVEUPDATE_FD and $LIVEUPDATE_FILE, and "
+        "$LIVEUPDATE_UPDATE is the update's id after a live-update boot (empty otherwise)",
+    )
     s = command("retrieve", "after a live-update boot: take a carried fd back")
     s.add_argument("--session", required=True, help="the session it was preserved in")
     s.add_argument("--token", type=int, required=True, help="its token there")
     s.add_argument("--output", help="write its contents to this file")
     command("sessions", "list the preserved file descriptors")
+    s = command(
+        "watch",
+        "follow the agent: each phase, progress and participants change (during a slow gate: "
+        "the units it waits for, failures first), until Ctrl-C",
+    )
+    s.add_argument(
+        "--until-finished",
+        action="store_true",
+        help="end when an update ends (exit 0 on success, 1 otherwise)",
+    )
     s = command("history", "list past updates, oldest first")
     s.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     return p
@@ -134,6 +164,13 @@ class UsageError(Exception):
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.command == "keep":
+        if args.program[:1] == ["--"]:
+            args.program = args.program[1:]
+        if not args.program:
+            raise UsageError("keep: give the COMMAND to run after --")
+        if args.size < 1:
+            raise UsageError("--size must be at least 1")
     token = getattr(args, "token", None)
     if token is not None and not 0 <= token < 2**64:
         raise UsageError("--token must be 0..2^64-1")

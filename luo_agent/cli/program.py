@@ -60,7 +60,7 @@ def _bus_address(kind: str) -> str:
     return f" at {address}" if address else ""
 
 
-async def run(args: argparse.Namespace) -> ExitCode:
+async def run(args: argparse.Namespace) -> int:
     out = Output(args.json, args.command)
     try:
         check_arguments(args)
@@ -80,11 +80,9 @@ async def run(args: argparse.Namespace) -> ExitCode:
         )
         return ExitCode.UNAVAILABLE
     try:
-        return ExitCode(await COMMANDS[args.command](bus, args, out))
+        return int(await COMMANDS[args.command](bus, args, out))
     except CallError as exc:
         code = ERROR_EXIT.get(exc.name, ExitCode.FAILURE)
-        if args.command == "cancel" and exc.name == f"{ERROR_PREFIX}.WrongPhase":
-            code = ExitCode.NOTHING_TO_DO
         hint = NO_AGENT_HINT[kind] if exc.name in AGENT_ABSENT else ""
         out.error(exc.name, exc.text, code, hint=hint)
         return code

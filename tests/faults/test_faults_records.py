@@ -30,7 +30,7 @@ from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 ABIS = ["session", "v3", "rfc-v2"]
-RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
+RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 DATA = b"participant state " * 1000
 
 
@@ -159,7 +159,7 @@ async def test_a_power_cut_during_restore_is_recorded_as_lost_in_the_live_update
 
 
 async def test_an_agent_killed_while_cancelling_is_recorded_cancelled(host: Host) -> None:
-    cancel = ph.PHASE_TARGETS[ph.Phase.CANCELLING]
+    cancel = ph.SPECS[ph.Phase.CANCELLING].target
     cancel_hooks_run = asyncio.Event()
 
     async def cancel_hook_hangs() -> None:
