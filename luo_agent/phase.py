@@ -9,7 +9,9 @@ Phases (``design.md`` §3, refined)::
 
     idle -Prepare-> preparing -GateOk-> (preserve + kernel prepare) -PreparationDone-> prepared
     prepared -Execute-> freezing -GateOk-> (kernel freeze) -FreezeDone-> rebooting -> kexec
-    preparing | prepared | freezing  -Cancel | GateFailed | Timeout | *Failed->  cancelling
+    prepared -Coordinate-> coordinating (take a fleet slot) -SlotTaken-> freezing -> ...
+    preparing | prepared | coordinating | freezing
+        -Cancel | GateFailed | Timeout | *Failed->  cancelling
     cancelling -CancelDone-> idle
     rebooting -RebootFailed-> prepared       (kernel still prepared: retry Execute, or Cancel)
     rebooting -RebootFailedAfterFreeze-> cancelling   (rfc-v2 FROZEN: only cancel is left)
@@ -59,6 +61,7 @@ class Phase(StrEnum):
     IDLE = "idle"
     PREPARING = "preparing"  # prepare target running, then preservation + kernel prepare
     PREPARED = "prepared"  # everything preserved; waiting for Execute (or Cancel)
+    COORDINATING = "coordinating"  # taking a slot from the fleet's coordinator (docs/fleet.md)
     FREEZING = "freezing"  # freeze target running, then kernel freeze
     REBOOTING = "rebooting"  # kexec reboot issued; only a failure brings the agent back
     CANCELLING = "cancelling"  # kernel cancel + cancel target; stays here if they fail
@@ -83,7 +86,14 @@ class KernelState(StrEnum):
 
 
 PRE_REBOOT_PHASES: Final = frozenset(
-    {Phase.PREPARING, Phase.PREPARED, Phase.FREEZING, Phase.REBOOTING, Phase.CANCELLING}
+    {
+        Phase.PREPARING,
+        Phase.PREPARED,
+        Phase.COORDINATING,
+        Phase.FREEZING,
+        Phase.REBOOTING,
+        Phase.CANCELLING,
+    }
 )
 POST_REBOOT_PHASES: Final = frozenset(
     {Phase.UPDATED, Phase.RESTORING, Phase.RESTORED, Phase.FINISHING}
@@ -122,6 +132,8 @@ class PhaseTimeouts:
     """Seconds each timed phase may wait for one piece of work (gate job or kernel step)."""
 
     prepare: float = 300.0
+    # Waiting for a fleet slot while every slot is taken (only with [fleet] enabled).
+    coordinate: float = 1800.0
     freeze: float = 60.0
     cancel: float = 120.0
     restore: float = 300.0
@@ -139,6 +151,8 @@ class PhaseTimeouts:
         match phase:
             case Phase.PREPARING:
                 return self.prepare
+            case Phase.COORDINATING:
+                return self.coordinate
             case Phase.FREEZING:
                 return self.freeze
             case Phase.CANCELLING:
@@ -165,6 +179,11 @@ class Prepare:
 @dataclass(frozen=True, slots=True)
 class Execute:
     """Freeze and kexec into the loaded kernel."""
+
+
+@dataclass(frozen=True, slots=True)
+class Coordinate:
+    """Execute in a fleet: take a slot from the coordinator first, then freeze and kexec."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +226,18 @@ class PreparationDone:
 
 @dataclass(frozen=True, slots=True)
 class PreparationFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTaken:
+    """The fleet's coordinator gave this host a slot (held until the new boot releases it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRefused:
+    """No slot: the coordinator is unreachable, halted, or answered something that cannot be."""
+
     reason: str
 
 
@@ -281,6 +312,7 @@ class Recovered:
 Event: TypeAlias = (
     Prepare
     | Execute
+    | Coordinate
     | Cancel
     | Restore
     | Finish
@@ -288,6 +320,8 @@ Event: TypeAlias = (
     | GateFailed
     | PreparationDone
     | PreparationFailed
+    | SlotTaken
+    | SlotRefused
     | FreezeDone
     | FreezeFailed
     | RebootFailed
@@ -303,6 +337,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = get_args(Event)
 FailureEvent: TypeAlias = (
     GateFailed
     | PreparationFailed
+    | SlotRefused
     | FreezeFailed
     | RebootFailed
     | RebootFailedAfterFreeze
@@ -344,6 +379,11 @@ class KernelPrepare:
 
 
 @dataclass(frozen=True, slots=True)
+class TakeSlot:
+    """Take a slot from the fleet's coordinator, waiting while every slot is taken."""
+
+
+@dataclass(frozen=True, slots=True)
 class KernelFreeze:
     """rfc-v2 EVENT_FREEZE; a barrier elsewhere (v3 freezes inside the reboot)."""
 
@@ -378,6 +418,7 @@ Effect: TypeAlias = (
     | PreserveRegistered
     | PreserveMetadata
     | KernelPrepare
+    | TakeSlot
     | KernelFreeze
     | KernelReboot
     | KernelCancel
@@ -457,6 +498,12 @@ TRANSITIONS: Final[Mapping[tuple[Phase, type[Event]], Rule]] = MappingProxyType(
         (Phase.PREPARING, Cancel): _CANCEL,
         (Phase.PREPARED, Execute): _gated(Phase.FREEZING),
         (Phase.PREPARED, Cancel): _CANCEL,
+        # The slot is taken while the kernel is only prepared: nothing irreversible yet.
+        (Phase.PREPARED, Coordinate): Transition(Phase.COORDINATING, (TakeSlot(),)),
+        (Phase.COORDINATING, SlotTaken): _gated(Phase.FREEZING),
+        (Phase.COORDINATING, SlotRefused): _CANCEL,
+        (Phase.COORDINATING, Timeout): _CANCEL,
+        (Phase.COORDINATING, Cancel): _CANCEL,
         (Phase.FREEZING, GateOk): Transition(Phase.FREEZING, (KernelFreeze(),)),
         (Phase.FREEZING, FreezeDone): Transition(Phase.REBOOTING, (KernelReboot(),)),
         (Phase.FREEZING, FreezeFailed): _CANCEL,

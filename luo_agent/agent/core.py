@@ -22,12 +22,14 @@ from .. import phase as ph
 from ..config import Config
 from ..errors import Busy, LuoError, PhaseError
 from ..fdkind import check_preservable
+from ..fleet.port import Coordinator
 from ..kernel.backend import KernelBackend
 from ..persist import History, RuntimeState
 from ..records import UpdateRecord
 from ..registry import FdRegistry
 from ..systemd.gate import Gate, UnitStatus
 from .custody import CheckReport, Custody
+from .fleet import FleetSlot
 from .gates import Gates
 from .ledger import Ledger
 from .startup import Recovery, Startup
@@ -53,6 +55,7 @@ class Agent:
         history: History,
         status: Callable[[str], object] = lambda text: None,
         on_rebooted: Callable[[], None] = lambda: None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.config = config
         self._open_kernel = open_kernel
@@ -74,6 +77,17 @@ class Agent:
         self.watchers = Watchers(
             self.state, self._kernel_thread, self.listeners, self._post, self.submit
         )
+        self.fleet = FleetSlot(
+            self.state,
+            coordinator,
+            config.fleet,
+            state_directory=config.state_directory,
+            runtime_directory=config.runtime_directory,
+            history=history,
+            gate=lambda: self.gates.gate,
+            changed=self._fleet_changed,
+        )
+        self.listeners.append(self.fleet)
         # Requests that are one room's alone.
         self.preserve = self.custody.preserve
         self.unpreserve = self.custody.unpreserve
@@ -125,6 +139,7 @@ class Agent:
         )
         self.custody.strategy, self._recovery = strategy, recovery
         await self.submit(ph.Recovered(recovery.kernel_state, "; ".join(recovery.boot_notes)))
+        self.fleet.resume()
         await self.watchers.watch_shutdown(self.gate)
 
     async def resume(self) -> None:
@@ -166,6 +181,7 @@ class Agent:
         self._disarm()
         await self.gates.close()
         await self.watchers.close()
+        await self.fleet.close()
         if self._work is not None:
             self._work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -223,7 +239,7 @@ class Agent:
     async def execute(self, update_id: str = "") -> None:
         self.ledger.require(update_id)
         self.custody.refuse_execute()
-        await self.submit(ph.Execute())
+        await self.submit(ph.Coordinate() if self.fleet.enabled else ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:
         self.ledger.require(update_id)
@@ -327,6 +343,8 @@ class Agent:
             return ph.CancelDone()
         if ph.PreserveRegistered in kinds:
             return await self.custody.preserve_and_prepare()
+        if ph.TakeSlot in kinds:
+            return await self.fleet.take()
         if ph.KernelFreeze in kinds:
             return await self.custody.freeze()
         if ph.KernelReboot in kinds:
@@ -346,6 +364,12 @@ class Agent:
             return await self.gates.run(target, queued=queued)
         log.error("unknown_effects", effects=[type(e).__name__ for e in effects])
         return None
+
+    def _fleet_changed(self) -> None:
+        for listener in self.listeners:
+            notify = getattr(listener, "fleet_changed", None)  # optional in listeners
+            if notify is not None:
+                notify()
 
     def _prepare_target_queued(self) -> None:
         # While systemd runs the participants: the agent's own kernel work, then "preparing".

@@ -33,7 +33,12 @@ from .state import (
 
 log = structlog.get_logger("luo_agent.agent")
 
-PRESERVED_PHASES = (ph.Phase.PREPARED, ph.Phase.FREEZING, ph.Phase.REBOOTING)
+PRESERVED_PHASES = (
+    ph.Phase.PREPARED,
+    ph.Phase.COORDINATING,
+    ph.Phase.FREEZING,
+    ph.Phase.REBOOTING,
+)
 RETRIEVE_PHASES = (ph.Phase.UPDATED, ph.Phase.RESTORING, ph.Phase.RESTORED)
 
 
@@ -104,7 +109,11 @@ class Custody:
             # record of what is loaded keep one order, whatever the loop does meanwhile.
             full = with_marker(base, self._state.update_id or "pending")
             kernel.load_kernel(own[0], own[1], full)
-            keep = self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED)
+            keep = self._state.phase in (
+                ph.Phase.PREPARING,
+                ph.Phase.PREPARED,
+                ph.Phase.COORDINATING,
+            )
             if not keep:
                 kernel.unload_kernel()
             self.image_in_kernel = keep

@@ -28,6 +28,7 @@ PROGRESS: Final[dict[ph.Phase, int]] = {
     ph.Phase.IDLE: 0,
     ph.Phase.PREPARING: 10,
     ph.Phase.PREPARED: 40,
+    ph.Phase.COORDINATING: 50,
     ph.Phase.FREEZING: 60,
     ph.Phase.REBOOTING: 80,
     ph.Phase.CANCELLING: 50,
@@ -53,6 +54,7 @@ OWN_KERNEL_STATES: Final[dict[ph.Phase, frozenset[str]]] = {
     ph.Phase.IDLE: frozenset({"normal"}),
     ph.Phase.PREPARING: frozenset({"prepared"}),
     ph.Phase.PREPARED: frozenset({"prepared"}),
+    ph.Phase.COORDINATING: frozenset({"prepared"}),
     ph.Phase.FREEZING: frozenset({"prepared", "frozen"}),
     ph.Phase.REBOOTING: frozenset({"prepared", "frozen"}),
     ph.Phase.CANCELLING: frozenset({"normal", "prepared", "frozen"}),
@@ -62,7 +64,9 @@ OWN_KERNEL_STATES: Final[dict[ph.Phase, frozenset[str]]] = {
     ph.Phase.FINISHING: frozenset({"normal"}),
 }
 # Phases in which the agent holds a prepared kernel: a NORMAL kernel there means the update is gone.
-HOLDS_PREPARED_KERNEL: Final = frozenset({ph.Phase.PREPARED, ph.Phase.FREEZING})
+HOLDS_PREPARED_KERNEL: Final = frozenset(
+    {ph.Phase.PREPARED, ph.Phase.COORDINATING, ph.Phase.FREEZING}
+)
 
 
 class AgentListener(Protocol):

@@ -14,6 +14,7 @@ Timings = Annotated[list[list[Any]], DBusSignature("a(sdd)")]
 Sessions = Annotated[list[list[Any]], DBusSignature("a(stss)")]
 HistoryList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 LastResult = Annotated[list[str], DBusSignature("(ssss)")]
+FleetSlotState = Annotated[list[str], DBusSignature("(ssss)")]
 Started = Annotated[tuple[str, str], DBusSignature("so")]
 
 
