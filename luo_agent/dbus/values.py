@@ -44,5 +44,7 @@ def history_entry(record: UpdateRecord) -> dict[str, Variant]:
         "abi": Variant("s", record.abi),
         "boots": Variant("u", record.boot_count),
         "blackout-critical": Variant("d", record.blackout_critical),
+        "fleet-slot": Variant("s", record.fleet_slot),
+        "slot-released-at": Variant("d", record.slot_released_at),
         "timings": Variant("a(sdd)", phase_timings(record)),
     }

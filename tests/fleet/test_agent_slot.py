@@ -28,7 +28,7 @@ from luo_agent.persist import History, RuntimeState
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-from .etcd_server import Cluster, free_port
+from .etcd_server import Cluster, free_port, make_cluster
 
 HEALTH = "fleet-health.target"
 
@@ -186,3 +186,28 @@ async def test_a_lost_boot_keeps_its_slot_and_halts(host: Host, etcd: Cluster, g
         await prepare_and_execute(second, host, "upd-2")
         await until(second, lambda: second.last is not None and second.last.id == "upd-2")
         assert second.last is not None and "halted" in second.last.message
+
+
+async def test_release_is_retried_until_etcd_answers(host: Host, tmp_path: Path) -> None:
+    cluster = make_cluster(tmp_path, 1)
+    try:
+        config = fleet(host, cluster.endpoints, "g")
+        async with agent(host, FakeGate(), config) as first:
+            await prepare_and_execute(first, host, "upd-1")
+            await asyncio.to_thread(host.machine.wait_down, 10)
+        (member,) = cluster.members
+        member.kill()  # etcd is down for the whole new boot's restore and finish
+        reboot(host)
+        async with agent(host, FakeGate(), config) as second:
+            await second.resume()
+            await until(second, lambda: second.phase is ph.Phase.IDLE)
+            await poll(lambda: "cannot release the slot" in second.fleet.last_error)
+            assert (second.fleet.slot_state, second.fleet.update_id) == ("releasing", "upd-1")
+            # Restarted on its own data: the retried release gets through.
+            member.start(f"{member.name}={member.peer_url}")
+            cluster.wait_healthy()
+            await poll(lambda: second.fleet.slot_state == "", limit=30)
+            assert holders(cluster, "g") == []
+            assert second.fleet.last_error == ""
+    finally:
+        cluster.stop()
