@@ -148,14 +148,18 @@ def ensure_deb() -> Path:
 # ------------------------------------------------------------------------------ in the VM
 
 
-def systemd_setup(install: str, extra_units: dict[str, str], strategy: str) -> str:
+def systemd_setup(
+    install: str, extra_units: dict[str, str], strategy: str, example: bool = True
+) -> str:
     """Shell text run by init.sh before systemd starts, with the new root as $1; ``install`` lays
-    the project and the example participant's units into it (``Host.install``)."""
+    the project and the example participant's units into it (``Host.install``); ``example``: the
+    example participant is enabled."""
     units = "".join(
         f"cat > \"$root/etc/systemd/system/{name}\" <<'UNIT'\n{text}UNIT\n"
         for name, text in extra_units.items()
     )
-    enable = " ".join([f"{u}.service" for u in EXAMPLE_UNITS] + list(extra_units))
+    examples = [f"{u}.service" for u in EXAMPLE_UNITS] if example else []
+    enable = " ".join(examples + list(extra_units))
     return f"""\
 set -e
 root=$1
@@ -187,6 +191,9 @@ echo "lab-mark: setup-done $(date +%s.%N)" > /dev/console
 """
 
 
+TIMELINE_FIELDS = (
+    "MESSAGE,MESSAGE_ID,UNIT,_SYSTEMD_UNIT,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP"
+)
 JOB_HEAD = """\
 REPO={repo}
 PY={python}
@@ -204,10 +211,13 @@ lab() {{ (cd "$REPO" && "$PY" -m lab.liveupdate "$@"); }}
 save_journal() {{
     journalctl -b --no-pager -o short-precise -u luo-agent.service -u liveupdate.service \\
         -u 'luo-example-*' -u 'lab-*' > "$out/journal.$LAB_BOOT.log"
+    # The whole boot with both clocks of every entry: the per-step timeline (``timeline``).
+    journalctl -b --no-pager -o json --output-fields={timeline_fields} \\
+        > "$out/journal.$LAB_BOOT.json"
 }}
 ready() {{
     wait_active luo-agent.service || exit 10
-    wait_active luo-example-workload.service || exit 11
+    {wait_workload}
 }}
 """
 
@@ -398,6 +408,10 @@ class Scenario:
     # down by every other process on the host).
     timeout: float
     extra_units: dict[str, str] = field(default_factory=dict)
+    # The example participant (Python) is enabled; without it, ``extra_units`` bring their own.
+    example: bool = True
+    # The unit whose start is the participant's start in the new boot (``timeline``).
+    participant_unit: str = "luo-example-restore.service"
 
 
 SCENARIOS = {
@@ -512,7 +526,7 @@ def sid_host() -> Host:
 
 def run_scenario(
     kernel: Path,
-    scenario: str,
+    scenario: str | Scenario,
     run_dir: Path,
     *,
     host: Host = BOOKWORM,
@@ -520,15 +534,22 @@ def run_scenario(
     echo: IO[str] | None = None,
     timeout: float | None = None,
 ) -> UpdateRun:
-    spec = SCENARIOS[scenario]
+    spec = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
     timeout = timeout or spec.timeout
-    head = JOB_HEAD.format(repo=host.seen(REPO), python=host.python)
+    head = JOB_HEAD.format(
+        repo=host.seen(REPO),
+        python=host.python,
+        timeline_fields=TIMELINE_FIELDS,
+        wait_workload=(
+            "wait_active luo-example-workload.service || exit 11" if spec.example else ":"
+        ),
+    )
     job = head + spec.job(Path(host.seen(kernel)))
-    setup = systemd_setup(host.install(), spec.extra_units, strategy)
+    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example)
     vm = Vm(kernel, mode="systemd", root=host.root, echo=echo)
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
-    run = UpdateRun(scenario, result, {})
-    run.summary = summarize(run)
+    run = UpdateRun(spec.name, result, {})
+    run.summary = summarize(run, spec.participant_unit)
     (result.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
     return run
 
@@ -547,7 +568,9 @@ def read_marks(run_dir: Path) -> list[tuple[float, str, float]]:
     return marks
 
 
-def summarize(run: UpdateRun) -> dict[str, Any]:
+def summarize(
+    run: UpdateRun, participant_unit: str = "luo-example-restore.service"
+) -> dict[str, Any]:
     """What the run showed, for people and benchmarks (written to summary.json)."""
     summary: dict[str, Any] = {
         "scenario": run.scenario,
@@ -582,9 +605,101 @@ def summarize(run: UpdateRun) -> dict[str, Any]:
     }
     if record is not None:
         summary["clock"] = _kexec_clock(run.run_dir, record)
-    elif (run.run_dir / "stage1.done").exists():  # the baseline: no agent record, its own mark
-        summary["clock"] = _kexec_clock(run.run_dir, {})
+    elif any(what == "kexec-call" for _, what, _ in read_marks(run.run_dir)):
+        summary["clock"] = _kexec_clock(run.run_dir, {})  # a baseline: no agent, its own mark
+    if "clock" in summary and run.vm.boots >= 2:
+        summary["timeline"] = timeline(
+            run.run_dir, run.vm.boots, summary["clock"], participant_unit
+        )
     return summary
+
+
+# The steps of the new boot (``timeline``): journal entries of PID 1 (unit starting/started, by
+# their catalogue ids) and of the agent (its own events).
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
+TIMELINE_UNITS = {
+    "sysinit.target": "sysinit_target",
+    "basic.target": "basic_target",
+    "dbus.service": "dbus",
+    "luo-agent.service": "agent",
+}
+
+
+def _ended(agent_message: str) -> bool:
+    return "event='phase_changed'" in agent_message and "phase='idle'" in agent_message
+
+
+def timeline(
+    run_dir: Path, boot: int, clock: dict[str, Any], participant_unit: str
+) -> dict[str, Any]:
+    """The new boot's steps, in seconds since the new kernel's first log line, with the lab's
+    package install (between init.sh's setup marks, just before PID 1 starts) taken out of every
+    point after it; ``kexec_call`` is the kexec call on that scale (negative).
+
+    Each boot's journal entry carries CLOCK_REALTIME and CLOCK_MONOTONIC read together (kernel
+    messages their own printk time): the kernel's first line is monotonic 0, and the lab marks'
+    and PID 1's times convert through that boot's realtime - monotonic difference."""
+    path = run_dir / f"journal.{boot}.json"
+    if not path.exists():
+        return {}
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    own = [e for e in entries if "_SOURCE_MONOTONIC_TIMESTAMP" not in e]
+    if not entries or not own:
+        return {}
+    # realtime - monotonic of this boot (µs), from an entry journald stamped itself.
+    rt_minus_mono = (
+        int(own[0]["__REALTIME_TIMESTAMP"]) - int(own[0]["__MONOTONIC_TIMESTAMP"])
+    ) / 1e6
+
+    def mono(entry: dict[str, Any]) -> float:
+        return int(entry.get("_SOURCE_MONOTONIC_TIMESTAMP") or entry["__MONOTONIC_TIMESTAMP"]) / 1e6
+
+    marks = {
+        what: vm for host, what, vm in read_marks(run_dir) if host > clock.get("kexec_call_host", 0)
+    }
+    points: dict[str, float] = {"kernel_first_line": 0.0}
+    if "setup-start" in marks:
+        points["init"] = marks["setup-start"] - rt_minus_mono
+    setup = 0.0
+    if "setup-done" in marks:
+        points["pid1_start"] = marks["setup-done"] - rt_minus_mono
+        setup = float(clock.get("lab_package_setup_s", 0.0))
+    for entry in entries:
+        unit, message_id = entry.get("UNIT"), entry.get("MESSAGE_ID")
+        name = TIMELINE_UNITS.get(str(unit)) or (
+            "participant" if unit == participant_unit else None
+        )
+        if name is not None and message_id in (UNIT_STARTING, UNIT_STARTED):
+            step = f"{name}_{'start' if message_id == UNIT_STARTING else 'ready'}"
+            points.setdefault(step, mono(entry))
+        if entry.get("_SYSTEMD_UNIT") == "luo-agent.service":
+            message = str(entry.get("MESSAGE", ""))
+            if "event='agent_starting'" in message:
+                points.setdefault("agent_imported", mono(entry))
+            elif "event='fd_retrieved'" in message:
+                points.setdefault("first_retrieve_answered", mono(entry))
+            elif "first_retrieve_answered" in points and _ended(message):
+                points.setdefault("finish", mono(entry))
+    if "restored" in marks:
+        points["participant_verified"] = marks["restored"] - rt_minus_mono
+    if "kexec_call_host" in clock and "vm_clock_offset_after_s" in clock:
+        # The kexec call on the new boot's monotonic scale, through both boots' offsets.
+        kernel_start_host = rt_minus_mono + float(clock["vm_clock_offset_after_s"])
+        points["kexec_call"] = float(clock["kexec_call_host"]) - kernel_start_host
+    pid1 = points.get("pid1_start", 0.0)
+    return {
+        "seconds_since_kernel_first_line": {
+            name: round(value - (setup if "pid1_start" in points and value >= pid1 else 0.0), 3)
+            for name, value in sorted(points.items(), key=lambda item: item[1])
+        },
+        "lab_package_setup_taken_out_s": setup,
+    }
 
 
 def _phase(timing: dict[str, Any]) -> dict[str, Any]:

@@ -25,12 +25,10 @@ from .fleet import Coordinator, make_coordinator
 from .kernel.backend import FdCustody, KernelBackend, NoCustody
 from .kernel.detect import detect_abi
 from .kernel.device import Abi
-from .kernel.global_list_backends import RfcV2Backend, V3Backend
 from .kernel.session_backend import SessionBackend
 from .kernel.syscalls import SYSFS_STATE_PATH, RealSyscalls, Syscalls
 from .log import configure_logging, log_update_ids_from
 from .persist import History, RuntimeState
-from .sysfs import watch_state
 from .systemd.fdstore import SystemdFdStore
 from .systemd.pystemd_gate import PystemdGate
 
@@ -59,8 +57,12 @@ def kernel_factory(
             case Abi.SESSION:
                 return SessionBackend(syscalls, custody=custody or NoCustody())
             case Abi.V3:
+                from .kernel.global_list_backends import V3Backend
+
                 return V3Backend(syscalls)
             case Abi.RFC_V2:
+                from .kernel.global_list_backends import RfcV2Backend
+
                 return RfcV2Backend(syscalls, config.state_directory)
         raise AssertionError(abi)
 
@@ -141,6 +143,8 @@ def kernel_state_file(agent: Agent, syscalls: Syscalls) -> str | None:
 
 async def feed_kernel_state(agent: Agent, path: str) -> None:
     """Reflect every value of the kernel's state file into the agent, until cancelled."""
+    from .sysfs import watch_state  # state-machine ABIs only: not on the session ABI's start
+
     try:
         async with watch_state(path) as states:
             async for value in states:
@@ -248,6 +252,8 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log, args.log_level)
+    # Interpreter and imports done: where the start-up's time goes (bench/real_kernel.py).
+    log.info("agent_starting", version=__version__)
     try:
         config = build_config(args)
         coordinator = make_coordinator(config.fleet) if config.fleet.enabled else None

@@ -71,6 +71,18 @@ class Busy(LuoError):
     """Another update is in progress."""
 
 
+class UpdateEnded(LuoError):
+    """A Prepare named an update that has ended: an id names one update for ever."""
+
+    def __init__(self, update_id: str, result: str, error_name: str, message: str) -> None:
+        why = f" ({error_name}: {message})" if error_name else f" ({message})" if message else ""
+        super().__init__(
+            f"update {update_id!r} has ended: {result or 'unknown'}{why}; an id names one "
+            "update for ever, choose a new one"
+        )
+        self.update_id, self.result, self.error_name = update_id, result, error_name
+
+
 class GateError(LuoError):
     """A phase target's job did not end ``done``: which unit failed and why."""
 

@@ -14,12 +14,15 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .errors import LuoError
 from .records import UpdateRecord
 
 HISTORY_LIMIT = 200
+# What the archive keeps of an update rotated out of the history: enough to refuse its id with
+# its result (about 200-400 bytes an update).
+OUTCOME_KEYS: Final = ("id", "result", "error_name", "message", "started_at", "abi")
 _CREATE_MARKER = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 
 
@@ -117,31 +120,61 @@ class RuntimeState:
 
 
 class History:
-    """Finished updates, newest last, in one JSON file (bounded to HISTORY_LIMIT entries); and
+    """Finished updates, newest last, in one JSON file (bounded to HISTORY_LIMIT entries); the
+    outcome of every update rotated out of it, in ``history-archive.json`` (unbounded: an id
+    names one update for ever, so every id ever ended must stay findable); and
     ``in-flight.json``, the update that is prepared in the kernel, so that a boot that lost it
     (a crash or power cycle, before or after the kexec) can still record it."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / "history.json"
+        self.archive_path = directory / "history-archive.json"
         self.in_flight_path = directory / "in-flight.json"
+        # The outcome of every ended update by id, read once: the agent is the files' only writer.
+        self._outcomes: dict[str, dict[str, Any]] | None = None
 
     def load(self) -> list[dict[str, Any]]:
+        return self._load_list(self.path)
+
+    def _load_list(self, path: Path) -> list[dict[str, Any]]:
         try:
-            data = json.loads(self.path.read_bytes())
+            data = json.loads(path.read_bytes())
         except FileNotFoundError:
             return []
         except (OSError, ValueError):
             # A damaged history must not stop the agent: keep it aside for the operator.
             with contextlib.suppress(OSError):
-                os.rename(self.path, self.path.with_suffix(".corrupt"))
+                os.rename(path, path.with_suffix(".corrupt"))
             return []
         return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
 
+    def outcome(self, update_id: str) -> dict[str, Any] | None:
+        """What update ``update_id`` ended with (``OUTCOME_KEYS``), if it has ended, whether it
+        is still in the history or was rotated out of it into the archive."""
+        if self._outcomes is None:
+            self._outcomes = {
+                str(e["id"]): _outcome(e)
+                for e in self._load_list(self.archive_path) + self.load()
+                if isinstance(e.get("id"), str)
+            }
+        return self._outcomes.get(update_id)
+
     def append(self, record: UpdateRecord) -> None:
+        entry = record.to_json()
+        if self._outcomes is not None:  # known at once, even if the disk refuses the write
+            self._outcomes[record.id] = _outcome(entry)
         self._mkdir()
+        # The same update recorded again (a restart that finished what a dead agent began)
+        # replaces its own entry; another update's id never gets this far (Ledger.begin).
         entries = [e for e in self.load() if e.get("id") != record.id]
-        entries.append(record.to_json())
+        entries.append(entry)
+        rotated = entries[:-HISTORY_LIMIT]
+        if rotated:
+            # The archive first: a crash between the two writes leaves an outcome in both files,
+            # never in neither.
+            archive = self._load_list(self.archive_path) + [_outcome(e) for e in rotated]
+            write_atomic(self.archive_path, json.dumps(archive).encode(), durable=True)
         write_atomic(self.path, json.dumps(entries[-HISTORY_LIMIT:]).encode(), durable=True)
 
     def save_in_flight(self, record: UpdateRecord) -> None:
@@ -170,3 +203,7 @@ class History:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PersistError(f"cannot create {self.directory}: {exc.strerror}") from None
+
+
+def _outcome(entry: dict[str, Any]) -> dict[str, Any]:
+    return {key: entry[key] for key in OUTCOME_KEYS if key in entry}

@@ -16,7 +16,7 @@ from typing import Final
 import structlog
 
 from .. import phase as ph
-from ..errors import Busy, InvalidArgument
+from ..errors import Busy, InvalidArgument, UpdateEnded
 from ..persist import History, PersistError, RuntimeState
 from ..records import UpdateRecord
 from .state import MARKERS, UPDATE_ID_RE, AgentListener, AgentState, new_update_id
@@ -87,17 +87,33 @@ class Ledger:
 
     # ------------------------------------------------------------------------------ requests
 
+    def in_hand(self, update_id: str) -> UpdateRecord | None:
+        """The update in hand if ``update_id`` names it: a Prepare naming it again (a retry)
+        answers with it instead of starting another."""
+        current = self._state.record
+        return current if update_id and current is not None and current.id == update_id else None
+
     def begin(self, update_id: str, caller: str, abi: str, kernel_cmdline: str) -> UpdateRecord:
         """A Prepare's record: the update in hand from now on (its event still to be applied)."""
         if update_id and not UPDATE_ID_RE.match(update_id):
             raise InvalidArgument("an update id is 1-64 characters of [A-Za-z0-9_-]")
+        if update_id:
+            # An id names one update for ever: an ended one is refused with what it ended with.
+            ended = self.history.outcome(update_id)
+            last = self._state.last
+            if ended is None and last is not None and last.id == update_id:
+                ended = last.to_json()  # recorded, though its history entry could not be written
+            if ended is not None:
+                raise UpdateEnded(
+                    update_id,
+                    str(ended.get("result", "")),
+                    str(ended.get("error_name", "")),
+                    str(ended.get("message", "")),
+                )
         current, phase = self._state.record, self._state.phase
         # A record while idle is another Prepare whose event is still queued: it has won.
         if phase is not ph.Phase.IDLE or current is not None:
             raise Busy(f"update {current.id if current else '?'} is in phase {phase}")
-        last = self._state.last
-        if update_id and last is not None and last.id == update_id:
-            raise InvalidArgument(f"update id {update_id!r} was already used")
         record = UpdateRecord(
             id=update_id or new_update_id(),
             abi=abi,

@@ -8,10 +8,11 @@ docs/cli-schema.json; docs/cli.md).  Exit codes are stable (``ExitCode``).
 ``arguments`` the command line; ``commands`` one coroutine per command; ``watch`` waits for an
 update through the agent's signals; ``output`` prints the text and the JSON documents.
 
-A client like any other: imports from the rest of luo_agent only ``client`` and ``dbus.names``
-(and the version); never ``agent``, ``daemon``, the rest of ``dbus/`` or the adapters, except
-``fleet``: ``liveupdatectl fleet`` asks the fleet's coordinator directly (``fleet/``, with the
-agent's ``[fleet]`` configuration and ``errors``), since it must work for a dead host's slot.
+A client like any other: imports from the rest of luo_agent only ``client``, ``participant`` (the
+kit, for ``keep``) and ``dbus.names`` (and the version); never ``agent``, ``daemon``, the rest of
+``dbus/`` or the adapters, except ``fleet``: ``liveupdatectl fleet`` asks the fleet's coordinator
+directly (``fleet/``, with the agent's ``[fleet]`` configuration and ``errors``), since it must
+work for a dead host's slot.
 """
 
 from .arguments import parser

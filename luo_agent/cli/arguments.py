@@ -120,6 +120,26 @@ def parser() -> argparse.ArgumentParser:
         metavar="SESSION:TOKEN",
         help="restore it only after this one (repeatable)",
     )
+    s = command("unpreserve", "take a handed-in fd back before the update (idle or preparing)")
+    s.add_argument("--session", required=True, help="the session it was handed in to")
+    s.add_argument("--token", type=int, required=True, help="its token there")
+    s = command(
+        "keep",
+        "run COMMAND with a memfd (fd 3) that survives live updates: the carried one after a "
+        "live-update boot, else a new one; handed in again after every cancel; READY=1 once held",
+    )
+    s.add_argument("--session", required=True, help="the session to keep it in (your service)")
+    s.add_argument("--token", type=int, default=1, help="its token there (default 1)")
+    s.add_argument(
+        "--size", type=int, default=4096, help="a new memfd's size in bytes (default 4096)"
+    )
+    s.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND [ARG...]",
+        help="the workload; it finds the memfd as $LIVEUPDATE_FD and $LIVEUPDATE_FILE, and "
+        "$LIVEUPDATE_UPDATE is the update's id after a live-update boot (empty otherwise)",
+    )
     s = command("retrieve", "after a live-update boot: take a carried fd back")
     s.add_argument("--session", required=True, help="the session it was preserved in")
     s.add_argument("--token", type=int, required=True, help="its token there")
@@ -139,6 +159,13 @@ class UsageError(Exception):
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.command == "keep":
+        if args.program[:1] == ["--"]:
+            args.program = args.program[1:]
+        if not args.program:
+            raise UsageError("keep: give the COMMAND to run after --")
+        if args.size < 1:
+            raise UsageError("--size must be at least 1")
     token = getattr(args, "token", None)
     if token is not None and not 0 <= token < 2**64:
         raise UsageError("--token must be 0..2^64-1")

@@ -7,8 +7,10 @@ error it does not handle itself propagates to ``program.run``, which prints it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from ..client import call, get_all, get_property
+from ..participant import Participant, notify
 from .output import ExitCode, Output, jsonable
 from .watch import Watcher, outcome, prepared, rebooted, wait
 
@@ -34,11 +37,28 @@ async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         last = props["LastResult"]
         if last[0]:
             print(f"Last update:    {last[0]}: {last[1]}" + (f" ({last[3]})" if last[3] else ""))
+        if props["Participants"]:
+            print("Participants:   " + _participants_title(str(props["Phase"])))
         for unit, active, sub, result in props["Participants"]:
-            print(f"  {unit:40} {active}/{sub} result={result}")
+            print(f"  {unit:40} {active}/{sub} result={result or '-'}{_mark(active, result)}")
 
     out.result({"status": jsonable(props)}, human)
     return ExitCode.OK
+
+
+def _participants_title(phase: str) -> str:
+    if phase in ("preparing", "freezing", "cancelling", "restoring", "finishing"):
+        return "the units this phase's gate waits for, failures first"
+    return "the last gate's units, failures first"
+
+
+def _mark(active: str, result: str) -> str:
+    """Why a unit comes first: it failed, or the running gate waits for it."""
+    if active == "failed" or result not in ("", "success"):
+        return "  <- failed"
+    if active in ("activating", "deactivating", "reloading"):
+        return "  <- still running"
+    return ""
 
 
 async def cmd_check(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
@@ -186,6 +206,38 @@ async def cmd_preserve(bus: MessageBus, args: argparse.Namespace, out: Output) -
     return ExitCode.OK
 
 
+async def cmd_unpreserve(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    await call(bus, "Unpreserve", "st", [args.session, args.token])
+    out.result(
+        {"session": args.session, "token": args.token},
+        lambda: print(f"took back {args.session}/{args.token}"),
+    )
+    return ExitCode.OK
+
+
+async def cmd_keep(bus: MessageBus, args: argparse.Namespace, out: Output) -> int:
+    """The participant kit for a shell: COMMAND runs with the memfd open (``$LIVEUPDATE_FD``,
+    ``$LIVEUPDATE_FILE``) while this process keeps it handed in, and ends with it."""
+    async with await Participant.on_bus(bus, args.session) as lu:
+        fd = await lu.memfd(args.token, args.size)
+        env = dict(
+            os.environ,
+            LIVEUPDATE_FD=str(fd),
+            LIVEUPDATE_FILE=f"/proc/{os.getpid()}/fd/{fd}",
+            LIVEUPDATE_UPDATE=lu.update_id if lu.live_update_boot else "",
+        )
+        child = await asyncio.create_subprocess_exec(*args.program, env=env, pass_fds=(fd,))
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(number, child.send_signal, number)
+        notify("READY=1")
+        returncode = await child.wait()
+        os.close(fd)
+    code = returncode if returncode >= 0 else 128 - returncode
+    out.result({"session": args.session, "token": args.token, "exit": code}, lambda: None)
+    return code  # COMMAND's own exit code
+
+
 async def cmd_retrieve(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     (fd,) = await call(bus, "Retrieve", "st", [args.session, args.token])
     try:
@@ -243,6 +295,8 @@ COMMANDS: Final[dict[str, Callable[[MessageBus, argparse.Namespace, Output], Any
     "restore": cmd_simple,
     "load-kernel": cmd_load_kernel,
     "preserve": cmd_preserve,
+    "unpreserve": cmd_unpreserve,
+    "keep": cmd_keep,
     "retrieve": cmd_retrieve,
     "sessions": cmd_sessions,
     "history": cmd_history,

@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     BLOCKED = 4  # check found blockers / wrong phase for this command
     NOT_AUTHORIZED = 5
     INVALID = 6  # a bad argument
+    ENDED = 7  # the id names an update that has ended (its result is in the message)
     UNAVAILABLE = 69  # the agent is not running or not reachable (EX_UNAVAILABLE)
 
 

@@ -20,6 +20,7 @@ ERROR_EXIT: Final[dict[str, ExitCode]] = {
     f"{ERROR_PREFIX}.NotAuthorized": ExitCode.NOT_AUTHORIZED,
     "org.freedesktop.DBus.Error.AccessDenied": ExitCode.NOT_AUTHORIZED,
     f"{ERROR_PREFIX}.Busy": ExitCode.BUSY,
+    f"{ERROR_PREFIX}.UpdateEnded": ExitCode.ENDED,
     f"{ERROR_PREFIX}.KernelBusy": ExitCode.BUSY,
     f"{ERROR_PREFIX}.WrongPhase": ExitCode.BLOCKED,
     f"{ERROR_PREFIX}.InvalidArgument": ExitCode.INVALID,
@@ -60,7 +61,7 @@ def _bus_address(kind: str) -> str:
     return f" at {address}" if address else ""
 
 
-async def run(args: argparse.Namespace) -> ExitCode:
+async def run(args: argparse.Namespace) -> int:
     out = Output(args.json, args.command)
     try:
         check_arguments(args)
@@ -82,7 +83,7 @@ async def run(args: argparse.Namespace) -> ExitCode:
         )
         return ExitCode.UNAVAILABLE
     try:
-        return ExitCode(await COMMANDS[args.command](bus, args, out))
+        return int(await COMMANDS[args.command](bus, args, out))
     except CallError as exc:
         code = ERROR_EXIT.get(exc.name, ExitCode.FAILURE)
         if args.command == "cancel" and exc.name == f"{ERROR_PREFIX}.WrongPhase":

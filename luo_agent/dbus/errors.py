@@ -20,6 +20,7 @@ log = structlog.get_logger(__name__)
 ERROR_NAMES: Final[tuple[tuple[type[e.LuoError], str], ...]] = (
     (e.NotAuthorized, error("NotAuthorized")),
     (e.Busy, error("Busy")),
+    (e.UpdateEnded, error("UpdateEnded")),
     (e.PhaseError, error("WrongPhase")),
     (e.InvalidArgument, error("InvalidArgument")),
     (e.NoSuchSession, error("NoSuchSession")),

@@ -1,6 +1,7 @@
-"""An example live-update participant: a small workload that keeps its data in a memfd, hands it
-to the agent in the prepare phase and, after the live-update boot, retrieves it and verifies every
-byte.  units/luo-example-*.service run it; docs/participants.md walks through it.
+"""An example live-update participant of the full hook model, built on the participant kit
+(``luo_agent.participant``): a small workload that keeps its data in a memfd, hands it to the agent
+in the prepare phase and, after the live-update boot, retrieves it and verifies every byte.
+units/luo-example-*.service run it; docs/participants.md walks through it.
 
     serve     the workload (long-running); listens on <runtime>/control.sock
     prepare   ExecStart of the prepare hook: asks the workload to preserve its memfd
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..client import CallError, call, connect, get_property
+from ..client import CallError
+from ..participant import Participant, notify, run_hooks
 from ..persist import write_atomic
 
 SESSION = "example"
@@ -60,19 +62,13 @@ class Workload:
         expected = self.describe()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.expected_file, json.dumps(expected).encode(), durable=True)
-        bus = await connect(self.bus_kind)
-        try:
-            await call(bus, "Preserve", "hsta{sv}", [0, SESSION, TOKEN, {}], unix_fds=[self.memfd])
-        finally:
-            bus.disconnect()
+        async with await Participant.connect(SESSION, self.bus_kind) as agent:
+            await agent.preserve(TOKEN, self.memfd)
         return f"preserved {expected['size']} bytes sha256={expected['sha256'][:16]}"
 
     async def restore(self) -> str:
-        bus = await connect(self.bus_kind)
-        try:
-            (fd,) = await call(bus, "Retrieve", "st", [SESSION, TOKEN])
-        finally:
-            bus.disconnect()
+        async with await Participant.connect(SESSION, self.bus_kind) as agent:
+            fd = await agent.retrieve(TOKEN)
         if self.memfd >= 0:
             os.close(self.memfd)
         self.memfd = fd
@@ -110,12 +106,11 @@ class Workload:
 async def serve(args: argparse.Namespace) -> int:
     workload = Workload(Path(args.state_dir), args.size, args.bus)
     try:
-        bus = await connect(args.bus)
-        phase = await get_property(bus, "Phase")
-        bus.disconnect()
-    except Exception:
-        phase = "unknown"
-    if phase not in ("updated", "restoring"):
+        async with await Participant.connect(SESSION, args.bus) as agent:
+            live_update_boot = agent.live_update_boot
+    except Exception:  # no agent: an ordinary boot as far as this workload can tell
+        live_update_boot = False
+    if not live_update_boot:
         workload.create()
         print(f"luo-example: fresh data, {workload.describe()}", flush=True)
     else:
@@ -124,33 +119,23 @@ async def serve(args: argparse.Namespace) -> int:
     sock.parent.mkdir(parents=True, exist_ok=True)
     sock.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(workload.handle, path=str(sock))
-    _sd_notify(b"READY=1")
+    notify("READY=1")
     async with server:
         await server.serve_forever()
     return 0
 
 
-def _sd_notify(message: bytes) -> None:
-    import socket
-
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message, address)
-
-
-async def ask(args: argparse.Namespace, command: str) -> int:
+async def ask(args: argparse.Namespace, command: str) -> None:
+    """A hook: ask the workload to act; its "error ..." answer fails the hook (and the gate)."""
     sock = Path(args.runtime_dir) / "control.sock"
     reader, writer = await asyncio.open_unix_connection(str(sock))
     writer.write(command.encode() + b"\n")
     await writer.drain()
     answer = (await reader.readline()).decode().strip()
     writer.close()
-    print(answer)
-    return 0 if answer.startswith("ok") else 1
+    print(answer, flush=True)
+    if not answer.startswith("ok"):
+        raise RuntimeError(answer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return asyncio.run(serve(args))
-    return asyncio.run(ask(args, "preserve" if args.command == "prepare" else "restore"))
+    hooks = {"prepare": lambda: ask(args, "preserve"), "restore": lambda: ask(args, "restore")}
+    return run_hooks(hooks, [parser.prog, args.command])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ``gate`` is the port (``Gate``, job results, participants' states); ``pystemd_gate`` implements
 it over pystemd, with the connection on its own thread (``pystemd_thread``) and the calls made
-there (``pystemd_calls``): those two are the only modules of the project that import pystemd.
+there (``pystemd_calls``, the only module of the project that imports pystemd).
 ``notify`` speaks sd_notify(3) over a plain socket; ``fdstore`` keeps session fds in the
 manager's fd store.
 

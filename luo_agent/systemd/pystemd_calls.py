@@ -10,15 +10,39 @@ pystemd's errors become ``GateError``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+import types
 from typing import Any, Final
 
-import structlog
-from pystemd.dbusexc import DBusBaseError
-from pystemd.dbuslib import apply_signature, path_encode
 
-from luo_agent.errors import GateError
-from luo_agent.systemd.gate import UnitStatus
+def _without_pystemd_package_init() -> None:
+    """pystemd's package ``__init__`` loads its unit API and, through it, lxml: a tenth of the
+    agent's imports, and the agent's start is on the path of every restore.  The gate uses only
+    the extension modules ``dbuslib`` and ``dbusexc``, which need nothing of it: the package is
+    registered without running it (unless something already imported the real one)."""
+    if "pystemd" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pystemd")
+    if spec is None or spec.submodule_search_locations is None:
+        return  # the imports below report the missing package
+    package = types.ModuleType("pystemd")
+    package.__spec__ = spec
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["pystemd"] = package
+
+
+_without_pystemd_package_init()
+
+import structlog  # noqa: E402
+from pystemd.dbusexc import DBusBaseError  # noqa: E402
+from pystemd.dbuslib import DBus as DBus  # noqa: E402  (for pystemd_thread: one pystemd importer)
+from pystemd.dbuslib import DBusAddress as DBusAddress  # noqa: E402
+from pystemd.dbuslib import apply_signature, path_encode  # noqa: E402
+
+from luo_agent.errors import GateError  # noqa: E402
+from luo_agent.systemd.gate import UnitStatus  # noqa: E402
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +92,31 @@ def manager_call(bus: Any, method: bytes, signature: bytes, args: list[Any]) -> 
 
 def manager_version(bus: Any) -> str:
     return text(bus.get_property(DEST, MANAGER_PATH, MANAGER_IFACE, b"Version", b"s"))
+
+
+_LOGIN1: Final = b"org.freedesktop.login1"
+_LOGIN1_PATH: Final = b"/org/freedesktop/login1"
+_LOGIN1_MANAGER: Final = b"org.freedesktop.login1.Manager"
+# logind is not running (a container, a minimal system): then nobody holds an inhibitor.
+_NO_LOGIND: Final = (
+    b"org.freedesktop.DBus.Error.ServiceUnknown",
+    b"org.freedesktop.DBus.Error.NameHasNoOwner",
+)
+
+
+def shutdown_inhibitors(bus: Any) -> list[str]:
+    """logind's block-mode inhibitors of "shutdown" (ListInhibitors), as "who (PID n): why"."""
+    try:
+        rows = bus.call_method(_LOGIN1, _LOGIN1_PATH, _LOGIN1_MANAGER, b"ListInhibitors", []).body
+    except DBusBaseError as exc:
+        if bytes(getattr(exc, "err_name", b"") or b"") in _NO_LOGIND:
+            return []
+        raise call_error("ListInhibitors", "systemd-logind", exc) from exc
+    return [
+        f"{text(who)} (PID {pid}): {text(why)}"
+        for what, who, why, mode, _uid, pid in rows or []
+        if text(mode) == "block" and "shutdown" in text(what).split(":")
+    ]
 
 
 def enqueue_job(bus: Any, method: bytes, unit: str, mode: str) -> bytes:

@@ -1,7 +1,7 @@
 """The ``Gate`` port over pystemd: phase targets as systemd jobs, awaited on the asyncio loop.
 
 The connection lives on its own thread (``pystemd_thread``); what is asked of systemd is in
-``pystemd_calls``: the only two modules that import pystemd.  Callers bound whole operations
+``pystemd_calls``: the only module that imports pystemd.  Callers bound whole operations
 with ``asyncio.timeout``: a cancelled job wait cancels the job in systemd before the
 cancellation propagates.
 """
@@ -132,6 +132,9 @@ class PystemdGate:
 
     async def manager_version(self) -> str:
         return await self._bus.call(lambda: calls.manager_version(self._bus.t_bus()))
+
+    async def shutdown_inhibitors(self) -> list[str]:
+        return await self._bus.call(lambda: calls.shutdown_inhibitors(self._bus.t_bus()))
 
     async def watch_shutdown_jobs(
         self, units: Iterable[str] = SHUTDOWN_TARGETS

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import structlog
-from pystemd.dbuslib import DBus, DBusAddress
 
 from luo_agent.errors import GateError
 from luo_agent.systemd.pystemd_calls import (
     DEST,
     MANAGER_IFACE,
     MANAGER_PATH,
+    DBus,
+    DBusAddress,
     call_error,
     manager_call,
     text,

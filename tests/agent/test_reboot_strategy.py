@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
+import logging
 import os
 import shutil
 import socket
@@ -596,3 +598,189 @@ async def test_check_blocks_when_the_fd_store_cannot_take_the_sessions(
             assert "would need 4 fds (1 held, 3 sessions" in blocker
     finally:
         pid1.close()
+
+
+async def _kexec_and_read_mapping(host: Host, pid1: FakeSystemd262) -> dict[str, object] | None:
+    """systemd-shutdown's kexec, then the new kernel's `systemd` session read as PID 1 would
+    (None if there is none); the session is finished, as PID 1 does."""
+    _load_image(host)
+    await asyncio.to_thread(pid1.shutdown)
+    await asyncio.to_thread(host.machine.wait_down, 10)
+    host.machine.boot()
+    with SessionDevice(EmulatedSyscalls(host.machine.root)) as dev:
+        dev.open()
+        if "systemd" not in host.incoming_sessions():
+            return None
+        with dev.retrieve_session("systemd") as own:
+            fd = own.retrieve_fd(0)
+            mapping = json.loads(os.pread(fd, 1 << 16, 0))
+            os.close(fd)
+            own.finish()
+    return dict(mapping)
+
+
+async def test_pid1_creates_no_session_when_nothing_is_serialized(session_host: Host) -> None:
+    host = session_host
+    pid1 = FakeSystemd262(host.machine)
+    try:
+        assert await _kexec_and_read_mapping(host, pid1) is None
+    finally:
+        pid1.close()
+
+
+async def test_pid1_mapping_carries_kexecs_count_under_its_source_name(
+    session_host: Host,
+) -> None:
+    host = session_host
+    pid1 = FakeSystemd262(host.machine)
+    try:
+        _push(pid1, "state", memfd_with(b"unit state", 0))
+        mapping = await _kexec_and_read_mapping(host, pid1)
+        assert mapping is not None and mapping["version"] == 1
+        assert mapping["state"] == {"kexecsCount": 0}
+        assert mapping["units"] == {
+            "luo-agent.service": {"fdstore": [{"type": "fd", "name": "state", "token": 1}]}
+        }
+    finally:
+        pid1.close()
+
+
+def test_a_full_store_warns_and_closes_the_rest_a_duplicate_is_stored_once(
+    session_host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    pid1 = FakeSystemd262(session_host.machine, max_fds=2)
+    try:
+        memfd = memfd_with(b"once", 0)
+        _push(pid1, "first", os.dup(memfd))
+        _push(pid1, "again", memfd)  # the same open file: suppressed, silently
+        assert pid1.stored_names() == ["first"] and pid1.dropped == []
+        env = {"NOTIFY_SOCKET": pid1.notify_address}
+        fds = [memfd_with(b"a", 0), memfd_with(b"b", 0), memfd_with(b"c", 0)]
+        with caplog.at_level(logging.DEBUG, logger="tests.fakes.pid1"):
+            assert notify.store_fds("three", fds, env=env) and notify.barrier(5, env=env)
+        for fd in fds:
+            os.close(fd)
+        assert pid1.stored_names() == ["first", "three"] and pid1.dropped == ["three", "three"]
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert "Cannot store more fds than FileDescriptorStoreMax=2" in warning.getMessage()
+    finally:
+        pid1.close()
+
+
+async def test_a_mapping_of_an_unknown_version_is_skipped_and_the_agent_retrieves_by_name(
+    session_host: Host,
+) -> None:
+    """A mapping written by another systemd build with a newer version: the new boot's PID 1
+    skips it (and finishes its own session); the sessions it did not take back are the kernel's,
+    and the agent retrieves them by name."""
+    host = session_host
+    pid1 = FakeSystemd262(host.machine, mapping_version=2)
+    try:
+        data = os.urandom(32 << 10)
+        async with host.agent(
+            _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
+        ) as agent:
+            await host.prepared(agent, data)
+            await _execute_until_kexec_queued(host, agent, pid1)
+        await host.pid1_reboots(pid1)
+        assert pid1.stored_names() == [] and pid1.kexec_count == 0
+        assert host.incoming_sessions() == ["luo-agent", "vm-1"]
+        agent = await _restore_and_finish(host, pid1, data)
+        assert not any("adopted" in note for note in agent.boot_notes)
+    finally:
+        pid1.close()
+
+
+async def test_a_store_too_small_in_the_new_boot_ends_a_session_and_the_agent_says_so(
+    session_host: Host,
+) -> None:
+    """FileDescriptorStoreMax= lowered for the new boot: PID 1 hands back what fits and closes
+    the rest, which ends those sessions (nothing left to retrieve by name); the agent reports
+    the session as not carried and the restore as failed, never as done."""
+    host = session_host
+    pid1 = FakeSystemd262(host.machine)
+    try:
+        async with host.agent(
+            _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
+        ) as agent:
+            await host.prepared(agent, b"lost in the new boot")
+            await _execute_until_kexec_queued(host, agent, pid1)
+        pid1.max_fds = 1
+        await host.pid1_reboots(pid1)
+        assert pid1.stored_names() == [fd_name("luo-agent", OUTGOING_PREFIX)]
+        assert pid1.dropped == [fd_name("vm-1", OUTGOING_PREFIX)]
+        assert host.incoming_sessions() == ["luo-agent"]  # vm-1 ended with its fd
+        restore_gate = _gate(pid1)
+        async with host.agent(
+            restore_gate, "systemd", AgentFdStore(pid1, host.runtime_directory)
+        ) as agent:
+            assert any("session 'vm-1' not carried" in n for n in agent.boot_notes)
+
+            async def participant_restores() -> None:
+                await agent.retrieve("vm-1", 7)
+
+            restore_gate.hooks[RESTORE] = participant_restores
+            await agent.resume()
+            # The restore fails and the update waits in `updated` (to retry or abort), saying why.
+            await until(
+                agent,
+                lambda: (
+                    agent.phase is ph.Phase.UPDATED
+                    and agent.record is not None
+                    and "no incoming session 'vm-1'" in agent.record.message
+                ),
+            )
+    finally:
+        pid1.close()
+
+
+async def test_a_reboot_while_freezing_is_recorded_as_what_stopped_the_agent(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """Too late to cancel (the freeze gate is running): PID 1 stops the agent on the way down,
+    and the update is recorded as aborted by that shutdown, its image left for it."""
+    host = session_host
+    gate = _gate(pid1)
+    frozen = asyncio.Event()
+
+    async def freeze_hook_waits() -> None:
+        frozen.set()
+        await asyncio.Event().wait()
+
+    gate.hooks[FREEZE] = freeze_hook_waits
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        await agent.execute()
+        await asyncio.wait_for(frozen.wait(), 10)
+        gate.queue_shutdown_job("kexec.target")
+        await asyncio.sleep(0.2)  # the watcher takes the job from the queue
+        assert agent.state.shutdown_queued == "kexec.target"
+        assert agent.phase is ph.Phase.FREEZING
+    assert agent.last is not None and agent.last.result == "aborted"
+    assert agent.last.message == (
+        "the agent was stopped in phase freezing (kexec.target was queued by someone else)"
+    )
+    assert host.outgoing_sessions() == []
+    assert _image_cmdline(host) == "liveupdate=1 luo_agent.update=upd-s"
+
+
+async def test_a_shutdown_inhibitor_blocks_check_and_execute_before_the_freeze(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """An fwupd-style tool holds a logind block lock on shutdown: the agent's kexec would not go
+    through logind, so Check() reports it and Execute is refused while nothing is frozen."""
+    host = session_host
+    gate = _gate(pid1)
+    gate.inhibitors = ["fwupd (PID 42): Updating the firmware"]
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        report = await agent.check()
+        assert (
+            "a shutdown is inhibited (logind block lock) by fwupd (PID 42): Updating"
+            in " ".join(report.blockers)
+        )
+        with pytest.raises(PhaseError, match=r"inhibited .* by fwupd"):
+            await agent.execute()
+        assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
+        gate.inhibitors.clear()
+        await _execute_until_kexec_queued(host, agent, pid1)

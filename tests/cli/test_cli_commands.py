@@ -317,6 +317,32 @@ async def test_prepare_execute_cancel_and_their_exit_codes(host: AgentHost) -> N
     assert run.result["update"] == "p-3"
 
 
+async def test_prepare_with_the_same_id_is_idempotent_and_an_ended_id_exits_7(
+    host: AgentHost,
+) -> None:
+    bus = await client_bus()
+    log = SignalLog(bus)
+    await log.match_manager()
+    try:
+        first = await ctl("prepare", "--id", "retry-me", as_json=True)
+        await log.wait_for(lambda: "prepared" in log.phases("retry-me"))
+        again = await ctl("prepare", "--id", "retry-me", as_json=True)
+        assert first.code == again.code == ExitCode.OK, again.stderr
+        assert again.result["update"] == "retry-me" and again.result["path"] == first.result["path"]
+        assert log.phases("retry-me") == ["preparing", "prepared"]
+        assert (await ctl("cancel", "--id", "retry-me")).code == ExitCode.OK
+        await log.wait_for(lambda: log.ended("retry-me"))
+    finally:
+        await disconnect(bus)
+    for _ in range(2):
+        run = await ctl("prepare", "--id", "retry-me", as_json=True)
+        assert run.code == ExitCode.ENDED, run.stderr
+        assert run.result["error"] == error("UpdateEnded")
+        assert "retry-me" in run.result["message"] and "cancelled" in run.result["message"]
+    history = (await ctl("history", as_json=True)).result["history"]
+    assert [(h["id"], h["result"]) for h in history] == [("retry-me", "cancelled")]
+
+
 async def test_invalid_arguments_exit_6(host: AgentHost, tmp_path: Path) -> None:
     run = await ctl("prepare", "--id", "no spaces allowed", as_json=True)
     assert run.code == ExitCode.INVALID and run.result["error"] == error("InvalidArgument")
@@ -415,3 +441,31 @@ async def test_json_and_session_bus_go_before_or_after_the_command(host: AgentHo
     # Given before the command, an option is not undone by its absence after it.
     run = await ctl("--json", "status", env={"LUO_AGENT_BUS": ""})
     assert run.code == ExitCode.OK and json.loads(run.stdout)["status"]["Phase"] == "idle"
+
+
+async def test_keep_runs_the_command_with_a_kept_memfd_and_unpreserve_takes_it_back(
+    host: AgentHost,
+) -> None:
+    # The command writes through $LIVEUPDATE_FILE and lists what the agent holds meanwhile.
+    script = (
+        'printf "count=1" > "$LIVEUPDATE_FILE"; '
+        f"{sys.executable} -m luo_agent.cli --session-bus sessions; "
+        'echo "fd=$LIVEUPDATE_FD update=[$LIVEUPDATE_UPDATE]"; exit 3'
+    )
+    run = await ctl("keep", "--session", "counter", "--size", "64", "--", "sh", "-c", script)
+    assert run.code == 3, run.stderr  # the command's own exit code
+    assert "counter" in run.stdout and "registered" in run.stdout
+    assert "update=[]" in run.stdout  # not a live-update boot
+    # Handed in it stays (the agent's own duplicate) until taken back.
+    run = await ctl("sessions", as_json=True)
+    assert [(s["session"], s["token"]) for s in run.result["sessions"]] == [("counter", 1)]
+    run = await ctl("unpreserve", "--session", "counter", "--token", "1", as_json=True)
+    assert run.code == ExitCode.OK and run.result["token"] == 1
+    run = await ctl("sessions", as_json=True)
+    assert run.result["sessions"] == []
+    run = await ctl("unpreserve", "--session", "counter", "--token", "1", as_json=True)
+    assert run.code == ExitCode.INVALID and "no fd registered" in run.result["message"]
+    run = await ctl("keep", "--session", "counter", as_json=True)
+    assert run.code == ExitCode.INVALID and "COMMAND" in run.result["message"]
+    run = await ctl("keep", "--session", "counter", "--", "true", as_json=True)
+    assert run.code == ExitCode.OK and run.result["exit"] == 0

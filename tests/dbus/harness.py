@@ -123,6 +123,10 @@ class AgentHost:
         """Boot the machine and start an agent on it, as the daemon does."""
         await asyncio.to_thread(self.machine.boot)
         self.boots += 1
+        await self.start_agent(gate)
+
+    async def start_agent(self, gate: FakeGate | None = None) -> None:
+        """An agent on the running machine (after ``stop_agent``: a restart in the same boot)."""
         self.gate = gate or FakeGate()
         self.down = asyncio.Event()
         config = self.config()

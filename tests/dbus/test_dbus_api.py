@@ -4,6 +4,7 @@ Agent on an emulated machine behind it (tests/dbus/harness.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 
@@ -55,6 +56,11 @@ async def prepared(bus: MessageBus, log: SignalLog, update_id: str) -> None:
     new_id, path = await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
     assert (new_id, path) == (update_id, update_path(update_id))
     await log.wait_for(lambda: "prepared" in log.phases(update_id))
+
+
+async def history(bus: MessageBus) -> list[dict[str, object]]:
+    (entries,) = await call(bus, "GetHistory", "u", [0])
+    return [{k: plain(v.value) for k, v in entry.items()} for entry in entries]
 
 
 async def expect_error(
@@ -286,11 +292,54 @@ async def test_wrong_phase_and_argument_errors(host: AgentHost, client: MessageB
     assert "LoadKernel" in text
     await call(client, "Cancel", "s", [""])
     await log.wait_for(lambda: bool(log.of("Finished")))
-    # An id names one update for ever.
+    # An id names one update for ever: naming an ended one answers with its recorded result.
     text = await expect_error(
-        "InvalidArgument", client, "Prepare", "a{sv}", {"id": Variant("s", "no-kernel")}
+        "UpdateEnded", client, "Prepare", "a{sv}", {"id": Variant("s", "no-kernel")}
     )
-    assert "already used" in text
+    assert "cancelled" in text
+
+
+async def test_a_reused_id_never_starts_a_second_update_nor_removes_a_record(
+    host: AgentHost, client: MessageBus
+) -> None:
+    """Issue 23's scenario: fail-4, fail-5, then Prepare fail-4 again (a retrying orchestration
+    tool).  Only the last update's id used to be refused: the retry started a second update and
+    its record replaced the first fail-4 in the history."""
+    host.gate.failing[PREPARE_TARGET] = UnitStatus("db.service", "failed", "failed", "exit-code")
+    log = SignalLog(client)
+    await log.match_manager()
+    for update_id in ("fail-4", "fail-5"):
+        await call(client, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
+        await log.wait_for(functools.partial(log.ended, update_id))
+    before = await history(client)
+    assert [h["id"] for h in before] == ["fail-4", "fail-5"]
+    del host.gate.failing[PREPARE_TARGET]
+    for _ in range(2):  # the same answer every time
+        text = await expect_error(
+            "UpdateEnded", client, "Prepare", "a{sv}", {"id": Variant("s", "fail-4")}
+        )
+        assert "fail-4" in text and "failed" in text, text
+        assert error("ParticipantFailed") in text and "db.service" in text, text
+    assert (await get_all(client))["Phase"] == "idle"
+    assert log.phases("fail-4") == ["preparing", "cancelling", "idle"]  # no second update
+    assert await history(client) == before
+
+    # An update in progress: the same id answers with that update, as the first call did.
+    await log.match_path(update_path("again"))
+    first = await call(client, "Prepare", "a{sv}", [{"id": Variant("s", "again")}])
+    await log.wait_for(lambda: "prepared" in log.phases("again"))
+    second = await call(client, "Prepare", "a{sv}", [{"id": Variant("s", "again")}])
+    assert first == second == ["again", update_path("again")]
+    assert log.phases("again") == ["preparing", "prepared"]
+    # Another id meanwhile is still Busy.
+    await expect_error("Busy", client, "Prepare", "a{sv}", {"id": Variant("s", "other")})
+    await call(client, "Cancel", "s", ["again"])
+    await log.wait_for(lambda: log.ended("again"))
+    assert [(h["id"], h["result"]) for h in await history(client)] == [
+        ("fail-4", "failed"),
+        ("fail-5", "failed"),
+        ("again", "cancelled"),
+    ]
 
 
 async def test_preserve_unpreserve_and_duplicates(client: MessageBus) -> None:

@@ -1,30 +1,45 @@
 """systemd 262's PID 1 for the agent's unit, on an emulated machine: what the systemd reboot
-strategy relies on, as docs/architecture.md ("systemd 262 and /dev/liveupdate") describes it.
+strategy relies on, modelled on systemd's sources (``src/core/luo.c``, ``src/shared/luo-util.c``,
+``src/core/service.c``, ``src/shutdown/shutdown.c``; each behaviour below names the function).
 
 No systemd >= 261 runs here, so this emulates it; everything on the agent's side is the real
 code (``SystemdFdStore`` over an sd_notify socket, the session backend, the emulated kernel).
+``tests/vm/test_systemd262.py`` and ``tests/vm/test_plain_reboot.py`` hold the real thing to it.
 
-* **The unit's fd store** is fed over a real notify socket: ``FDSTORE=1`` + ``FDNAME=`` adds the
-  passed fds under that name, in order, up to ``FileDescriptorStoreMax=``; one more is closed
-  without a word to the sender (PID 1 logs "Hit fd store limit." at debug level).
-  ``FDSTOREREMOVE=1`` drops every entry of that name, ``BARRIER=1`` closes the passed pipe once
-  every earlier message is processed (sd_notify_barrier(3)).
+* **The unit's fd store** is fed over a real notify socket (``service_add_fd_store_set``,
+  ``service_add_fd_store``): ``FDSTORE=1`` + ``FDNAME=`` adds the passed fds under that name, in
+  order; an fd whose open file is already in the store is dropped ("Suppressing duplicate fd",
+  debug); once ``FileDescriptorStoreMax=`` is reached the fd and the rest of the message's are
+  closed ("Hit fd store limit." at debug, then "Cannot store more fds than
+  FileDescriptorStoreMax=..., closing remaining." at warning), and the sender is told nothing.
+  ``FDSTOREREMOVE=1`` drops every entry of that name (``service_remove_fd_store``), ``BARRIER=1``
+  closes the passed pipe once every earlier message is processed (sd_notify_barrier(3)).
 * **kexec.target** (``kexec_target_job``, the gate's ``kexec``): the job is queued and does not
   end while units are stopped; the test then stops the agent, as PID 1 does on the way.
 * **PID 1's exit and systemd-shutdown** (``shutdown``): with ``FileDescriptorStorePreserve=``
-  ``yes``/``on-success`` the *whole* store is serialized, each fd classified by what
-  ``readlink(/proc/self/fd/N)`` shows: a LUO session (outgoing or not) is recorded by its kernel
-  name and its fd kept open to ``reboot(KEXEC)``; anything else is preserved in PID 1's own
-  session ``systemd`` at tokens 1, 2, ... (a kind LUO refuses is lost), with the mapping JSON at
-  token 0 (``KExecCount``).  If the device is busy (a survivor holds it) or the ``systemd``
-  session cannot be created, the sessions still travel but nothing maps them back.  With no
-  kexec image loaded ``reboot(KEXEC)`` fails and systemd-shutdown falls back to an ordinary
-  reboot (here: a power cycle), which carries nothing.
-* **The next boot's PID 1** (``boot``): RETRIEVE_SESSION("systemd"), the mapping, each fd back
-  into the store under its original FDNAME (an incoming session the kernel did not carry
-  fails to come back, logged), FINISH of ``systemd``.  The unit's next start gets the store in
-  ``LISTEN_FDNAMES`` order; ``AgentFdStore`` feeds that to the real ``SystemdFdStore.adopt``
-  (a test process cannot put them at fd 3 onwards, where ``LISTEN_FDS`` has them).
+  ``yes``/``on-success`` the *whole* store is serialized (``manager_luo_serialize_fd_stores``),
+  each fd classified by what ``readlink(/proc/self/fd/N)`` shows (``fd_get_luo_session_name``):
+  a LUO session is recorded by its kernel name and its fd kept open to ``reboot(KEXEC)``; a
+  session named ``systemd`` is skipped; anything else is preserved in PID 1's own session
+  ``systemd`` at tokens 1, 2, ... (``luo_preserve_fd_stores``; a kind LUO refuses is lost), with
+  the mapping JSON at token 0 (``{"version": 1, "state": {"kexecsCount": N}, "units": ...}``).
+  With nothing serialized there is no ``systemd`` session at all.  If the device is busy (a
+  survivor holds it) or the session cannot be created, the sessions still travel but nothing
+  maps them back.  With no kexec image loaded ``reboot(KEXEC)`` fails and systemd-shutdown falls
+  back to an ordinary reboot (here: a power cycle), which carries nothing.
+* **The next boot's first PID 1** (``boot``, ``manager_luo_restore_fd_stores``; an initrd's
+  PID 1 if there is one, the fds then cross switch-root): RETRIEVE_SESSION("systemd"), the
+  mapping (a ``version`` above 1, e.g. from another systemd build, is skipped with a warning),
+  each fd back into its unit's store under its original FDNAME by the rules above (a full store
+  closes an incoming session, which ends it; an incoming session the kernel did not carry fails
+  to come back, logged), and FINISH of ``systemd`` on every exit path (``luo_session_finishp``):
+  what the mapping did not take back stays in the kernel, retrievable by name.  The unit's next
+  start gets the store in ``LISTEN_FDNAMES`` order; ``AgentFdStore`` feeds that to the real
+  ``SystemdFdStore.adopt`` (a test process cannot put them at fd 3 onwards, where
+  ``LISTEN_FDS`` has them).
+
+Not modelled: user managers forwarding their stores into ``user@.service``'s (the systemd
+strategy needs the system manager: ``startup.py`` refuses it under a user manager).
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -52,6 +68,7 @@ from luo_agent.systemd.fdstore import SystemdFdStore
 log = logging.getLogger(__name__)
 
 PID1_SESSION: Final = "systemd"
+LUO_PROTOCOL_VERSION: Final = 1  # src/shared/luo-util.h
 SESSION_LINK: Final = "anon_inode:[luo_session] "
 AGENT_UNIT: Final = "luo-agent.service"
 PreserveMode = Literal["no", "yes", "restart", "on-success"]
@@ -72,7 +89,9 @@ class FakeSystemd262:
     # (FDNAME, fd) in the order stored: PID 1's own references.
     store: list[tuple[str, int]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # FDNAMEs the full store refused
-    kexec_count: int = 0  # the KExecCount property
+    kexec_count: int = 0  # the mapping's kexecsCount (the manager's KExecsCount property)
+    # The mapping version this PID 1 writes (another systemd build may write a newer one).
+    mapping_version: int = LUO_PROTOCOL_VERSION
     kexec_jobs: list[str] = field(default_factory=list)
     kexec_queued: asyncio.Event = field(default_factory=asyncio.Event)
     # How the last shutdown ended: "kexec" or "reboot" (no image: RB_AUTOBOOT).
@@ -134,8 +153,7 @@ class FakeSystemd262:
     def _message(self, fields: dict[str, str], fds: list[int]) -> None:
         with self._lock:
             if fields.get("FDSTORE") == "1":
-                for fd in fds:
-                    self._add(fields.get("FDNAME", "stored"), fd)
+                self._add_set(fields.get("FDNAME", "stored"), fds)
                 return
             if fields.get("FDSTOREREMOVE") == "1":
                 name = fields.get("FDNAME", "")
@@ -145,13 +163,33 @@ class FakeSystemd262:
         for fd in fds:  # BARRIER=1's pipe; fds sent without FDSTORE=1 are closed too
             _close(fd)
 
-    def _add(self, name: str, fd: int) -> None:
+    def _add_set(self, name: str, fds: list[int]) -> None:
+        """service_add_fd_store_set: each fd in turn; the first that does not fit ends it and
+        the remaining ones are closed too."""
+        for index, fd in enumerate(fds):
+            if not self._add(name, fd):
+                log.warning(
+                    "Cannot store more fds than FileDescriptorStoreMax=%d, closing remaining.",
+                    self.max_fds,
+                )
+                for rest in fds[index + 1 :]:
+                    self.dropped.append(name)
+                    _close(rest)
+                return
+
+    def _add(self, name: str, fd: int) -> bool:
+        """service_add_fd_store: False (and ``fd`` closed) if the store is full."""
         if len(self.store) >= self.max_fds:
-            log.debug("Hit fd store limit.")  # service_add_fd_store: -EXFULL, fd closed
+            log.debug("Hit fd store limit.")  # -EXFULL
             self.dropped.append(name)
             _close(fd)
-            return
+            return False
+        if any(_same_open_file(fd, held) for _name, held in self.store):
+            log.debug("Suppressing duplicate fd %d in fd store.", fd)  # same_fd(): stored once
+            _close(fd)
+            return True
         self.store.append((name, fd))
+        return True
 
     def fill(self) -> tuple[int, int]:
         """``(NFileDescriptorStore, FileDescriptorStoreMax)`` of the unit."""
@@ -195,13 +233,15 @@ class FakeSystemd262:
                 session = link.removeprefix(SESSION_LINK)
                 if session == PID1_SESSION:
                     log.warning("Skipping fd '%s': 'systemd' is systemd's own session", name)
+                    _close(fd)
                     continue
                 entries.append({"type": "luo_session", "name": name, "sessionName": session})
             else:
                 entries.append({"type": "fd", "name": name, "fd": fd})
-        held = [fd for _name, fd in carried]
+        held = [fd for _name, fd in carried if any(e.get("name") == _name for e in entries)]
         try:
-            own = self._preserve_fd_stores(sc, entries)
+            # Nothing serialized: no file for systemd-shutdown, so no `systemd` session.
+            own = self._preserve_fd_stores(sc, entries) if entries else None
             if own is not None:
                 held.append(own)
             try:
@@ -247,8 +287,8 @@ class FakeSystemd262:
                 else:
                     mapped.append(entry)
             mapping = {
-                "version": 1,
-                "state": {"KExecCount": self.kexec_count},
+                "version": self.mapping_version,
+                "state": {"kexecsCount": self.kexec_count},
                 "units": {AGENT_UNIT: {"fdstore": mapped}},
             }
             mapping_fd = _sealed_memfd("luo-mapping", json.dumps(mapping).encode())
@@ -278,8 +318,10 @@ class FakeSystemd262:
             except NoSuchSession:
                 return  # a cold boot, or a kexec without the systemd session
             with own:
-                self._restore(dev, own)
-                own.finish()  # whatever was not retrieved is discarded
+                try:
+                    self._restore(dev, own)
+                finally:
+                    own.finish()  # luo_session_finishp: on every exit path
 
     def _restore(self, dev: SessionDevice, own: LuoSession) -> None:
         mapping_fd = own.retrieve_fd(0)
@@ -287,8 +329,14 @@ class FakeSystemd262:
             mapping = json.loads(os.pread(mapping_fd, 1 << 20, 0))
         finally:
             _close(mapping_fd)
-        self.kexec_count = int(mapping["state"]["KExecCount"]) + 1
-        for entry in mapping["units"].get(AGENT_UNIT, {}).get("fdstore", []):
+        if int(mapping["version"]) > LUO_PROTOCOL_VERSION:
+            log.warning(
+                "LUO mapping has unsupported version %s, skipping state restoration.",
+                mapping["version"],
+            )
+            return
+        self.kexec_count = int(mapping.get("state", {}).get("kexecsCount", 0)) + 1
+        for entry in mapping.get("units", {}).get(AGENT_UNIT, {}).get("fdstore", []):
             try:
                 if entry["type"] == "fd":
                     fd = own.retrieve_fd(int(entry["token"]))
@@ -299,7 +347,7 @@ class FakeSystemd262:
                 self.not_restored.append(entry.get("sessionName", entry["name"]))
                 continue
             with self._lock:
-                self._add(entry["name"], fd)
+                self._add_set(entry["name"], [fd])  # manager_dispatch_external_fd_to_unit
 
     def close(self) -> None:
         self._unlisten()
@@ -325,6 +373,20 @@ class AgentFdStore(SystemdFdStore):
             return {}
         self._started = True
         return self.adopt(self._pid1.pass_fds())
+
+
+_KCMP_FILE: Final = 0
+_SYS_KCMP: Final = 312  # x86_64
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _same_open_file(a: int, b: int) -> bool:
+    """same_fd(): both fds refer to one open file description (kcmp(KCMP_FILE))."""
+    pid = os.getpid()
+    order = int(_libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b))
+    if order < 0:
+        raise OSError(ctypes.get_errno(), "kcmp(KCMP_FILE)")
+    return order == 0
 
 
 def _sealed_memfd(name: str, data: bytes) -> int:

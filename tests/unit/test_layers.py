@@ -52,11 +52,13 @@ def test_every_module_was_read() -> None:
     assert "luo_agent.pystemd" not in MODULES
 
 
-def test_only_the_pystemd_modules_import_pystemd() -> None:
+def test_only_pystemd_calls_imports_pystemd() -> None:
+    """``systemd/__init__.py``: the calls module is the only one (the thread takes pystemd's
+    connection class from it)."""
     importers = {
         m for m, names in MODULES.items() if any(n.split(".")[0] == "pystemd" for n in names)
     }
-    assert importers == {"luo_agent.systemd.pystemd_calls", "luo_agent.systemd.pystemd_thread"}
+    assert importers == {"luo_agent.systemd.pystemd_calls"}
 
 
 @pytest.mark.parametrize(
@@ -92,6 +94,7 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
             (
                 "luo_agent.cli",
                 "luo_agent.client",
+                "luo_agent.participant",
                 "luo_agent.dbus.names",
                 "luo_agent.__version__",
                 # liveupdatectl fleet: the coordinator itself, with the agent's [fleet].
@@ -100,10 +103,22 @@ def test_only_the_pystemd_modules_import_pystemd() -> None:
                 "luo_agent.errors",
             ),
         ),
-        ("luo_agent.examples", ("luo_agent.client", "luo_agent.persist.write_atomic")),
+        (
+            "luo_agent.participant",
+            ("luo_agent.client", "luo_agent.dbus.names"),
+        ),
+        (
+            "luo_agent.examples",
+            ("luo_agent.client", "luo_agent.participant", "luo_agent.persist.write_atomic"),
+        ),
         (
             "luo_agent.vmm",
-            ("luo_agent.vmm", "luo_agent.client", "luo_agent.persist.write_atomic"),
+            (
+                "luo_agent.vmm",
+                "luo_agent.client",
+                "luo_agent.participant",
+                "luo_agent.persist.write_atomic",
+            ),
         ),
     ],
 )
@@ -167,11 +182,12 @@ def test_the_agents_rooms_are_reached_only_through_its_core() -> None:
 
 
 def test_the_daemon_never_imports_the_tools_beside_it() -> None:
-    """``luo_agent/__init__.py``: ``cli``, ``client``, ``examples/`` and the test rigs stand beside
-    the daemon; nothing the daemon runs imports them."""
+    """``luo_agent/__init__.py``: ``cli``, ``client``, ``participant``, ``examples/`` and the test
+    rigs stand beside the daemon; nothing the daemon runs imports them."""
     beside = (
         "luo_agent.cli",
         "luo_agent.client",
+        "luo_agent.participant",
         "luo_agent.examples",
         "luo_agent.vmm",
         "luo_agent.sandbox",
