@@ -25,6 +25,7 @@ from luo_agent.fleet import make_coordinator
 from luo_agent.fleet.etcd import SEMAPHORE_KEY
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.persist import History, RuntimeState
+from luo_agent.systemd.gate import UnitStatus
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
@@ -141,9 +142,7 @@ async def test_slot_held_across_the_kexec_and_released_after_a_healthy_finish(
     assert phases[:4] == ["preparing", "prepared", "coordinating", "freezing"]
 
 
-def _unhealthy():  # type: ignore[no-untyped-def]
-    from luo_agent.systemd.gate import UnitStatus
-
+def _unhealthy() -> UnitStatus:
     return UnitStatus("app-health.service", "failed", "failed", "exit-code")
 
 
@@ -175,11 +174,12 @@ async def test_a_lost_boot_keeps_its_slot_and_halts(host: Host, etcd: Cluster, g
         await poll(lambda: second.fleet.slot_state == "failed")
         coordinator = second.fleet.coordinator
         assert coordinator is not None
+        status = await coordinator.status()
         for _ in range(200):
-            status = await coordinator.status()
             if status.halted:
                 break
             await asyncio.sleep(0.05)
+            status = await coordinator.status()
         assert status.failed == (host_id,)
         assert holders(etcd, group) == [host_id]
         # The halt stops everyone, this host included.

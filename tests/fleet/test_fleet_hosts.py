@@ -61,6 +61,18 @@ class FleetBed(Testbed):
         self.etcd_dir = etcd_dir
         self.host_id = host_id_from_machine_id(machine_id)
 
+    def boot_with(self, stack: contextlib.ExitStack, units: dict[str, str]) -> Sandbox:
+        """A boot with test participants ``units`` hooked in (enabled, with the example's)."""
+        hooks = [u for u in units if u.endswith(".service")]
+        enable = ("luo-example-prepare.service", "luo-example-restore.service", *hooks)
+        return self.boot_sandbox(stack, extra_units=units, enable=enable)
+
+    def update(self, box: Sandbox, update_id: str) -> dict[str, Any]:
+        """``liveupdatectl update --wait``: returns once the kexec is issued (or it failed)."""
+        kernel = str(self.kernel_image)
+        args = ("update", "--id", update_id, "--kernel", kernel, "--wait", "--timeout", str(SLOW))
+        return ctl_json(self, box, *args)
+
     def dropins(self) -> dict[str, str]:
         units = super().dropins()
         key = "luo-agent.service.d/50-sandbox.conf"
@@ -120,32 +132,13 @@ def one_host_update(bed: FleetBed, update_id: str, health_units: dict[str, str])
     target and releases its slot.  Returns its history entry from the new boot."""
     with contextlib.ExitStack() as first_boot:
         box = bed.boot_sandbox(first_boot)
-        result = ctl_json(
-            bed,
-            box,
-            "update",
-            "--id",
-            update_id,
-            "--kernel",
-            str(bed.kernel_image),
-            "--wait",
-            "--timeout",
-            str(SLOW),
-        )
+        result = bed.update(box, update_id)
         if result.get("phase") != "rebooting":
             return Outcome(bed.host_id, history_entry(bed, box, update_id), json.dumps(result))
         bed.machine.wait_down(timeout=SLOW)
     bed.machine.boot()
     with contextlib.ExitStack() as second_boot:
-        box = bed.boot_sandbox(
-            second_boot,
-            extra_units=health_units,
-            enable=(
-                "luo-example-prepare.service",
-                "luo-example-restore.service",
-                *(u for u in health_units if u.endswith(".service")),
-            ),
-        )
+        box = bed.boot_with(second_boot, health_units)
         # Released only after finish and the health target: the slot file is gone then.
         wait_until(
             f"{bed.host_id} to release its slot",
@@ -261,24 +254,13 @@ def test_a_failed_boot_keeps_its_slot_and_halts_the_rollout(tmp_path: Path) -> N
     try:
         with contextlib.ExitStack() as first_boot:
             box = failing.boot_sandbox(first_boot)
-            result = ctl_json(
-                failing, box, "update", "--id", "u-fail", "--kernel", str(failing.kernel_image),
-                "--wait", "--timeout", str(SLOW),
-            )  # fmt: skip
+            result = failing.update(box, "u-fail")
             assert result["phase"] == "rebooting", result
             failing.machine.wait_down(timeout=SLOW)
         assert holders(cluster, group) == [failing.host_id]
         failing.machine.boot()
         with contextlib.ExitStack() as stack:
-            box = failing.boot_sandbox(
-                stack,
-                extra_units=broken,
-                enable=(
-                    "luo-example-prepare.service",
-                    "luo-example-restore.service",
-                    "broken-restore.service",
-                ),
-            )
+            box = failing.boot_with(stack, broken)
             wait_until(
                 "the failed host's slot to be marked failed",
                 lambda: fleet_state(failing, box)[0] == "failed",
@@ -290,10 +272,7 @@ def test_a_failed_boot_keeps_its_slot_and_halts_the_rollout(tmp_path: Path) -> N
                 timeout=SLOW,
             )
             other = waiting.boot_sandbox(stack)
-            refused = ctl_json(
-                waiting, other, "update", "--id", "u-wait", "--kernel",
-                str(waiting.kernel_image), "--wait", "--timeout", str(SLOW),
-            )  # fmt: skip
+            refused = waiting.update(other, "u-wait")
             entry = history_entry(waiting, other, "u-wait")
             assert entry["result"] == "failed", (refused, entry)
             assert "halted" in entry["message"] and entry["error-name"].endswith("CoordinatorError")
@@ -325,15 +304,7 @@ def test_sigkill_between_acquire_and_kexec_gives_the_slot_back(tmp_path: Path) -
     bed.machine.boot()
     try:
         with contextlib.ExitStack() as stack:
-            box = bed.boot_sandbox(
-                stack,
-                extra_units=slow_freeze,
-                enable=(
-                    "luo-example-prepare.service",
-                    "luo-example-restore.service",
-                    "slow-freeze.service",
-                ),
-            )
+            box = bed.boot_with(stack, slow_freeze)
             bed.ctl(box, "load-kernel", str(bed.kernel_image))
             assert ctl_json(bed, box, "prepare", "--id", "u-kill", "--wait")["phase"] == "prepared"
             bed.ctl(box, "execute", "--id", "u-kill")
