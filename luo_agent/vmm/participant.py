@@ -42,9 +42,9 @@ RAM_TOKEN, STATE_TOKEN, METADATA_TOKEN = 1, 2, 3
 FORMAT = "luo-vm/1"
 METADATA_CAPACITY = 64 << 10
 # Device state of a small machine is well under a MiB (the firmware's RAM blocks are in it); the
-# copy-RAM baseline puts the whole RAM in the stream too.
-STATE_CAPACITY = 32 << 20
-QEMU_START_TIMEOUT = 30.0
+# copy-RAM baseline puts the whole RAM in the stream too.  Its pages are pinned at preserve time.
+STATE_CAPACITY = 8 << 20
+QEMU_START_TIMEOUT = 120.0  # QEMU under nested TCG (the lab) starts in seconds, not ms
 SAVE_TIMEOUT = 600.0
 HEALTH_TIMEOUT = 30.0
 UNPRESERVE_TIMEOUT = 5.0
@@ -334,7 +334,11 @@ class Vm:
             "copy_ram": record["copy_ram"],
             "ram_bytes": record["ram_bytes"],
             "state_bytes": record["state_bytes"],
+            # Wall clocks of two boots: after a real kexec the new boot's is re-read from the RTC
+            # (whole seconds on many machines); the lab puts both on the host's clock instead.
             "pause_seconds": round(running_at - record["stopped_at"], 6),
+            "stopped_at": record["stopped_at"],
+            "running_at": running_at,
             "save_seconds": record["save_seconds"],
             "frozen": {k: record[k] for k in ("ticks", "ram_sha256") if k in record},
             "carried": carried,
