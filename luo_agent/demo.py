@@ -25,10 +25,54 @@ from typing import Any
 from .sandbox import Sandbox, missing_requirements
 from .sandbox_cgroups import own_cgroup_dirs as cgroup_dirs_of_self
 from .testbed import Testbed
+from .vmm.guest import build_guest
+
+VM_NAME = "demo"
 
 
 class Demo(Testbed):
     _shown: dict[str, int]
+    vm = False  # --vm: a QEMU guest (the VM participant, luo-vm@demo.service) rides along
+
+    def boot_sandbox(self, stack: contextlib.ExitStack, **options: Any) -> Sandbox:
+        if not self.vm:
+            return super().boot_sandbox(stack, **options)
+        hooks, service = self.vm_units(VM_NAME)
+        return super().boot_sandbox(
+            stack,
+            enable=["luo-example-prepare.service", "luo-example-restore.service", *hooks],
+            start=["luo-agent.service", "luo-example-workload.service", service],
+        )
+
+    def configure_vm(self) -> None:
+        guest = build_guest(self.workdir / "guest")
+        self.vm_config.mkdir(parents=True, exist_ok=True)
+        (self.vm_config / f"{VM_NAME}.toml").write_text(
+            f'ram = "64M"\nkernel = "{guest}"\nverify_ram = true\n'
+        )
+        say(f"a 64 MiB guest built from source ({guest.name}) runs in luo-vm@{VM_NAME}.service")
+
+    def vm_summary(self) -> bool:
+        report = json.loads((self.vm_state / VM_NAME / "last-restore.json").read_text())
+        frozen, carried = report["frozen"], report["carried"]
+        serial = (self.vm_state / VM_NAME / "serial.log").read_text().splitlines()
+        same = frozen["ram_sha256"] == carried["ram_sha256"]
+        lines = [
+            f"guest:            {report['ram_bytes'] >> 20} MiB of RAM in a memfd, QEMU "
+            f"{report['qemu_version']} ({report['machine']})",
+            f"guest RAM sha256: {frozen['ram_sha256']} at the freeze",
+            f"                  {carried['ram_sha256']} after the kexec "
+            f"({'equal' if same else 'DIFFERENT'})",
+            f"guest ticks:      {frozen['ticks']} at the freeze, {carried['ticks']} after the kexec"
+            f"; booted {sum('luo-guest: started' in line for line in serial)} time(s)",
+            f"device state:     {report['state_bytes']} bytes (RAM not copied)",
+            f"guest pause:      {report['pause_seconds']:.3f} s from QMP stop to cont "
+            "(the emulated reboot included)",
+            "its serial console, last lines:",
+            *(f"  {line}" for line in serial[-3:]),
+        ]
+        print(indent("\n".join(lines)))
+        return bool(same and carried["ticks"] == frozen["ticks"])
 
     # ---------------------------------------------------------------- the story
 
@@ -39,6 +83,8 @@ class Demo(Testbed):
         with contextlib.ExitStack() as stack:
             stack.callback(self.machine.poweroff)
             step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, example workload")
+            if self.vm:
+                self.configure_vm()
             self.machine.boot()
             with contextlib.ExitStack() as first_boot:
                 sandbox = self.boot_sandbox(first_boot)
@@ -59,6 +105,9 @@ class Demo(Testbed):
                 print(indent(sandbox.journal("liveupdate.service")))
                 say("the participant (luo-example-workload.service) during prepare:")
                 print(indent(self.new_log_lines(sandbox, "luo-example-workload.service")))
+                if self.vm:
+                    say(f"the VM participant (luo-vm@{VM_NAME}.service):")
+                    print(indent(self.new_log_lines(sandbox, f"luo-vm@{VM_NAME}.service")))
                 if proc.returncode != 0:
                     say("the update failed before the kexec; the agent's log:")
                     print(indent(sandbox.journal("luo-agent.service")))
@@ -73,9 +122,14 @@ class Demo(Testbed):
             record = self.wait_result(sandbox, timeout=60)
             say("the participant after the live-update boot:")
             print(indent(self.new_log_lines(sandbox, "luo-example-workload.service")))
+            if self.vm:
+                print(indent(self.new_log_lines(sandbox, f"luo-vm@{VM_NAME}.service")))
             print(indent(self.ctl(sandbox, "history", "--limit", "3")))
             step("6/6 summary")
             ok = self.summary(record)
+            if self.vm:
+                time.sleep(1)  # the guest runs on: a few more ticks on its console
+                ok = self.vm_summary() and ok
             if keep:
                 self.keep_running(sandbox)
             return 0 if ok else 1
@@ -200,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=8 << 20, help="bytes of workload data")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the sandbox running at the end")
+    parser.add_argument(
+        "--vm", action="store_true", help="a QEMU guest survives the update too (needs QEMU)"
+    )
     args = parser.parse_args(argv)
     reason = missing_requirements()
     if reason is not None:
@@ -210,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     cgroup = OwnCgroup()
     try:
-        return Demo(workdir, args.abi, args.profile, args.size).run(args.keep)
+        demo = Demo(workdir, args.abi, args.profile, args.size)
+        demo.vm = args.vm
+        return demo.run(args.keep)
     finally:
         left = cgroup.processes()
         deadline = time.monotonic() + 5

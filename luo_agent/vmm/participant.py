@@ -148,6 +148,7 @@ class Vm:
     handover: Handover | None = None
     held: str = ""  # where the RAM and state were kept after a failed restore
     held_fds: list[int] = field(default_factory=list)  # and their fds, open while this runs
+    restore_started: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)  # the last restore's report
     _expected_exit: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -282,6 +283,7 @@ class Vm:
         record: dict[str, Any] = {}
         try:
             tokens = [METADATA_TOKEN, STATE_TOKEN] + ([] if self.settings.copy_ram else [RAM_TOKEN])
+            self.restore_started = time.time()
             agent = await self.connected()
             for token in tokens:
                 fds[token] = await agent.retrieve(token)
@@ -311,11 +313,15 @@ class Vm:
         state = fds[STATE_TOKEN]
         os.lseek(state, 0, os.SEEK_SET)  # QEMU left it at the stream's end; LUO carried that
         async with asyncio.timeout(QEMU_START_TIMEOUT):
+            starting = time.time()
             vm = await driver.start(self.settings.vm, ram, self.qmp_path, incoming_fd=state)
+            loading = time.time()
         try:
             async with asyncio.timeout(SAVE_TIMEOUT):
                 await vm.load(state, copy_ram=bool(record["copy_ram"]))
+            loaded_at = time.time()
             loaded = _guest_view(ram, hash_ram="ram_sha256" in record)
+            resuming = time.time()
             running_at = await vm.resume()
         except BaseException:
             vm.process.kill()
@@ -339,7 +345,12 @@ class Vm:
             "pause_seconds": round(running_at - record["stopped_at"], 6),
             "stopped_at": record["stopped_at"],
             "running_at": running_at,
+            # The VMM's own share of the pause: saving, and starting QEMU, loading, resuming.
             "save_seconds": record["save_seconds"],
+            "qemu_start_seconds": round(loading - starting, 6),
+            "load_seconds": round(loaded_at - loading, 6),
+            "resume_seconds": round(running_at - resuming, 6),
+            "restore_started_at": self.restore_started,
             "frozen": {k: record[k] for k in ("ticks", "ram_sha256") if k in record},
             "carried": carried,
             "loaded": loaded,
