@@ -26,6 +26,9 @@ from .device import Abi
 from .session import LuoSession, SessionDevice
 from .syscalls import KEXEC_FILE_UNLOAD, Syscalls, kexec_image_loaded
 
+# readlink(/proc/self/fd/N) of a session fd (luo_session_getfile, kernel/liveupdate/luo_session.c).
+SESSION_LINK_PREFIX = "anon_inode:[luo_session] "
+
 
 @dataclass
 class SessionBackend(MetadataMemfd):
@@ -146,6 +149,7 @@ class SessionBackend(MetadataMemfd):
         # the agent's copies go when PID 1 stops it, the custody's stay open to reboot(KEXEC).
         try:
             for name, session in self.outgoing.items():
+                self._readable_by_pid1(name, session.fd)
                 self.custody.keep_outgoing(name, session.fd)
                 self._entrusted.append(name)
             self.custody.sync()
@@ -153,6 +157,17 @@ class SessionBackend(MetadataMemfd):
             self.reclaim_outgoing()
             raise
         return len(self._entrusted)
+
+    def _readable_by_pid1(self, name: str, fd: int) -> None:
+        """PID 1 maps a session back by the name its fd link shows (systemd's
+        ``fd_get_luo_session_name``); one it cannot read is not carried as a session."""
+        link = self.syscalls.fd_link(fd)
+        if link != SESSION_LINK_PREFIX + name:
+            raise KernelError(
+                "hand-over",
+                errno.EMEDIUMTYPE,
+                f"session {name!r} reads back as {link!r}: PID 1 would not carry it",
+            )
 
     def reclaim_outgoing(self) -> None:
         # Otherwise the store would keep the sessions open, preserved, into any later kexec.

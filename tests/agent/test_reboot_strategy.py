@@ -784,3 +784,28 @@ async def test_a_shutdown_inhibitor_blocks_check_and_execute_before_the_freeze(
         assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
         gate.inhibitors.clear()
         await _execute_until_kexec_queued(host, agent, pid1)
+
+
+async def test_a_session_pid1_could_not_read_back_is_reported_before_the_kexec(
+    session_host: Host, pid1: FakeSystemd262, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PID 1 carries a session by the name its fd link shows: a kernel that showed it otherwise
+    (here: cut short) would leave it out, so the hand-over refuses before the kexec."""
+    host = session_host
+    real = EmulatedSyscalls.fd_link
+
+    def cut_short(self: EmulatedSyscalls, fd: int) -> str:
+        return real(self, fd)[:-2]
+
+    gate = _gate(pid1)
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        monkeypatch.setattr(EmulatedSyscalls, "fd_link", cut_short)
+        await agent.execute()
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED and FREEZE in gate.started)
+        assert agent.record is not None and "reads back as" in agent.record.message
+        assert gate.kexec_requests == 0 and pid1.stored_names() == []
+        assert host.outgoing_sessions() == ["luo-agent", "vm-1"]
+        monkeypatch.undo()
+        await agent.cancel()
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
