@@ -49,7 +49,8 @@ def _mem_available() -> int:
 
 
 def _ctl(bed: Testbed, box: Any, *args: str) -> dict[str, Any]:
-    out = bed.ctl(box, "--json", *args, check=False)
+    argv = [bed.python, "-m", "luo_agent.cli", "--session-bus", "--json", *args]
+    out = box.run(argv, check=False, timeout=900).stdout
     lines = [line for line in out.splitlines() if line.strip()]
     return dict(json.loads(lines[-1])) if lines else {}
 
@@ -110,6 +111,9 @@ def one_update(workdir: Path, guest: Path, ram_mib: int, copy_ram: bool) -> dict
             if props["LastResult"][1] != "success":
                 raise RuntimeError(f"the update did not succeed: {props['LastResult']}")
             report: dict[str, Any] = json.loads(report_file.read_text())
+            (entry,) = _ctl(bed, box, "history", "--limit", "1")["history"]
+            # The agent's phases of this update (wall clock: the restore side spans the reboot).
+            report["phases"] = {t[0]: t[2] for t in entry["timings"]}
     finally:
         bed.machine.poweroff()
     report["emulator_carry_seconds"] = round(carry, 6)
@@ -148,6 +152,7 @@ def run(quick: bool) -> dict[str, Any]:
                 point = {"ram_mib": ram, "mode": mode, "pause_s": pause, "vmm_s": share}
                 point |= {k: report[k] for k in report if k.endswith("_seconds")}
                 point["state_bytes"] = report["state_bytes"]
+                point["phases"] = report["phases"]
                 results["points"].append(point)
                 carry = report["emulator_carry_seconds"]
                 print(f"  {ram:>5}M {mode:<12} {fmt(pause):>9} {fmt(share):>10} {fmt(carry):>10} "
