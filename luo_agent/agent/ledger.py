@@ -19,7 +19,7 @@ from .. import phase as ph
 from ..errors import Busy, InvalidArgument, UpdateEnded
 from ..persist import History, PersistError, RuntimeState
 from ..records import UpdateRecord
-from .state import MARKERS, UPDATE_ID_RE, AgentListener, AgentState, new_update_id
+from .state import UPDATE_ID_RE, AgentListener, AgentState, new_update_id
 
 log = structlog.get_logger("luo_agent.agent")
 
@@ -190,7 +190,7 @@ class Ledger:
     def _save_phase(self, new: ph.Phase, previous: ph.Phase) -> UpdateRecord | None:
         """Make ``new`` durable before anything announces it: the state file and marker, then
         current.json (and in-flight.json at freezing); the record of an update it ends."""
-        marker = MARKERS.get(new)
+        marker = ph.SPECS[new].step
         if new is not self._published_phase:
             try:
                 self.runtime.set_active([marker] if marker else [])

@@ -99,32 +99,16 @@ class SessionBackend(MetadataMemfd):
                     notes.append(f"session {name!r} not carried: {exc}")
             return BootState(kernel_state=None, incoming=record, notes=tuple(notes))
 
-    def preserve_metadata(self, record: UpdateRecord) -> None:
-        if AGENT_SESSION in self.outgoing:
-            raise WrongKernelState("preserve", errno.EBUSY, "the agent's session already exists")
-        try:
-            with self._device() as dev:
-                self._preserve_own(dev, record)
-        except BaseException:
-            self.cancel()
-            raise
-
-    def _preserve_own(self, dev: SessionDevice, record: UpdateRecord) -> None:
-        own = self.outgoing[AGENT_SESSION] = dev.create_session(AGENT_SESSION)
-        self._meta_fd = new_metadata_memfd(record)
-        own.preserve_fd(self._meta_fd, METADATA_TOKEN)
-
     def preserve(
         self, items: Sequence[PreserveItem], record: UpdateRecord
     ) -> dict[tuple[str, int], int]:
-        if any(name != AGENT_SESSION for name in self.outgoing):
+        if self.outgoing:
             raise WrongKernelState("preserve", errno.EBUSY, "outgoing sessions already exist")
-        if not items and AGENT_SESSION in self.outgoing:
-            return {}  # the metadata went ahead: nothing to open the device for
         try:
             with self._device() as dev:
-                if AGENT_SESSION not in self.outgoing:
-                    self._preserve_own(dev, record)
+                own = self.outgoing[AGENT_SESSION] = dev.create_session(AGENT_SESSION)
+                self._meta_fd = new_metadata_memfd(record)
+                own.preserve_fd(self._meta_fd, METADATA_TOKEN)
                 for item in items:
                     session = self.outgoing.get(item.session)
                     if session is None:

@@ -34,8 +34,8 @@ from tests.fakes.agent_host import memfd_with, until
 from tests.fakes.gate import FakeGate
 from tests.fakes.pid1 import AgentFdStore, FakeSystemd262
 
-RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
-FREEZE = ph.PHASE_TARGETS[ph.Phase.FREEZING]
+RESTORE = ph.SPECS[ph.Phase.RESTORING].target
+FREEZE = ph.SPECS[ph.Phase.FREEZING].target
 CARRIED = sorted(fd_name(s, OUTGOING_PREFIX) for s in ("luo-agent", "vm-1"))
 
 
