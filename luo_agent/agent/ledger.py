@@ -271,6 +271,9 @@ class Ledger:
         )
         if self._state.record is None or recorded is None:
             return
+        if self._state.shutdown_queued:
+            # The machine is going down around the update: the likely cause, said once.
+            recorded += f" ({self._state.shutdown_queued} was queued by someone else)"
         self._state.record = replace(
             self._state.record,
             # Found prepared at start-up: the update of an agent that died.

@@ -118,7 +118,8 @@ class Watchers:
         async def consume() -> None:
             try:
                 async for target in watch:
-                    self._state.shutdown_queued = target
+                    if self._state.phase is not ph.Phase.REBOOTING:  # there, the agent's own job
+                        self._state.shutdown_queued = target
                     if self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED):
                         await self._cancel_for_shutdown(target)
                     else:

@@ -809,3 +809,23 @@ async def test_a_session_pid1_could_not_read_back_is_reported_before_the_kexec(
         monkeypatch.undo()
         await agent.cancel()
         await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+
+
+async def test_a_freeze_failing_under_someone_elses_shutdown_says_so(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    host = session_host
+    gate = _gate(pid1)
+
+    async def stopped_by_the_shutdown() -> None:
+        gate.queue_shutdown_job("reboot.target")
+        await asyncio.sleep(0.2)  # the watcher takes the job from the queue
+        raise RuntimeError("stopped")
+
+    gate.hooks[FREEZE] = stopped_by_the_shutdown
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        await agent.execute()
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+        assert agent.last is not None and agent.last.result == "failed"
+        assert agent.last.message.endswith("(reboot.target was queued by someone else)")
