@@ -277,7 +277,10 @@ class Demo(Testbed):
         bindir = Path(self.python).parent
         installed = (bindir / "liveupdatectl").exists()  # the console script of .venv/bin
         ctl = "liveupdatectl" if installed else f"{self.python} -m luo_agent.cli"
-        hints = [f"export DBUS_SESSION_BUS_ADDRESS={sandbox.bus_address}"]
+        hints = [
+            f"export DBUS_SESSION_BUS_ADDRESS={sandbox.bus_address}",
+            f"export LUO_AGENT_UNIT_LOGS={sandbox.log_dir}",  # failed units' logs, for status
+        ]
         if installed:
             hints.append(f"export PATH={bindir}:$PATH")
         hints += [
