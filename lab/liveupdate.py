@@ -150,15 +150,11 @@ def ensure_deb() -> Path:
 
 
 def systemd_setup(
-    install: str,
-    extra_units: dict[str, str],
-    strategy: str,
-    example: bool = True,
-    config: str = "",
+    install: str, extra_units: dict[str, str], strategy: str, example: bool = True, more: str = ""
 ) -> str:
     """Shell text run by init.sh before systemd starts, with the new root as $1; ``install`` lays
     the project and the example participant's units into it (``Host.install``); ``example``: the
-    example participant is enabled."""
+    example participant is enabled; ``more``: shell text of the scenario's own."""
     units = "".join(
         f"cat > \"$root/etc/systemd/system/{name}\" <<'UNIT'\n{text}UNIT\n"
         for name, text in extra_units.items()
@@ -182,7 +178,7 @@ done
 {install}
 mkdir -p "$root/etc/luo-agent"
 cat > "$root/etc/luo-agent/config.toml" <<'TOML'
-{CONFIG_TOML.format(strategy=strategy)}{config}TOML
+{CONFIG_TOML.format(strategy=strategy)}TOML
 mkdir -p "$root/etc/systemd/system/luo-example-restore.service.d"
 cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'UNIT'
 {RESTORE_MARK_DROPIN}UNIT
@@ -192,7 +188,7 @@ cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'
 for unit in {" ".join(MASKED)}; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
-echo "lab-mark: setup-done $(date +%s.%N)" > /dev/console
+{more}echo "lab-mark: setup-done $(date +%s.%N)" > /dev/console
 """
 
 
@@ -415,10 +411,10 @@ class Scenario:
     extra_units: dict[str, str] = field(default_factory=dict)
     # The example participant (Python) is enabled; without it, ``extra_units`` bring their own.
     example: bool = True
+    # More set-up shell text for every boot (``systemd_setup``), e.g. a participant's config.
+    setup: str = ""
     # The unit whose start is the participant's start in the new boot (``timeline``).
     participant_unit: str = "luo-example-restore.service"
-    # Appended to the agent's config.toml.
-    config: str = ""
 
 
 # The fleet slot on the real kernel (docs/fleet.md): the VM has no TCP/IP, so etcd listens on unix
@@ -441,13 +437,14 @@ WantedBy=multi-user.target
 """
 FLEET_SOCKET = "/run/lab-etcd/etcd.sock:0"
 FLEET_KEY = "com.coreos.airlock/groups/lab/v1/semaphore"
-FLEET_CONFIG = f"""
+FLEET_SETUP = f"""cat >> "$root/etc/luo-agent/config.toml" <<'TOML'
 [fleet]
 enabled = true
 endpoints = ["unix://{FLEET_SOCKET}"]
 group = "lab"
 retry_interval = 1.0
 release_retry_max = 5.0
+TOML
 """
 
 
@@ -495,7 +492,7 @@ SCENARIOS = {
             fleet_slot_job,
             720.0,
             {"lab-etcd.service": FLEET_ETCD_UNIT},
-            config=FLEET_CONFIG,
+            setup=FLEET_SETUP,
         ),
         Scenario(
             "failing-participant",
@@ -624,7 +621,7 @@ def run_scenario(
         ),
     )
     job = head + spec.job(Path(host.seen(kernel)))
-    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example, spec.config)
+    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example, spec.setup)
     vm = Vm(kernel, mode="systemd", root=host.root, echo=echo)
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(spec.name, result, {})
