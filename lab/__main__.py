@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--scenario",
         default="whole-update",
-        choices=("whole-update", "failing-participant", "killed-agent", "no-kernel"),
+        choices=("whole-update", "failing-participant", "killed-agent", "no-kernel", "fleet-slot"),
         help=argparse.SUPPRESS,
     )
     cut = sub.add_parser("powercut", help="power cuts at three points of an update")

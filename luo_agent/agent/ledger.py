@@ -38,6 +38,7 @@ FAILURE_NAMES: Final = {
     "GateFailed": "ParticipantFailed",
     "Timeout": "TimedOut",
     "Recovered": "Aborted",
+    "SlotRefused": "CoordinatorError",
 }
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from ..records import METADATA_CAPACITY, UpdateRecord, decode_metadata, encode_metadata
-from .device import Abi, KernelState
+from .device import Abi, GlobalState
 
 AGENT_SESSION: Final = "luo-agent"  # the agent's own session on the session ABI
 METADATA_TOKEN: Final = 0  # token of the metadata memfd in the agent's session / the v3 global list
@@ -46,7 +46,7 @@ class PreserveItem:
 class BootState:
     """What the kernel says when the agent starts."""
 
-    kernel_state: KernelState | None  # None on the session ABI (no global state)
+    kernel_state: GlobalState | None  # None on the session ABI (no global state)
     # The update this boot continues: set after a live-update boot that carried our metadata.
     incoming: UpdateRecord | None = None
     # A state-machine kernel left PREPARED/FROZEN with nothing of ours (the agent crashed).
@@ -146,8 +146,9 @@ class KernelBackend(Protocol):
     def take_over_carried(self, record: UpdateRecord) -> bool:
         """This is ``record``'s live-update boot, but the agent's own handover is gone (an agent
         of this boot took it and died before keeping it): take the carried files that
-        ``record`` (the durable in-flight copy) names.  False where the handover cannot be lost
-        that way (the state-machine ABIs keep it in the kernel's global state)."""
+        ``record`` (the durable in-flight copy) names.  False when none is carried, and where
+        the handover cannot be lost that way (the state-machine ABIs keep it in the kernel's
+        global state)."""
         ...
 
     def retrieve(self, session: str, token: int) -> int: ...
