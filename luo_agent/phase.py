@@ -333,14 +333,14 @@ class StartTarget:
 
 @dataclass(frozen=True, slots=True)
 class PreserveRegistered:
-    """Preserve every registered fd in the kernel, dependencies first."""
+    """Preserve every registered fd in the kernel, dependencies first, with the agent's
+    metadata memfd (all or nothing)."""
 
 
 @dataclass(frozen=True, slots=True)
 class PreserveMetadata:
-    """Preserve the agent's metadata memfd (update id, mapping, timings): the agent does it while
-    the prepare target runs, and rewrites it in place once every kernel token is known (rfc-v2
-    tokens are made by the kernel)."""
+    """Write every kernel token into the agent's metadata memfd (update id, mapping, timings),
+    preserved with the registered fds: rfc-v2's tokens are made by the kernel."""
 
 
 @dataclass(frozen=True, slots=True)

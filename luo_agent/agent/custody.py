@@ -121,7 +121,7 @@ class Custody:
         except OSError as exc:
             close_fds(*own)
             # kexec_file_load refused the image (EPERM, ENOEXEC, EBADF): the caller's answer.
-            raise KernelError("kexec_file_load", exc.errno or 5) from None
+            raise KernelError("kexec_file_load", exc.errno or errno.EIO) from None
         except BaseException:
             close_fds(*own)
             raise

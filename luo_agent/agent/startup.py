@@ -18,7 +18,7 @@ from .. import phase as ph
 from ..config import Config
 from ..errors import DeviceBusy, LuoError
 from ..kernel.backend import BootState, KernelBackend
-from ..kernel.device import KernelState as KernelStateValue
+from ..kernel.device import GlobalState
 from ..kexec_handover import SYSTEMD_CARRIES_FD_STORES, direct_strategy_warning, systemd_major
 from ..persist import PersistError
 from ..records import UpdateRecord
@@ -202,7 +202,7 @@ class Startup:
             and ph.is_post_reboot(was)
             and (boot.incoming is None or boot.incoming.id == previous.id)
         )
-        updated = boot.kernel_state is KernelStateValue.UPDATED
+        updated = boot.kernel_state is GlobalState.UPDATED
         incoming = boot.incoming
         if incoming is None and updated and not same_boot:
             # rfc-v2/v3 restore the metadata only once: an agent that died after restoring it
@@ -306,20 +306,23 @@ class Startup:
             with contextlib.suppress(PersistError):
                 self._history.clear_in_flight()  # recorded already; only the removal was lost
             return
-        if previous is not None or boot.kernel_state is KernelStateValue.UPDATED:
+        if previous is not None or boot.kernel_state is GlobalState.UPDATED:
             return  # a restart in the same boot, or the kernel carries it: recovery has it
         if boot.incoming is not None and boot.incoming.id == pending.id:
             return  # the live-update boot of that very update
         if f"{CMDLINE_MARKER}{pending.id}" in read_cmdline(kernel).split():
-            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
-            # started earlier in this boot took it and died before keeping it (session ABI:
-            # between RETRIEVE_SESSION and the fd store).
+            # This is the update's own kexec'd kernel, yet its handover is gone: a kexec someone
+            # else asked for while the image was loaded (logind's auto-kexec of a plain reboot),
+            # or an agent that started earlier in this boot took it and died before keeping it
+            # (session ABI: between RETRIEVE_SESSION and the fd store).
             lost = pending.ended(
                 "aborted",
                 ERROR_PREFIX + "Aborted",
-                "this is the update's live-update boot, but the agent's handover was not found "
-                "(taken by an agent that died earlier in this boot); the agent cannot restore "
-                "what was carried",
+                "this boot runs the update's kernel, but the agent's handover was not found: "
+                "either someone else's kexec (a reboot or kexec asked for while the update was "
+                f"{pending.phase}: the agent's handles closed as it stopped, nothing was carried) "
+                "or an agent earlier in this boot took the handover and died; the agent cannot "
+                "restore what was carried",
             )
         else:
             after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)

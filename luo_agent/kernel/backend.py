@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from ..records import METADATA_CAPACITY, UpdateRecord, decode_metadata, encode_metadata
-from .device import Abi, KernelState
+from .device import Abi, GlobalState
 
 AGENT_SESSION: Final = "luo-agent"  # the agent's own session on the session ABI
 METADATA_TOKEN: Final = 0  # token of the metadata memfd in the agent's session / the v3 global list
@@ -46,7 +46,7 @@ class PreserveItem:
 class BootState:
     """What the kernel says when the agent starts."""
 
-    kernel_state: KernelState | None  # None on the session ABI (no global state)
+    kernel_state: GlobalState | None  # None on the session ABI (no global state)
     # The update this boot continues: set after a live-update boot that carried our metadata.
     incoming: UpdateRecord | None = None
     # A state-machine kernel left PREPARED/FROZEN with nothing of ours (the agent crashed).

@@ -19,7 +19,7 @@ from .backend import (
     new_metadata_memfd,
     read_metadata,
 )
-from .device import Abi, Event, KernelState
+from .device import Abi, GlobalEvent, GlobalState
 from .rfc_v2 import RfcV2Device
 from .syscalls import KEXEC_FILE_UNLOAD, Syscalls, kexec_image_loaded
 from .v3 import V3Device
@@ -59,7 +59,7 @@ class GlobalListBackend(MetadataMemfd):
         return kexec_image_loaded(self.syscalls)
 
     # Generation-specific primitives.
-    def _state(self) -> KernelState:
+    def _state(self) -> GlobalState:
         raise NotImplementedError
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
@@ -88,7 +88,7 @@ class GlobalListBackend(MetadataMemfd):
 
     def start(self) -> BootState:
         state = self._state()
-        if state is KernelState.UPDATED:
+        if state is GlobalState.UPDATED:
             token = self._metadata_token_on_boot()
             if token is None:
                 return BootState(state, notes=("no agent metadata token for this boot",))
@@ -100,7 +100,7 @@ class GlobalListBackend(MetadataMemfd):
             self.meta_kernel_token = token
             self.kernel_tokens = {(p.session, p.token): p.kernel_token for p in record.preserved}
             return BootState(state, incoming=record)
-        if state in (KernelState.PREPARED, KernelState.FROZEN):
+        if state in (GlobalState.PREPARED, GlobalState.FROZEN):
             return BootState(state, stale_prepared=True)
         return BootState(state)
 
@@ -136,7 +136,7 @@ class GlobalListBackend(MetadataMemfd):
         pass
 
     def cancel(self) -> None:
-        if self._state() in (KernelState.PREPARED, KernelState.FROZEN):
+        if self._state() in (GlobalState.PREPARED, GlobalState.FROZEN):
             self._event_cancel()
         self._unpreserve_all()
 
@@ -177,7 +177,7 @@ class V3Backend(GlobalListBackend):
         self.device = V3Device(syscalls)
         self.device.open()
 
-    def _state(self) -> KernelState:
+    def _state(self) -> GlobalState:
         return self.device.get_state()
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
@@ -191,13 +191,13 @@ class V3Backend(GlobalListBackend):
         return self.device.fd_restore(token)
 
     def _event_prepare(self) -> None:
-        self.device.set_event(Event.PREPARE)
+        self.device.set_event(GlobalEvent.PREPARE)
 
     def _event_cancel(self) -> None:
-        self.device.set_event(Event.CANCEL)
+        self.device.set_event(GlobalEvent.CANCEL)
 
     def _event_finish(self) -> None:
-        self.device.set_event(Event.FINISH)
+        self.device.set_event(GlobalEvent.FINISH)
 
     def _metadata_token_on_boot(self) -> int | None:
         return METADATA_TOKEN
@@ -220,7 +220,7 @@ class RfcV2Backend(GlobalListBackend):
         self.device = RfcV2Device(syscalls)
         self.device.open()
 
-    def _state(self) -> KernelState:
+    def _state(self) -> GlobalState:
         return self.device.get_state()
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
