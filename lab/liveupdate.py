@@ -149,11 +149,11 @@ def ensure_deb() -> Path:
 
 
 def systemd_setup(
-    install: str, extra_units: dict[str, str], strategy: str, example: bool = True
+    install: str, extra_units: dict[str, str], strategy: str, example: bool = True, more: str = ""
 ) -> str:
     """Shell text run by init.sh before systemd starts, with the new root as $1; ``install`` lays
     the project and the example participant's units into it (``Host.install``); ``example``: the
-    example participant is enabled."""
+    example participant is enabled; ``more``: shell text of the scenario's own."""
     units = "".join(
         f"cat > \"$root/etc/systemd/system/{name}\" <<'UNIT'\n{text}UNIT\n"
         for name, text in extra_units.items()
@@ -187,7 +187,7 @@ cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'
 for unit in {" ".join(MASKED)}; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
-echo "lab-mark: setup-done $(date +%s.%N)" > /dev/console
+{more}echo "lab-mark: setup-done $(date +%s.%N)" > /dev/console
 """
 
 
@@ -410,6 +410,8 @@ class Scenario:
     extra_units: dict[str, str] = field(default_factory=dict)
     # The example participant (Python) is enabled; without it, ``extra_units`` bring their own.
     example: bool = True
+    # More set-up shell text for every boot (``systemd_setup``), e.g. a participant's config.
+    setup: str = ""
     # The unit whose start is the participant's start in the new boot (``timeline``).
     participant_unit: str = "luo-example-restore.service"
 
@@ -545,7 +547,7 @@ def run_scenario(
         ),
     )
     job = head + spec.job(Path(host.seen(kernel)))
-    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example)
+    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example, spec.setup)
     vm = Vm(kernel, mode="systemd", root=host.root, echo=echo)
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(spec.name, result, {})

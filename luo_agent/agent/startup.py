@@ -301,15 +301,18 @@ class Startup:
         if boot.incoming is not None and boot.incoming.id == pending.id:
             return  # the live-update boot of that very update
         if f"{CMDLINE_MARKER}{pending.id}" in kernel.command_line().split():
-            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
-            # started earlier in this boot took it and died before keeping it (session ABI:
-            # between RETRIEVE_SESSION and the fd store).
+            # This is the update's own kexec'd kernel, yet its handover is gone: a kexec someone
+            # else asked for while the image was loaded (logind's auto-kexec of a plain reboot),
+            # or an agent that started earlier in this boot took it and died before keeping it
+            # (session ABI: between RETRIEVE_SESSION and the fd store).
             lost = pending.ended(
                 "aborted",
                 ERROR_PREFIX + "Aborted",
-                "this is the update's live-update boot, but the agent's handover was not found "
-                "(taken by an agent that died earlier in this boot); the agent cannot restore "
-                "what was carried",
+                "this boot runs the update's kernel, but the agent's handover was not found: "
+                "either someone else's kexec (a reboot or kexec asked for while the update was "
+                f"{pending.phase}: the agent's handles closed as it stopped, nothing was carried) "
+                "or an agent earlier in this boot took the handover and died; the agent cannot "
+                "restore what was carried",
             )
         else:
             after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
