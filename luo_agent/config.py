@@ -37,6 +37,8 @@ class Timeouts:
     keyed by the step's name (``phase.SPECS[...].step``)."""
 
     prepare: float = 300.0
+    # Waiting for a fleet slot while every slot is taken (only with [fleet] enabled).
+    coordinate: float = 1800.0
     freeze: float = 60.0
     cancel: float = 120.0
     restore: float = 300.0
@@ -93,6 +95,9 @@ class FleetConfig:
     retry_interval: float = 5.0
     # Releasing in the new boot is retried until the coordinator answers, backing off to this.
     release_retry_max: float = 60.0
+    # A target whose job must end done in the new boot before the slot is released (the
+    # participants' health checks hook in with RequiredBy=); empty: the finish gate is the check.
+    health_target: str = ""
     machine_id_file: Path = Path("/etc/machine-id")
     ca_file: Path | None = None
     cert_file: Path | None = None

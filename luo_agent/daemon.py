@@ -21,6 +21,7 @@ from . import __version__
 from .agent import Agent
 from .config import ABI_CHOICES, DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, LuoError
+from .fleet import Coordinator, make_coordinator
 from .kernel.backend import FdCustody, KernelBackend, NoCustody
 from .kernel.detect import detect_abi
 from .kernel.device import Abi
@@ -57,7 +58,7 @@ def kernel_factory(
     return open_kernel
 
 
-async def run(config: Config) -> int:
+async def run(config: Config, coordinator: Coordinator | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -75,6 +76,7 @@ async def run(config: Config) -> int:
         history=History(config.state_directory),
         status=notify.status,
         on_rebooted=stop.set,
+        coordinator=coordinator,
     )
     log_update_ids_from(lambda: agent.record.id if agent.record is not None else "")
     from .dbus.bus import wait_until_stopped
@@ -243,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("agent_starting", version=__version__)
     try:
         config = build_config(args)
+        coordinator = make_coordinator(config.fleet) if config.fleet.enabled else None
     except ConfigError as exc:
         log.error("bad_configuration", error=str(exc))
         return EX_CONFIG
     status = EX_SOFTWARE
     try:
-        status = asyncio.run(run(config))
+        status = asyncio.run(run(config, coordinator))
     except* LuoError as group:
         for failure in group.exceptions:
             log.error("agent_failed", error=str(failure), kind=type(failure).__name__)
