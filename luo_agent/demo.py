@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .kernel.device import Abi
 from .sandbox import Sandbox, missing_requirements
 from .sandbox_cgroups import own_cgroup_dirs as cgroup_dirs_of_self
 from .testbed import Testbed
@@ -347,7 +348,7 @@ def indent(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="luo-demo", description=__doc__)
-    parser.add_argument("--abi", choices=("session", "v3", "rfc-v2"), default="session")
+    parser.add_argument("--abi", choices=tuple(Abi), default=Abi.SESSION)
     parser.add_argument("--profile", choices=("6.19", "g6"), default=None)
     parser.add_argument("--size", type=int, default=8 << 20, help="bytes of workload data")
     parser.add_argument("--workdir", type=Path)

@@ -45,6 +45,7 @@ from .names import IFACE_MANAGER, update_path
 from .publisher import Publisher
 from .update_objects import UpdateInterface, UpdateObjects
 from .values import (
+    FleetSlotState,
     HistoryList,
     LastResult,
     Participants,
@@ -139,6 +140,11 @@ class ManagerInterface(ServiceInterface):
     @dbus_property(name="LastResult", access=PropertyAccess.READ)
     def last_result(self) -> LastResult:
         return result_summary(self.agent.last)
+
+    @dbus_property(name="Fleet", access=PropertyAccess.READ)
+    def fleet(self) -> FleetSlotState:
+        slot = self.agent.fleet
+        return [str(slot.slot_state), slot.host_id, slot.coordinator_text, slot.last_error]
 
     # ------------------------------------------------------------------ signals (``publisher``)
 

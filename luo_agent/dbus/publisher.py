@@ -51,5 +51,8 @@ class Publisher:
     def kernel_state_changed(self, value: str) -> None:
         self._manager.emit_properties_changed({"KernelState": value})
 
+    def fleet_changed(self) -> None:
+        self._manager.emit_properties_changed({"Fleet": self._manager.fleet})
+
     def participants_changed(self) -> None:
         self._manager.emit_properties_changed({"Participants": self._manager.participants})
