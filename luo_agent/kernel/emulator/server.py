@@ -25,6 +25,7 @@ from typing import Any
 
 from luo_agent.errors import HandoverCorrupt
 
+from ..device import Abi
 from .base import DeviceOpen, GenerationKernel
 from .config import ABIS, read_config, write_atomic, write_config
 from .control import handle_control
@@ -71,11 +72,11 @@ class Conn:
 
 def make_kernel(abi: str, host: Server, profile: str | None) -> GenerationKernel:
     match abi:
-        case "rfc-v2":
+        case Abi.RFC_V2:
             return RfcV2Kernel(host, None)
-        case "v3":
+        case Abi.V3:
             return V3Kernel(host, None)
-        case "session":
+        case Abi.SESSION:
             return SessionKernel(host, profile)
     raise ValueError(f"unknown abi {abi!r} (want one of {ABIS})")
 
