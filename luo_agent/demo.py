@@ -85,7 +85,10 @@ class Demo(Testbed):
         if self.participant is None:
             vm = [f"luo-vm@{VM_NAME}.service"] if self.vm else []
             return ["luo-example-workload.service", *vm]
-        return [*self.user_units]
+        # Template files run as their enabled instances.
+        return [u for u in self.user_units if "@." not in u] + [
+            u for u in self.user_enable if u not in self.user_units
+        ]
 
     # ---------------------------------------------------------------- the story
 
@@ -129,7 +132,6 @@ class Demo(Testbed):
             step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
             ok, boot, sandbox = self.boot_again(restore_step="5/6 ")
             with boot:
-                step("6/6 summary")
                 if keep:
                     self.keep_running(boot, sandbox)
             return 0 if ok else 1
@@ -145,6 +147,7 @@ class Demo(Testbed):
             record = self.wait_result(sandbox, timeout=60)
             self.show_participant(sandbox, "after the live-update boot")
             print(indent(self.ctl(sandbox, "history", "--limit", "3")))
+            step(f"{'6/6 ' if restore_step else ''}summary")
             ok = self.summary(sandbox, record)
         except BaseException:
             boot.close()
@@ -202,9 +205,7 @@ class Demo(Testbed):
             ]
             ok = ok and bool(verify["verified"])
         else:
-            for unit in self.user_units:
-                if "@." in unit:
-                    continue
+            for unit in self.watched_units():
                 shown = sandbox.systemctl(
                     "show", "--property=ActiveState", "--property=Result", unit, check=False
                 ).stdout.split()
