@@ -365,7 +365,7 @@ class Custody:
             announce()
             log.error("kexec_failed", error=str(exc), update_id=record.id)
             reason = f"kexec reboot failed: {exc}"
-            if self.abi == "rfc-v2":
+            if self._state.opened_kernel().capabilities.irreversible_freeze:
                 return ph.RebootFailedAfterFreeze(reason)
             return ph.RebootFailed(reason)
         announce()
