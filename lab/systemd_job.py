@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .liveupdate import JOB_HEAD, REPO, Host, systemd_setup
+from .liveupdate import JOB_HEAD, REPO, TIMELINE_FIELDS, Host, systemd_setup
 from .vm import Vm
 
 RELEASED = {"retrieve": "ENOENT", "create": "ok"}  # the probe's answer for a session not held
@@ -27,7 +27,12 @@ def systemd_vm(
     echo: IO[str] | None = None,
 ) -> tuple[Vm, str, str]:
     """(the VM, its job, its setup): ``body`` is given the kernel image as the VM sees it."""
-    job = JOB_HEAD.format(repo=host.seen(REPO), python=host.python)
+    job = JOB_HEAD.format(
+        repo=host.seen(REPO),
+        python=host.python,
+        timeline_fields=TIMELINE_FIELDS,
+        wait_workload="wait_active luo-example-workload.service || exit 11",
+    )
     job += body(Path(host.seen(kernel)))
     setup = systemd_setup(host.install() + install_extra, units or {}, "direct")
     return Vm(kernel, memory=memory, mode="systemd", root=host.root, echo=echo), job, setup
