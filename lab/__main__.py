@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--scenario",
         default="whole-update",
-        choices=("whole-update", "failing-participant", "killed-agent", "no-kernel"),
+        choices=("whole-update", "failing-participant", "killed-agent", "no-kernel", "fleet-slot"),
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args(argv)

@@ -34,6 +34,7 @@ FAILURE_NAMES: Final = {
     "GateFailed": "ParticipantFailed",
     "Timeout": "TimedOut",
     "Recovered": "Aborted",
+    "SlotRefused": "CoordinatorError",
 }
 
 

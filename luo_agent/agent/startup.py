@@ -63,13 +63,13 @@ async def busy_backoff(
 # ------------------------------------------------------------------------ the reboot strategy
 
 
-def choose_reboot_strategy(config: Config, abi: str, version: str) -> RebootStrategy:
+def choose_reboot_strategy(config: Config, kernel: KernelBackend, version: str) -> RebootStrategy:
     """Resolve ``reboot_strategy`` (config.py): "auto" takes "systemd" only where it works; an
     explicit "systemd" that cannot work is reported, never replaced by "direct"."""
     wanted = config.reboot_strategy
     chosen, blocker = "direct", ""
     if wanted != "direct":
-        missing = _systemd_kexec_missing(config, abi, version)
+        missing = _systemd_kexec_missing(config, kernel, version)
         if wanted == "auto":
             chosen = "direct" if missing else "systemd"
         else:
@@ -79,12 +79,12 @@ def choose_reboot_strategy(config: Config, abi: str, version: str) -> RebootStra
     return RebootStrategy(chosen, blocker, warning)
 
 
-def _systemd_kexec_missing(config: Config, abi: str, version: str) -> str:
+def _systemd_kexec_missing(config: Config, kernel: KernelBackend, version: str) -> str:
     """Why PID 1 cannot carry this agent's update through an orderly kexec ("" if it can)."""
-    if abi != "session":
+    if not kernel.capabilities.pid1_can_carry:
         return (
-            f"reboot_strategy=systemd needs the session ABI: on {abi} the update lives in the "
-            "device fd, which must stay open through the reboot while PID 1 needs the device "
+            f"reboot_strategy=systemd needs the session ABI: on {kernel.abi} the update lives in "
+            "the device fd, which must stay open through the reboot while PID 1 needs the device "
             "at shutdown"
         )
     if config.systemd_user_mode:
@@ -128,16 +128,6 @@ class Recovery:
     boot_notes: tuple[str, ...] = ()
 
 
-def read_cmdline(kernel: KernelBackend) -> str:
-    syscalls = getattr(kernel, "syscalls", None)
-    target = syscalls.path("/proc/cmdline") if syscalls is not None else "/proc/cmdline"
-    try:
-        with open(target) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 class Startup:
     """Opens the kernel and picks up where this boot stands: sets the kernel and the update in
     hand (``AgentState``) and records the updates that ended while no agent was there."""
@@ -172,7 +162,7 @@ class Startup:
         for note in boot.notes:
             log.warning("kernel_boot_note", note=note)
         version = "" if config.systemd_user_mode else await _manager_version(gate)
-        strategy = choose_reboot_strategy(config, str(kernel.abi), version)
+        strategy = choose_reboot_strategy(config, kernel, version)
         return strategy, await self.recover(boot, self._ledger.load_current(), gate)
 
     async def recover(self, boot: BootState, previous: UpdateRecord | None, gate: Gate) -> Recovery:
@@ -228,7 +218,7 @@ class Startup:
                 assert incoming is not None
                 record = incoming.with_phase(ph.Phase.UPDATED, new_boot=True)
                 self._state.record = replace(
-                    record, boot_count=record.boot_count + 1, kernel_cmdline=read_cmdline(kernel)
+                    record, boot_count=record.boot_count + 1, kernel_cmdline=kernel.command_line()
                 )
         elif boot.stale_prepared:
             if previous is not None:
@@ -310,16 +300,19 @@ class Startup:
             return  # a restart in the same boot, or the kernel carries it: recovery has it
         if boot.incoming is not None and boot.incoming.id == pending.id:
             return  # the live-update boot of that very update
-        if f"{CMDLINE_MARKER}{pending.id}" in read_cmdline(kernel).split():
-            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
-            # started earlier in this boot took it and died before keeping it (session ABI:
-            # between RETRIEVE_SESSION and the fd store).
+        if f"{CMDLINE_MARKER}{pending.id}" in kernel.command_line().split():
+            # This is the update's own kexec'd kernel, yet its handover is gone: a kexec someone
+            # else asked for while the image was loaded (logind's auto-kexec of a plain reboot),
+            # or an agent that started earlier in this boot took it and died before keeping it
+            # (session ABI: between RETRIEVE_SESSION and the fd store).
             lost = pending.ended(
                 "aborted",
                 ERROR_PREFIX + "Aborted",
-                "this is the update's live-update boot, but the agent's handover was not found "
-                "(taken by an agent that died earlier in this boot); the agent cannot restore "
-                "what was carried",
+                "this boot runs the update's kernel, but the agent's handover was not found: "
+                "either someone else's kexec (a reboot or kexec asked for while the update was "
+                f"{pending.phase}: the agent's handles closed as it stopped, nothing was carried) "
+                "or an agent earlier in this boot took the handover and died; the agent cannot "
+                "restore what was carried",
             )
         else:
             after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)

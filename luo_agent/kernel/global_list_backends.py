@@ -7,6 +7,7 @@ import contextlib
 import errno
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import HandoverCorrupt, KernelError, NoSuchSession, Unsupported
 from ..persist import write_atomic
@@ -14,6 +15,7 @@ from ..records import UpdateRecord
 from .backend import (
     METADATA_TOKEN,
     BootState,
+    Capabilities,
     MetadataMemfd,
     PreserveItem,
     new_metadata_memfd,
@@ -171,6 +173,9 @@ class V3Backend(GlobalListBackend):
     file, so the kernel itself aborts the update if the agent dies."""
 
     abi = Abi.V3
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=False, pid1_can_carry=False, sysfs_state=True
+    )
 
     def __init__(self, syscalls: Syscalls) -> None:
         super().__init__(syscalls)
@@ -213,6 +218,9 @@ class RfcV2Backend(GlobalListBackend):
     cannot be known in advance: it is kept in the state directory (fsync'd) for the next boot."""
 
     abi = Abi.RFC_V2
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=True, pid1_can_carry=False, sysfs_state=True
+    )
 
     def __init__(self, syscalls: Syscalls, state_directory: Path) -> None:
         super().__init__(syscalls)

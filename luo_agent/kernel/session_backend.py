@@ -8,6 +8,7 @@ import errno
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..errors import DeviceBusy, HandoverCorrupt, KernelError, NoSuchSession, WrongKernelState
 from ..records import UpdateRecord
@@ -15,6 +16,7 @@ from .backend import (
     AGENT_SESSION,
     METADATA_TOKEN,
     BootState,
+    Capabilities,
     FdCustody,
     MetadataMemfd,
     NoCustody,
@@ -37,6 +39,9 @@ class SessionBackend(MetadataMemfd):
 
     syscalls: Syscalls
     abi: Abi = Abi.SESSION
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=False, pid1_can_carry=True, sysfs_state=False
+    )
     outgoing: dict[str, LuoSession] = field(default_factory=dict)
     incoming: dict[str, LuoSession] = field(default_factory=dict)
     # Where incoming sessions outlive a crash of the agent (closing one finishes it).
