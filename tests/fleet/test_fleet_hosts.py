@@ -317,6 +317,8 @@ def test_sigkill_between_acquire_and_kexec_gives_the_slot_back(tmp_path: Path) -
             entry = history_entry(bed, box, "u-kill")
             assert entry["result"] == "aborted", entry
             assert fleet_state(bed, box)[0] == ""
+            shown = f"Fleet slot:     none (host {bed.host_id}, etcd unix://"
+            assert shown in bed.ctl(box, "status")
             assert bed.machine.inspect()["outgoing_sessions"] == []
     finally:
         bed.machine.poweroff()
