@@ -3,7 +3,7 @@
 ./scripts/vm kernel                 fetch the source and build the kernel (cached), print it
 ./scripts/vm selftests              the kernel's liveupdate selftests, across a real kexec
 ./scripts/vm run [--systemd] CMD    run a shell command in the VM, print its output
-./scripts/vm demo [--console]       a whole live update of the installed package, across a real
+./scripts/vm demo [--console] [--vm] a whole live update of the installed package, across a real
                                     kexec, and its summary (lab/liveupdate.py)
 ./scripts/vm powercut               power cuts while prepared, frozen and restoring, each with a
                                     cold boot after it, then an update (lab/powercut.py)
@@ -61,6 +61,9 @@ def cmd_selftests(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .liveupdate import ensure_deb, run_scenario, summary_lines, update_ok
+    from .vm_guest import guest_ok
+    from .vm_guest import run as run_vm_guest
+    from .vm_guest import summary_lines as guest_lines
 
     kernel = ensure_kernel()
     print(f"==> kernel: {kernel.bzimage} ({kernel.version})", flush=True)
@@ -72,13 +75,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"directory {run_dir}; a TCG-emulated live update takes a few minutes",
         flush=True,
     )
-    run = run_scenario(
-        kernel.bzimage,
-        args.scenario,
-        run_dir,
-        echo=sys.stdout if args.console else None,
-        timeout=args.timeout,
-    )
+    echo = sys.stdout if args.console else None
+    if args.vm:
+        print("==> with a QEMU guest (nested TCG) whose RAM is a memfd: luo-vm@lab.service")
+        run = run_vm_guest(kernel.bzimage, run_dir, echo=echo, timeout=args.timeout)
+        print("==> the VM participant (journal of both boots):")
+        for line in (run.text("journal-vm.1.log") + run.text("journal-vm.2.log")).splitlines():
+            if "luo-vm: " in line:
+                print(f"    {line}")
+        print("==> summary (also in summary.json):")
+        for line in summary_lines(run) + guest_lines(run):
+            print(f"    {line}")
+        return 0 if guest_ok(run) else 1
+    run = run_scenario(kernel.bzimage, args.scenario, run_dir, echo=echo, timeout=args.timeout)
     if args.scenario == "whole-update":
         journal = run.text("journal.1.log") + run.text("journal.2.log")
         print("==> the agent and the participant (journal of both boots):")
@@ -161,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a whole live update of the installed package in the VM")
     demo.add_argument("--console", action="store_true", help="show the VM's serial console")
     demo.add_argument("--timeout", type=float, help="seconds for the VM (default 600)")
+    demo.add_argument(
+        "--vm", action="store_true", help="a QEMU guest inside the VM survives the kexec too"
+    )
     demo.add_argument(
         "--scenario",
         default="whole-update",

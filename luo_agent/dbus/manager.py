@@ -218,7 +218,7 @@ class ManagerInterface(ServiceInterface):
     async def prepare(self, options: DBusDict) -> Started:
         with dbus_errors("Prepare"):
             update_id = requested_id(options)
-            caller = await self.auth.authorize("prepare", {"update_id": update_id})
+            caller = await self.auth.authorize("Prepare", {"update_id": update_id})
             parse_options(options, {"id": "s"})
             # The update's object is exported before this returns; its path is derived from the id,
             # so a caller that chose the id has subscribed to it before calling.
@@ -230,28 +230,28 @@ class ManagerInterface(ServiceInterface):
     async def execute(self, update_id: DBusStr) -> None:
         with dbus_errors("Execute"):
             check_update_id(update_id)
-            await self.auth.authorize("execute", {"update_id": update_id})
+            await self.auth.authorize("Execute", {"update_id": update_id})
             await self.agent.execute(update_id)
 
     @dbus_method(name="Cancel")
     async def cancel(self, update_id: DBusStr) -> None:
         with dbus_errors("Cancel"):
             check_update_id(update_id)
-            await self.auth.authorize("cancel", {"update_id": update_id})
+            await self.auth.authorize("Cancel", {"update_id": update_id})
             await self.agent.cancel(update_id)
 
     @dbus_method(name="Restore")
     async def restore(self, update_id: DBusStr) -> None:
         with dbus_errors("Restore"):
             check_update_id(update_id)
-            await self.auth.authorize("finish", {"update_id": update_id})
+            await self.auth.authorize("Restore", {"update_id": update_id})
             await self.agent.restore(update_id)
 
     @dbus_method(name="Finish")
     async def finish(self, update_id: DBusStr) -> None:
         with dbus_errors("Finish"):
             check_update_id(update_id)
-            await self.auth.authorize("finish", {"update_id": update_id})
+            await self.auth.authorize("Finish", {"update_id": update_id})
             await self.agent.finish(update_id)
 
     @dbus_method(name="LoadKernel")
@@ -260,7 +260,7 @@ class ManagerInterface(ServiceInterface):
     ) -> DBusStr:
         try:
             with dbus_errors("LoadKernel"):
-                await self.auth.authorize("load-kernel", {"cmdline": cmdline[:256]})
+                await self.auth.authorize("LoadKernel", {"cmdline": cmdline[:256]})
                 opts = parse_options(options, {"no-initrd": "b"})
                 initrd_fd = -1 if opts.get("no-initrd") else initrd
                 return await self.agent.load_kernel(kernel, initrd_fd, cmdline)
@@ -274,7 +274,7 @@ class ManagerInterface(ServiceInterface):
         try:
             with dbus_errors("Preserve"):
                 check_session_name(session)
-                caller = await self.auth.authorize("preserve", {"session": session})
+                caller = await self.auth.authorize("Preserve", {"session": session})
                 opts = parse_options(options, {"depends-on": "a(st)"})
                 depends = [(check_session_name(s), int(t)) for s, t in opts.get("depends-on", [])]
                 self.agent.preserve(fd, session, token, depends, owner=f"uid={caller.uid}")
@@ -285,7 +285,7 @@ class ManagerInterface(ServiceInterface):
     async def unpreserve(self, session: DBusStr, token: DBusUInt64) -> None:
         with dbus_errors("Unpreserve"):
             check_session_name(session)
-            caller = await self.auth.authorize("preserve", {"session": session})
+            caller = await self.auth.authorize("Unpreserve", {"session": session})
             registry = self.agent.registry
             if (
                 caller.uid != 0
@@ -305,7 +305,7 @@ class ManagerInterface(ServiceInterface):
             if caller.uid != 0 and owner != f"uid={caller.uid}":
                 # Someone else's memory: only with the retrieve action.
                 try:
-                    await self.auth.authorize("retrieve", {"session": session})
+                    await self.auth.authorize("Retrieve", {"session": session})
                 except NotAuthorized:
                     what = f"the fd {shown(session)}/{token}"
                     why = (
