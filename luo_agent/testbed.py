@@ -33,6 +33,9 @@ EXAMPLE_UNITS = [
     "luo-example-prepare.service",
     "luo-example-restore.service",
 ]
+VM_PHASES = ("prepare", "freeze", "cancel", "restore", "finish")
+# The VM participant's templates (luo_agent/vmm, docs/vm-participant.md).
+VM_UNITS = ["luo-vm@.service", *(f"luo-vm-{phase}@.service" for phase in VM_PHASES)]
 
 # The smallest participants (docs/participants.md), hooked in by their own [Install] only.
 COUNTER_UNITS = ["luo-example-counter.service", "luo-example-counter-sh.service"]
@@ -62,6 +65,8 @@ class Testbed:
         self.python = sys.executable
         self.agent_state = workdir / "var/lib/luo-agent"
         self.example_state = workdir / "var/lib/luo-example"
+        self.vm_config = workdir / "etc/luo-vm"  # <name>.toml of each VM participant
+        self.vm_state = workdir / "var/lib/luo-vm"
         self.kernel_image = workdir / "boot/vmlinuz-emulated"
         self.config_file = workdir / "etc/luo-agent/config.toml"
         self.config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,11 @@ class Testbed:
             f" --state-dir {self.example_state} --runtime-dir /run/luo-example --size {self.size}"
         )
         ctl = f"{self.python} -m luo_agent.cli --session-bus"
+        vm = (
+            f"{self.python} -m luo_agent.vmm.participant {{}} %i --bus session"
+            f" --config {self.vm_config}/%i.toml --state-dir {self.vm_state}/%i"
+            " --runtime-dir /run/luo-vm/%i"
+        )
         units = {
             "luo-agent.service": (
                 # The emulated kernel's device node is not /dev/liveupdate: reset the condition.
@@ -114,6 +124,8 @@ class Testbed:
                 f"ExecStart=\nExecStart={ctl} update --wait --from-environment\n"
             ),
         }
+        for unit, command in zip(VM_UNITS, ("serve", *VM_PHASES), strict=True):
+            units[unit] = f"[Service]\n{env}\nExecStart=\nExecStart={vm.format(command)}\n"
         return {f"{unit}.d/50-sandbox.conf": text for unit, text in units.items()}
 
     def adapt_unit(self, text: str) -> str:
@@ -153,15 +165,21 @@ class Testbed:
         # ProtectHome=/ProtectKernelTunables=/ProtectKernelLogs= mount over hidden paths, and the
         # system RuntimeDirectory= of luo-agent.service.
         sandbox.run(["sh", "-c", _SYSTEM_RUN_NODES])
-        sandbox.install_units([UNITS / u for u in PHASE_UNITS + EXAMPLE_UNITS], self.dropins())
-        units = {name: self.adapt_unit((UNITS / name).read_text()) for name in COUNTER_UNITS}
-        sandbox.write_units(units | dict(extra_units or {}))
+        units = PHASE_UNITS + EXAMPLE_UNITS + VM_UNITS
+        sandbox.install_units([UNITS / u for u in units], self.dropins())
+        counters = {name: self.adapt_unit((UNITS / name).read_text()) for name in COUNTER_UNITS}
+        sandbox.write_units(counters | dict(extra_units or {}))
         enable = list(enable)
         if enable:
             sandbox.systemctl("enable", "--runtime", *enable)
         for unit in start:
             sandbox.systemctl("start", unit)
         return sandbox
+
+    def vm_units(self, name: str) -> tuple[list[str], str]:
+        """The hooks to enable and the service to start for the VM participant ``name``
+        (configured in ``vm_config/<name>.toml``)."""
+        return [f"luo-vm-{phase}@{name}.service" for phase in VM_PHASES], f"luo-vm@{name}.service"
 
     def ctl(self, sandbox: Sandbox, *args: str, check: bool = True) -> str:
         proc = sandbox.run(

@@ -40,6 +40,7 @@ from .state import (
 from .watchers import Watchers
 
 log = structlog.get_logger("luo_agent.agent")
+INHIBITED = "a shutdown is inhibited (logind block lock) by "
 
 
 class Agent:
@@ -177,7 +178,10 @@ class Agent:
             if ph.is_pre_reboot(phase) and phase is not ph.Phase.REBOOTING:
                 with contextlib.suppress(LuoError, OSError):
                     await self._kernel_thread.call(kernel.cancel)
-                self.ledger.abort(f"the agent was stopped in phase {phase}")
+                why = f"the agent was stopped in phase {phase}"
+                if self.state.shutdown_queued:
+                    why += f" ({self.state.shutdown_queued} was queued by someone else)"
+                self.ledger.abort(why)
             with contextlib.suppress(LuoError, OSError):
                 await self._kernel_thread.call(kernel.close)
         self.custody.close()
@@ -211,6 +215,7 @@ class Agent:
 
     async def check(self) -> CheckReport:
         """Whether an update could start now, and what stands in the way."""
+        blockers = [INHIBITED + who for who in await self._shutdown_inhibitors()]
         fd_store = None
         if self.custody.strategy.chosen == "systemd":
             try:
@@ -219,13 +224,27 @@ class Agent:
                 log.warning("fd_store_unreadable", error=str(exc))
         report = self.custody.check(fd_store)
         if self.custody.strategy.chosen == "systemd" and fd_store is None:
-            unread = "the agent's fd store could not be read: PID 1 may drop the sessions"
-            report = replace(report, ready=False, blockers=(*report.blockers, unread))
+            blockers.append("the agent's fd store could not be read: PID 1 may drop the sessions")
+        if blockers:
+            report = replace(report, ready=False, blockers=(*report.blockers, *blockers))
         return report
+
+    async def _shutdown_inhibitors(self) -> list[str]:
+        """Who holds a logind block inhibitor of shutdown (an fwupd-style update in flight).
+        The agent's kexec does not go through logind, which lets root past them, and a refusal
+        there would come after the freeze: the agent asks before it."""
+        try:
+            return await self.gate.shutdown_inhibitors()
+        except (LuoError, OSError) as exc:
+            log.warning("inhibitors_unreadable", error=str(exc))
+            return []
 
     async def execute(self, update_id: str = "") -> None:
         self.ledger.require(update_id)
         self.custody.refuse_execute()
+        inhibited = await self._shutdown_inhibitors()
+        if inhibited:
+            raise PhaseError(self.phase, "Execute while " + INHIBITED + "; ".join(inhibited))
         await self.submit(ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:

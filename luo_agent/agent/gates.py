@@ -3,7 +3,8 @@
 A gate starts its phase's target (job mode ``fail``) through the ``Gate`` port and becomes an
 engine event.  Passed targets are stopped once the phase is at rest, so the next update runs the
 participants again; the next gate waits for those stops.  The participants' states are read off
-the phase's path, for display."""
+the phase's path, for display: after each gate, and while a gate is slow (who holds it), failures
+first; a failed gate's culprits stay first until the next update's gate."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ import structlog
 
 from .. import phase as ph
 from ..errors import LuoError
-from ..systemd.gate import Gate, GateOutcome, UnitStatus
+from ..systemd.gate import Gate, GateOutcome, UnitStatus, failures_first
 from .state import AgentListener, describe_units
 
 log = structlog.get_logger("luo_agent.agent")
 
 # How long an expired phase timer may wait to learn which participants are stuck.
 TIMEOUT_PROBE_SECONDS: Final = 5.0
+# A gate still running after this long shows who it waits for, read again at this interval.  A
+# fast gate is never read while it runs: each read costs the loop (pystemd holds the GIL).
+SLOW_GATE_SECONDS: Final = 1.0
 
 
 class Gates:
@@ -39,6 +43,9 @@ class Gates:
         self._unread = ""  # the passed gate whose participants are still to read
         # Between a phase timer's expiry and its Timeout event: which participants still run.
         self._stuck: tuple[UnitStatus, ...] = ()
+        # The last failed gate's culprits: shown first until the next update's gate (the cancel
+        # gate's participants, read after them, must not hide them).
+        self._blamed: tuple[UnitStatus, ...] = ()
 
     async def run(self, target: str, queued: Callable[[], None] | None = None) -> ph.Event:
         # The previous gate's target must be stopped before another gate starts (job mode fail).
@@ -47,17 +54,23 @@ class Gates:
         if self._refresh is not None:
             self._refresh.cancel()  # this gate's reading supersedes it
             self._refresh = None
+        if target != ph.PHASE_TARGETS[ph.Phase.CANCELLING]:
+            self._blamed = ()
+        watch = asyncio.create_task(self._watch_slow_gate(target), name=f"watch-{target}")
         try:
             outcome = await self.gate.run_target(target, queued)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                self.participants = await asyncio.shield(self.gate.unit_statuses(target))
+                statuses = await asyncio.shield(self.gate.unit_statuses(target))
+                self._show(statuses)
                 # Cancelling the job leaves a hook that is still starting running: stop it, or
                 # the abandoned phase would keep it (and the next update's gate) waiting.
-                await asyncio.shield(self._stop_starting(self.participants))
+                await asyncio.shield(self._stop_starting(statuses))
             raise
         except LuoError as exc:
             return ph.GateFailed(target, str(exc))
+        finally:
+            watch.cancel()
         if target == ph.PHASE_TARGETS[ph.Phase.FREEZING] and outcome.ok:
             # The blackout-critical path starts here: nothing slow until the kexec.
             self.freeze_passed_at = time.monotonic()
@@ -69,8 +82,32 @@ class Gates:
             # a read overlapping the kernel work only slows that), and announced on their own.
             self._unread = target
             return ph.GateOk(target)
-        self.participants = outcome.culprits or await self._statuses(target)
+        self._blamed = outcome.culprits
+        self._show(await self._statuses(target))
         return ph.GateFailed(target, _describe_gate(outcome))
+
+    async def _watch_slow_gate(self, target: str) -> None:
+        """While the gate runs past SLOW_GATE_SECONDS: show its units (who holds it) anew."""
+        while True:
+            await asyncio.sleep(SLOW_GATE_SECONDS)
+            try:
+                statuses = await self.gate.unit_statuses(target)
+            except Exception as exc:  # display only
+                log.warning("participants_unreadable", target=target, error=str(exc))
+                continue
+            self._show(statuses)
+
+    def _show(self, statuses: Sequence[UnitStatus]) -> None:
+        """Participants: the blamed first, then ``statuses`` failures first; listeners told."""
+        blamed = {s.unit for s in self._blamed}
+        shown = self._blamed + failures_first(s for s in statuses if s.unit not in blamed)
+        if shown == self.participants:
+            return
+        self.participants = shown
+        for listener in self._listeners:
+            notify = getattr(listener, "participants_changed", None)  # optional in listeners
+            if notify is not None:
+                notify()
 
     def at_rest(self) -> None:
         """The phase is at rest: read the passed gate's participants, then stop the passed
@@ -94,13 +131,7 @@ class Gates:
         except Exception as exc:  # display only: the phase has moved on regardless
             log.warning("participants_unreadable", target=target, error=str(exc))
             return
-        if statuses == self.participants:
-            return
-        self.participants = statuses
-        for listener in self._listeners:
-            notify = getattr(listener, "participants_changed", None)  # optional in listeners
-            if notify is not None:
-                notify()
+        self._show(statuses)
 
     def stop_targets(self) -> None:
         """Stop the passed gates' targets, so the next update runs the participants again.
@@ -153,8 +184,9 @@ class Gates:
         become the Participants shown."""
         if not self._stuck:
             return ""
-        self.participants, self._stuck = self._stuck, ()
-        return "; still running: " + describe_units(self.participants)
+        self._blamed, self._stuck = failures_first(self._stuck), ()
+        self._show(())
+        return "; still running: " + describe_units(self._blamed)
 
     async def close(self) -> None:
         if self._refresh is not None:

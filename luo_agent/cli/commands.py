@@ -37,11 +37,28 @@ async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         last = props["LastResult"]
         if last[0]:
             print(f"Last update:    {last[0]}: {last[1]}" + (f" ({last[3]})" if last[3] else ""))
+        if props["Participants"]:
+            print("Participants:   " + _participants_title(str(props["Phase"])))
         for unit, active, sub, result in props["Participants"]:
-            print(f"  {unit:40} {active}/{sub} result={result}")
+            print(f"  {unit:40} {active}/{sub} result={result or '-'}{_mark(active, result)}")
 
     out.result({"status": jsonable(props)}, human)
     return ExitCode.OK
+
+
+def _participants_title(phase: str) -> str:
+    if phase in ("preparing", "freezing", "cancelling", "restoring", "finishing"):
+        return "the units this phase's gate waits for, failures first"
+    return "the last gate's units, failures first"
+
+
+def _mark(active: str, result: str) -> str:
+    """Why a unit comes first: it failed, or the running gate waits for it."""
+    if active == "failed" or result not in ("", "success"):
+        return "  <- failed"
+    if active in ("activating", "deactivating", "reloading"):
+        return "  <- still running"
+    return ""
 
 
 async def cmd_check(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:

@@ -6,7 +6,7 @@ starts the target in job mode ``fail`` and reads the job result (landscape.md §
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -77,8 +77,20 @@ def select_culprits(
         return ()
     failing = tuple(s for s in statuses if s.is_failure)
     if failing:
-        return failing
+        return failures_first(failing)
     return tuple(s for s in statuses if s.active_state != "active")
+
+
+def failures_first(statuses: Iterable[UnitStatus]) -> tuple[UnitStatus, ...]:
+    """Failed units (or a non-success result) first, then those still in a transition (what a
+    running gate waits for), then the rest; in their order otherwise."""
+
+    def rank(s: UnitStatus) -> int:
+        if s.active_state == "failed" or s.result not in ("", "success"):
+            return 0
+        return 1 if s.is_failure else 2
+
+    return tuple(sorted(statuses, key=rank))
 
 
 class ShutdownWatch(Protocol):
@@ -138,6 +150,10 @@ class Gate(Protocol):
 
     async def manager_version(self) -> str:
         """The manager's ``Version`` property (e.g. ``"252.38-1~deb12u1"``)."""
+        ...
+
+    async def shutdown_inhibitors(self) -> list[str]:
+        """logind's block inhibitors of shutdown ("who (PID n): why"); none without logind."""
         ...
 
     async def close(self) -> None: ...

@@ -94,6 +94,31 @@ def manager_version(bus: Any) -> str:
     return text(bus.get_property(DEST, MANAGER_PATH, MANAGER_IFACE, b"Version", b"s"))
 
 
+_LOGIN1: Final = b"org.freedesktop.login1"
+_LOGIN1_PATH: Final = b"/org/freedesktop/login1"
+_LOGIN1_MANAGER: Final = b"org.freedesktop.login1.Manager"
+# logind is not running (a container, a minimal system): then nobody holds an inhibitor.
+_NO_LOGIND: Final = (
+    b"org.freedesktop.DBus.Error.ServiceUnknown",
+    b"org.freedesktop.DBus.Error.NameHasNoOwner",
+)
+
+
+def shutdown_inhibitors(bus: Any) -> list[str]:
+    """logind's block-mode inhibitors of "shutdown" (ListInhibitors), as "who (PID n): why"."""
+    try:
+        rows = bus.call_method(_LOGIN1, _LOGIN1_PATH, _LOGIN1_MANAGER, b"ListInhibitors", []).body
+    except DBusBaseError as exc:
+        if bytes(getattr(exc, "err_name", b"") or b"") in _NO_LOGIND:
+            return []
+        raise call_error("ListInhibitors", "systemd-logind", exc) from exc
+    return [
+        f"{text(who)} (PID {pid}): {text(why)}"
+        for what, who, why, mode, _uid, pid in rows or []
+        if text(mode) == "block" and "shutdown" in text(what).split(":")
+    ]
+
+
 def enqueue_job(bus: Any, method: bytes, unit: str, mode: str) -> bytes:
     """StartUnit/StopUnit: the new job's object path."""
     return bytes(manager_call(bus, method, b"ss", [unit.encode(), mode.encode()]))

@@ -133,6 +133,9 @@ class PystemdGate:
     async def manager_version(self) -> str:
         return await self._bus.call(lambda: calls.manager_version(self._bus.t_bus()))
 
+    async def shutdown_inhibitors(self) -> list[str]:
+        return await self._bus.call(lambda: calls.shutdown_inhibitors(self._bus.t_bus()))
+
     async def watch_shutdown_jobs(
         self, units: Iterable[str] = SHUTDOWN_TARGETS
     ) -> ShutdownJobWatch:

@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,3 +261,16 @@ def ram_sha256(ram_fd: int) -> str:
         digest.update(data)
         offset += len(data)
     return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m luo_agent.vmm.guest DIRECTORY  (prints the guest's path)")
+        return 2
+    print(build_guest(Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -732,3 +732,55 @@ async def test_a_store_too_small_in_the_new_boot_ends_a_session_and_the_agent_sa
             )
     finally:
         pid1.close()
+
+
+async def test_a_reboot_while_freezing_is_recorded_as_what_stopped_the_agent(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """Too late to cancel (the freeze gate is running): PID 1 stops the agent on the way down,
+    and the update is recorded as aborted by that shutdown, its image left for it."""
+    host = session_host
+    gate = _gate(pid1)
+    frozen = asyncio.Event()
+
+    async def freeze_hook_waits() -> None:
+        frozen.set()
+        await asyncio.Event().wait()
+
+    gate.hooks[FREEZE] = freeze_hook_waits
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        await agent.execute()
+        await asyncio.wait_for(frozen.wait(), 10)
+        gate.queue_shutdown_job("kexec.target")
+        await asyncio.sleep(0.2)  # the watcher takes the job from the queue
+        assert agent.state.shutdown_queued == "kexec.target"
+        assert agent.phase is ph.Phase.FREEZING
+    assert agent.last is not None and agent.last.result == "aborted"
+    assert agent.last.message == (
+        "the agent was stopped in phase freezing (kexec.target was queued by someone else)"
+    )
+    assert host.outgoing_sessions() == []
+    assert _image_cmdline(host) == "liveupdate=1 luo_agent.update=upd-s"
+
+
+async def test_a_shutdown_inhibitor_blocks_check_and_execute_before_the_freeze(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    """An fwupd-style tool holds a logind block lock on shutdown: the agent's kexec would not go
+    through logind, so Check() reports it and Execute is refused while nothing is frozen."""
+    host = session_host
+    gate = _gate(pid1)
+    gate.inhibitors = ["fwupd (PID 42): Updating the firmware"]
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        report = await agent.check()
+        assert (
+            "a shutdown is inhibited (logind block lock) by fwupd (PID 42): Updating"
+            in " ".join(report.blockers)
+        )
+        with pytest.raises(PhaseError, match=r"inhibited .* by fwupd"):
+            await agent.execute()
+        assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
+        gate.inhibitors.clear()
+        await _execute_until_kexec_queued(host, agent, pid1)

@@ -4,6 +4,7 @@ command's result, LastResult, the history) names the participant."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .liveupdate_flow import (
     participant,
     status,
     unit_property,
+    wait_until,
     wait_update_ended,
 )
 
@@ -116,7 +118,7 @@ def test_failing_participant_cancels_the_update(testbed: Testbed, phase: str) ->
 def test_participant_hanging_past_the_timeout_cancels_the_update(testbed: Testbed) -> None:
     hanging = "e2e-hanging-prepare.service"
     marker = testbed.workdir / "cancel-ran"
-    testbed.config_file.write_text("[timeouts]\nprepare = 3\n")
+    testbed.config_file.write_text("[timeouts]\nprepare = 6\n")
     units = {
         hanging: participant(
             "liveupdate-prepare.target", "/bin/sleep infinity", "e2e: hangs in prepare"
@@ -130,9 +132,28 @@ def test_participant_hanging_past_the_timeout_cancels_the_update(testbed: Testbe
             extra_units=units,
             enable=("luo-example-prepare.service", hanging, CANCEL_WITNESS),
         )
-        result = run_update(testbed, box, update_id)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(run_update, testbed, box, update_id)
+
+            # While the gate hangs, status names the unit holding it, first, still running (the
+            # example's hook finishes meanwhile and goes after it).
+            def holder() -> list[Any] | None:
+                props = status(testbed, box)
+                shown = props.get("Participants") or [[""]]
+                if props.get("Phase") == "preparing" and shown[0][0] == hanging:
+                    return list(props["Participants"])
+                return None
+
+            shown = wait_until("status to name the holder first", holder, timeout=5)
+            assert shown[0][1] == "activating", shown
+            assert [u[0] for u in shown] == [hanging, "luo-example-prepare.service"], shown
+            text = testbed.ctl(box, "status")
+            assert f"{hanging}" in text and "<- still running" in text, text
+            result = running.result(timeout=60)
         assert_cancelled_naming(testbed, box, update_id, hanging, result)
         assert "TimedOut" in str(result["error"]), result
+        # After the cancel gate, the unit that failed the update is still shown first.
+        assert status(testbed, box)["Participants"][0][0] == hanging
         assert marker.read_text() == "cancelled\n"
         # The hung participant does not keep running after the update was cancelled.
         assert unit_property(box, hanging, "ActiveState") in ("inactive", "failed")

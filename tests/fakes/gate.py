@@ -35,6 +35,8 @@ class FakeGate:
     on_kexec: Hook | None = None
     # The agent unit's (NFileDescriptorStore, FileDescriptorStoreMax); None: no such unit.
     fd_store: Callable[[], tuple[int, int]] | None = None
+    # logind's block inhibitors of shutdown ("who (PID n): why").
+    inhibitors: list[str] = field(default_factory=list)
 
     def queue_shutdown_job(self, target: str) -> None:
         self.shutdown_jobs.put_nowait(target)
@@ -89,6 +91,9 @@ class FakeGate:
 
     async def manager_version(self) -> str:
         return self.version
+
+    async def shutdown_inhibitors(self) -> list[str]:
+        return list(self.inhibitors)
 
     async def close(self) -> None:
         self.shutdown_jobs.put_nowait(None)
