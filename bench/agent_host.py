@@ -31,7 +31,7 @@ from luo_agent.systemd import notify
 from luo_agent.systemd.gate import GateOutcome
 from tests.fakes.gate import FakeGate
 
-FREEZE_TARGET = ph.PHASE_TARGETS[ph.Phase.FREEZING]
+FREEZE_TARGET = ph.SPECS[ph.Phase.FREEZING].target
 
 
 class StampingGate(FakeGate):

@@ -7,13 +7,13 @@ composition root passes it into constructors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
-from .errors import ConfigError
-from .phase import PhaseTimeouts
+from .errors import ConfigError, InvalidArgument
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/luo-agent/config.toml")
 
@@ -27,6 +27,29 @@ AbiChoice = Literal["auto", "rfc-v2", "v3", "session"]
 # - "auto": "systemd" when those requirements hold, else "direct".
 # The default stays "direct": a systemd upgrade must not change the blackout behind the operator.
 RebootStrategy = Literal["direct", "systemd", "auto"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds each gated step may wait for one piece of work (its gate job or its kernel work),
+    keyed by the step's name (``phase.SPECS[...].step``)."""
+
+    prepare: float = 300.0
+    freeze: float = 60.0
+    cancel: float = 120.0
+    restore: float = 300.0
+    finish: float = 120.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise InvalidArgument(f"timeout {f.name} must be a positive number, got {value!r}")
+
+    def seconds(self, step: str) -> float:
+        value: float = getattr(self, step)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +108,7 @@ class Config:
     reboot_strategy: RebootStrategy = "direct"
     # Start the finish phase on our own once the restore gate passed (otherwise wait for Finish()).
     auto_finish: bool = True
-    timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)
+    timeouts: Timeouts = field(default_factory=Timeouts)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     limits: Limits = field(default_factory=Limits)
     fleet: FleetConfig = field(default_factory=FleetConfig)

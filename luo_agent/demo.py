@@ -30,18 +30,64 @@ from .testbed import Testbed
 class Demo(Testbed):
     _shown: dict[str, int]
 
+    def __init__(self, *args: Any, participant: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.participant = participant
+        self.user_units: dict[str, str] = {}  # name -> the unit made to run in the sandbox
+        self.user_enable: list[str] = []
+        self.user_start: list[str] = []
+        if participant is not None:
+            self._read_participant(participant)
+
+    def _read_participant(self, directory: Path) -> None:
+        """The user's units: every ``*.service`` in ``directory``.  Those with an [Install]
+        section are enabled (templates: the instances listed in ``directory/enable``), those
+        with ``WantedBy=`` are started after the agent, as at boot."""
+        listed = directory / "enable"
+        instances = listed.read_text().split() if listed.exists() else []
+        for path in sorted(directory.glob("*.service")):
+            text = path.read_text()
+            self.user_units[path.name] = self.adapt_unit(text)
+            if "@." in path.name:
+                continue
+            if "\n[Install]" in "\n" + text:
+                self.user_enable.append(path.name)
+            if "\nWantedBy=" in "\n" + text:
+                self.user_start.append(path.name)
+        self.user_enable += instances
+        if not self.user_units:
+            raise SystemExit(f"luo-demo: no *.service in {directory}")
+
+    def boot(self, stack: contextlib.ExitStack) -> Sandbox:
+        """One boot's sandbox: the example participant, or the user's units instead."""
+        if self.participant is None:
+            return self.boot_sandbox(stack)
+        return self.boot_sandbox(
+            stack,
+            extra_units=self.user_units,
+            enable=self.user_enable,
+            start=["luo-agent.service", *self.user_start],
+        )
+
+    def watched_units(self) -> list[str]:
+        if self.participant is None:
+            return ["luo-example-workload.service"]
+        return [*self.user_units]
+
     # ---------------------------------------------------------------- the story
 
     def run(self, keep: bool) -> int:
         self._shown = {}
         say(f"luo_agent demo: a live update on the emulated '{self.abi}' kernel ABI")
         say(f"work directory: {self.workdir}")
+        if self.participant is not None:
+            say(f"your participant: {self.participant} ({', '.join(self.user_units)})")
         with contextlib.ExitStack() as stack:
             stack.callback(self.machine.poweroff)
-            step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, example workload")
+            step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, participant")
             self.machine.boot()
             with contextlib.ExitStack() as first_boot:
-                sandbox = self.boot_sandbox(first_boot)
+                sandbox = self.boot(first_boot)
                 print(indent(self.ctl(sandbox, "status")))
                 step("2/6 preflight (liveupdatectl check) and kernel load")
                 self.ctl(
@@ -57,8 +103,7 @@ class Demo(Testbed):
                 started = time.monotonic()
                 proc = sandbox.systemctl("start", "liveupdate.service", check=False)
                 print(indent(sandbox.journal("liveupdate.service")))
-                say("the participant (luo-example-workload.service) during prepare:")
-                print(indent(self.new_log_lines(sandbox, "luo-example-workload.service")))
+                self.show_participant(sandbox, "before the kexec")
                 if proc.returncode != 0:
                     say("the update failed before the kexec; the agent's log:")
                     print(indent(sandbox.journal("luo-agent.service")))
@@ -67,18 +112,34 @@ class Demo(Testbed):
                 say(f"emulated kexec issued {time.monotonic() - started:.2f} s after the start")
 
             step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
-            self.machine.boot()
-            sandbox = self.boot_sandbox(stack)
-            step("5/6 restore (participant retrieves and verifies) and finish")
-            record = self.wait_result(sandbox, timeout=60)
-            say("the participant after the live-update boot:")
-            print(indent(self.new_log_lines(sandbox, "luo-example-workload.service")))
-            print(indent(self.ctl(sandbox, "history", "--limit", "3")))
-            step("6/6 summary")
-            ok = self.summary(record)
-            if keep:
-                self.keep_running(sandbox)
+            ok, boot, sandbox = self.boot_again(restore_step="5/6 ")
+            with boot:
+                step("6/6 summary")
+                if keep:
+                    self.keep_running(boot, sandbox)
             return 0 if ok else 1
+
+    def boot_again(self, restore_step: str = "") -> tuple[bool, contextlib.ExitStack, Sandbox]:
+        """Boot the machine and a sandbox after a kexec, wait for the update to end, show it.
+        The caller closes the returned stack (the sandbox)."""
+        self.machine.boot()
+        boot = contextlib.ExitStack()
+        try:
+            sandbox = self.boot(boot)
+            step(f"{restore_step}restore (the participant retrieves) and finish")
+            record = self.wait_result(sandbox, timeout=60)
+            self.show_participant(sandbox, "after the live-update boot")
+            print(indent(self.ctl(sandbox, "history", "--limit", "3")))
+            ok = self.summary(sandbox, record)
+        except BaseException:
+            boot.close()
+            raise
+        return ok, boot, sandbox
+
+    def show_participant(self, sandbox: Sandbox, when: str) -> None:
+        for unit in self.watched_units():
+            say(f"{unit} {when} (its log, {sandbox.log_dir}/{unit}.log):")
+            print(indent(self.new_log_lines(sandbox, unit) or "(nothing new)"))
 
     def new_log_lines(self, sandbox: Sandbox, unit: str) -> str:
         """The unit's log lines not shown yet (its log file outlives the emulated reboot)."""
@@ -107,25 +168,65 @@ class Demo(Testbed):
             time.sleep(0.2)  # a demo poll of the public status; tests wait on signals
         raise TimeoutError("the update did not finish in time")
 
-    def summary(self, record: dict[str, Any]) -> bool:
-        verify = json.loads((self.example_state / "last-restore.json").read_text())
+    def summary(self, sandbox: Sandbox, record: dict[str, Any]) -> bool:
         timings = {t[0]: t[2] for t in record.get("timings", [])}
         blackout = record.get("blackout-critical", -1.0)
         lines = [
             f"update id:        {record['id']}",
             f"result:           {record['result']} {record.get('message', '')}".rstrip(),
             f"kernel ABI:       {record['abi']}",
-            f"survived:         {verify['got']['size']} bytes, sha256 {verify['got']['sha256']}",
-            f"                  file position {verify['got']['pos']}; verified byte for byte: "
-            f"{'yes' if verify['verified'] else 'NO'}",
-            f"blackout-critical (freeze gate done → kexec call): {blackout * 1000:.3f} ms",
-            "phase timings:    "
-            + ", ".join(f"{p} {d:.3f}s" for p, d in timings.items() if d is not None and d >= 0),
         ]
+        ok = bool(record["result"] == "success")
+        if self.participant is None:
+            verify = json.loads((self.example_state / "last-restore.json").read_text())
+            lines += [
+                f"survived:         {verify['got']['size']} bytes, sha256 "
+                f"{verify['got']['sha256']}",
+                f"                  file position {verify['got']['pos']}; verified byte for "
+                f"byte: {'yes' if verify['verified'] else 'NO'}",
+            ]
+            ok = ok and bool(verify["verified"])
+        else:
+            for unit in self.user_units:
+                if "@." in unit:
+                    continue
+                shown = sandbox.systemctl(
+                    "show", "--property=ActiveState", "--property=Result", unit, check=False
+                ).stdout.split()
+                props = dict(line.split("=", 1) for line in shown if "=" in line)
+                active, result = props.get("ActiveState", "?"), props.get("Result", "?")
+                lines.append(f"your unit:        {unit} {active} (result {result})")
+                ok = ok and active != "failed" and result in ("success", "")
+        if blackout >= 0:
+            lines.append(
+                f"blackout-critical (freeze gate done → kexec call): {blackout * 1000:.3f} ms"
+            )
+        lines.append(
+            "phase timings:    "
+            + ", ".join(f"{p} {d:.3f}s" for p, d in timings.items() if d is not None and d >= 0)
+        )
         print(indent("\n".join(lines)))
-        return bool(verify["verified"] and record["result"] == "success")
+        return ok
 
-    def keep_running(self, sandbox: Sandbox) -> None:
+    def keep_running(self, boot: contextlib.ExitStack, sandbox: Sandbox) -> None:
+        """Keep the sandbox; a kexec started from outside (another update) boots it again."""
+        self.print_hints(sandbox)
+        try:
+            while True:
+                time.sleep(0.5)
+                if self.machine.running:
+                    continue
+                step("the emulated machine went down (a kexec): booting it again")
+                self.machine.wait_down(timeout=30)
+                boot.close()
+                ok, new_boot, sandbox = self.boot_again()
+                boot.enter_context(new_boot)
+                say("that update " + ("succeeded" if ok else "FAILED"))
+                self.print_hints(sandbox)
+        except KeyboardInterrupt:
+            pass
+
+    def print_hints(self, sandbox: Sandbox) -> None:
         bindir = Path(self.python).parent
         installed = (bindir / "liveupdatectl").exists()  # the console script of .venv/bin
         ctl = "liveupdatectl" if installed else f"{self.python} -m luo_agent.cli"
@@ -143,11 +244,11 @@ class Demo(Testbed):
         say("the sandbox keeps running; from another root shell try:")
         print(indent("\n".join(hints)), flush=True)
         say("press Ctrl-C to stop and clean up")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        say(
+            "another update (the demo boots the machine again): "
+            f"{ctl} --session-bus update --kernel {self.kernel_image} --wait"
+        )
+        say(f"logs: {sandbox.log_dir}/<unit>.log (no journald in the sandbox)")
 
 
 class OwnCgroup:
@@ -199,18 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("6.19", "g6"), default=None)
     parser.add_argument("--size", type=int, default=8 << 20, help="bytes of workload data")
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--keep", action="store_true", help="keep the sandbox running at the end")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the sandbox running at the end; another update from outside boots it again",
+    )
+    parser.add_argument(
+        "--participant",
+        type=Path,
+        metavar="DIR",
+        help="run your own participant instead of the example: the *.service units in DIR "
+        "(docs/participants.md, 'Try it in the sandbox')",
+    )
     args = parser.parse_args(argv)
     reason = missing_requirements()
     if reason is not None:
         print(f"the demo cannot run here: {reason}", file=sys.stderr)
         return 77
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="luo-demo-"))
-    # SIGTERM (timeout, systemd) cleans up like Ctrl-C does.
+    # SIGTERM (timeout, systemd) cleans up like Ctrl-C does; so does SIGINT when the shell that
+    # started the demo in the background had set it to be ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cgroup = OwnCgroup()
     try:
-        return Demo(workdir, args.abi, args.profile, args.size).run(args.keep)
+        demo = Demo(workdir, args.abi, args.profile, args.size, participant=args.participant)
+        return demo.run(args.keep)
     finally:
         left = cgroup.processes()
         deadline = time.monotonic() + 5

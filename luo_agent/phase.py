@@ -37,22 +37,25 @@ Decisions worth knowing:
 * A failed cancel stays in ``cancelling`` (the kernel may still be prepared, so ``idle`` would lie);
   ``Cancel`` there retries the cancel effects, which are therefore required to be idempotent.
 
+What each phase means outside the table (its target, step, progress, the kernel states its own
+work leads to, the requests it allows) is its row in ``SPECS``.
+
 Timers: after every accepted step the agent stops the phase timer; if the step started work
-(``Step.arms_timer``) and ``PhaseTimeouts.timeout_for(step.next)`` is not None, it arms a timer that
-feeds ``Timeout(step.next)``.  So each wait (gate, kernel work, cancel retry) is bounded by its
-phase's timeout, and a phase that only waits for the operator has no timer.
+(``Step.arms_timer``) and the next phase has a step (``SPECS[next].step``), it arms a timer of that
+step's configured timeout (``config.Timeouts``) that feeds ``Timeout(step.next)``.  So each wait
+(gate, kernel work, cancel retry) is bounded, and a phase that only waits for the operator has no
+timer.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Final, TypeAlias, assert_never, get_args
 
-from .errors import InvalidArgument, PhaseError
+from .errors import PhaseError
 
 
 class Phase(StrEnum):
@@ -88,8 +91,6 @@ PRE_REBOOT_PHASES: Final = frozenset(
 POST_REBOOT_PHASES: Final = frozenset(
     {Phase.UPDATED, Phase.RESTORING, Phase.RESTORED, Phase.FINISHING}
 )
-# An update exists in every phase but idle (a new Prepare is refused there).
-ACTIVE_PHASES: Final = PRE_REBOOT_PHASES | POST_REBOOT_PHASES
 
 
 def is_pre_reboot(phase: Phase) -> bool:
@@ -102,55 +103,59 @@ def is_post_reboot(phase: Phase) -> bool:
     return phase in POST_REBOOT_PHASES
 
 
-# The systemd target each gated phase starts; participants hook in with RequiredBy= + Before=.
-PHASE_TARGETS: Final[Mapping[Phase, str]] = MappingProxyType(
-    {
-        Phase.PREPARING: "liveupdate-prepare.target",
-        Phase.FREEZING: "liveupdate-freeze.target",
-        Phase.CANCELLING: "liveupdate-cancel.target",
-        Phase.RESTORING: "liveupdate-restore.target",
-        Phase.FINISHING: "liveupdate-finish.target",
-    }
-)
+# ------------------------------------------------------------------------------- what phases mean
 
 
-# --------------------------------------------------------------------------------------- timeouts
+class Request(StrEnum):
+    """Requests the phase decides outside the engine (the engine's own are its events)."""
+
+    PRESERVE = "Preserve"  # and Unpreserve: fds are handed in (or taken back) before the kernel
+    RETRIEVE = "Retrieve"  # fds handed back after the live-update boot
+    LOAD_KERNEL = "LoadKernel"  # (re)load the kexec image; not once the blackout is under way
 
 
 @dataclass(frozen=True, slots=True)
-class PhaseTimeouts:
-    """Seconds each timed phase may wait for one piece of work (gate job or kernel step)."""
+class PhaseSpec:
+    """Everything a phase means outside the transition table, in one row (``SPECS``)."""
 
-    prepare: float = 300.0
-    freeze: float = 60.0
-    cancel: float = 120.0
-    restore: float = 300.0
-    finish: float = 120.0
+    progress: int  # rough percent of the update, for the Progress property
+    # The kernel states (sysfs ``state`` values) the agent's own work leads to in this phase,
+    # allowing for a watcher that reports a step late; anything else was done by someone else
+    # (on rfc-v2 any process may open the device and send events).
+    own_kernel_states: frozenset[KernelState]
+    allows: frozenset[Request] = frozenset({Request.LOAD_KERNEL})
+    # A gated phase's step: the ``active/<step>`` marker the targets assert, the key of its
+    # timeout in the configuration (``[timeouts]``) and its target ``liveupdate-<step>.target``.
+    # Only these phases wait for work (a gate job, then the kernel) and so time out.
+    step: str = ""
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value > 0):
-                raise InvalidArgument(f"timeout {f.name} must be a positive number, got {value!r}")
+    @property
+    def target(self) -> str | None:
+        """The systemd target this phase starts; participants hook in with RequiredBy= + Before=."""
+        return f"liveupdate-{self.step}.target" if self.step else None
 
-    def timeout_for(self, phase: Phase) -> float | None:
-        """The timeout of ``phase``; None for phases that wait for the operator (or for kexec)."""
-        match phase:
-            case Phase.PREPARING:
-                return self.prepare
-            case Phase.FREEZING:
-                return self.freeze
-            case Phase.CANCELLING:
-                return self.cancel
-            case Phase.RESTORING:
-                return self.restore
-            case Phase.FINISHING:
-                return self.finish
-            case Phase.IDLE | Phase.PREPARED | Phase.REBOOTING | Phase.UPDATED | Phase.RESTORED:
-                return None
-            case _:
-                assert_never(phase)
+
+_K = KernelState
+_BEFORE_REBOOT: Final = frozenset({Request.PRESERVE, Request.LOAD_KERNEL})
+_AFTER_REBOOT: Final = frozenset({Request.RETRIEVE, Request.LOAD_KERNEL})
+
+SPECS: Final[Mapping[Phase, PhaseSpec]] = MappingProxyType(
+    {
+        Phase.IDLE: PhaseSpec(0, frozenset({_K.NORMAL}), _BEFORE_REBOOT),
+        Phase.PREPARING: PhaseSpec(10, frozenset({_K.PREPARED}), _BEFORE_REBOOT, "prepare"),
+        Phase.PREPARED: PhaseSpec(40, frozenset({_K.PREPARED})),
+        Phase.FREEZING: PhaseSpec(60, frozenset({_K.PREPARED, _K.FROZEN}), frozenset(), "freeze"),
+        Phase.REBOOTING: PhaseSpec(80, frozenset({_K.PREPARED, _K.FROZEN}), frozenset()),
+        Phase.CANCELLING: PhaseSpec(
+            50, frozenset({_K.NORMAL, _K.PREPARED, _K.FROZEN}), step="cancel"
+        ),
+        Phase.UPDATED: PhaseSpec(85, frozenset({_K.UPDATED}), _AFTER_REBOOT),
+        Phase.RESTORING: PhaseSpec(90, frozenset({_K.UPDATED}), _AFTER_REBOOT, "restore"),
+        Phase.RESTORED: PhaseSpec(95, frozenset({_K.UPDATED}), _AFTER_REBOOT),
+        Phase.FINISHING: PhaseSpec(98, frozenset({_K.NORMAL}), step="finish"),
+    }
+)
+TIMED_STEPS: Final = tuple(spec.step for spec in SPECS.values() if spec.step)
 
 
 # ----------------------------------------------------------------------------------------- events
@@ -423,13 +428,17 @@ class ByKernelState:
 Rule: TypeAlias = Transition | ByKernelState
 
 
+def _start(phase: Phase) -> StartTarget:
+    target = SPECS[phase].target
+    assert target is not None, f"{phase} has no target"
+    return StartTarget(target)
+
+
 def _gated(phase: Phase) -> Transition:
-    return Transition(phase, (StartTarget(PHASE_TARGETS[phase]),))
+    return Transition(phase, (_start(phase),))
 
 
-_CANCEL: Final = Transition(
-    Phase.CANCELLING, (KernelCancel(), StartTarget(PHASE_TARGETS[Phase.CANCELLING]))
-)
+_CANCEL: Final = Transition(Phase.CANCELLING, (KernelCancel(), _start(Phase.CANCELLING)))
 _BACK_TO_UPDATED: Final = Transition(Phase.UPDATED)
 _BACK_TO_RESTORED: Final = Transition(Phase.RESTORED)
 
@@ -494,9 +503,7 @@ def _mismatch(phase: Phase, event: Event) -> str | None:
     match event:
         case Timeout(phase=about) if about != phase:
             return f"Timeout({about})"
-        case GateOk(target=target) | GateFailed(target=target) if target != PHASE_TARGETS.get(
-            phase
-        ):
+        case GateOk(target=target) | GateFailed(target=target) if target != SPECS[phase].target:
             return f"{_event_name(event)}({target})"
         case _:
             return None

@@ -42,12 +42,14 @@ def _install() -> None:
     floor = os.environ.get("LUO_BENCH_FLOOR") == "1"
 
     def around(cls: Any, name: str, before: str, after: str = "") -> None:
-        """Mark ``before`` each call of ``cls.name`` and ``after`` it (sync or async)."""
+        """Mark ``before`` each call of ``cls.name`` and ``after`` it (sync or async; "" marks
+        nothing)."""
         original = getattr(cls, name)
         if inspect.iscoroutinefunction(original):
 
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                mark(before)
+                if before:
+                    mark(before)
                 try:
                     return await original(*args, **kwargs)
                 finally:
@@ -57,7 +59,8 @@ def _install() -> None:
         else:
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                mark(before)
+                if before:
+                    mark(before)
                 try:
                     return original(*args, **kwargs)
                 finally:
@@ -100,7 +103,8 @@ def _install() -> None:
     Publisher.phase_changed = phase_changed  # type: ignore[method-assign]
     around(Agent, "_prepare_target_queued", "job queued (loop)")
     around(PystemdGate, "run_target", "gate starts (loop)", "gate returned (loop)")
-    around(Custody, "preserve_and_prepare", "kernel step starts (loop)", "kernel step done (loop)")
+    around(Custody, "preserve_registered", "kernel step starts (loop)")
+    around(Custody, "prepare", "", "kernel step done (loop)")
 
     # The bus thread.
     sent, answered = "StartUnit sent (bus thread)", "StartUnit answered (bus thread)"
@@ -130,12 +134,15 @@ def _install() -> None:
 
     if floor:
 
-        async def no_kernel_step(self: Custody) -> ph.Event:
+        async def no_kernel_step(self: Custody) -> None:
             mark("kernel step starts (loop)")
+
+        async def no_kernel_prepare(self: Custody) -> ph.Event:
             return ph.PreparationDone()
 
-        Custody.preserve_and_prepare = no_kernel_step  # type: ignore[method-assign]
-        Custody.preserve_metadata_ahead = lambda self: None  # type: ignore[method-assign]
+        Custody.preserve_registered = no_kernel_step  # type: ignore[method-assign,assignment]
+        Custody.preserve_metadata = no_kernel_step  # type: ignore[method-assign,assignment]
+        Custody.prepare = no_kernel_prepare  # type: ignore[method-assign]
         RuntimeState.publish_phase = lambda self, phase: None  # type: ignore[method-assign]
         RuntimeState.save_current = lambda self, record: None  # type: ignore[method-assign]
 

@@ -3,7 +3,7 @@
 * ``core`` — ``Agent``: the event queue, ``phase.step`` applied in one place, the effects
   dispatched to the rooms; the requests the D-Bus layer makes.
 * ``state`` — what the rooms share: ``AgentState`` (phase, update in hand, kernel), the kernel
-  thread, the listeners' port, the per-phase tables.
+  thread, the listeners' port.
 * ``ledger`` — the update's record: begun, saved, announced, ended, kept in the history.
 * ``gates`` — the phase targets' systemd jobs and the participants' states.
 * ``custody`` — the fds and the kexec image in the agent's hands, the kernel's steps, the kexec.
@@ -17,6 +17,6 @@ The rooms import ``state`` and the layers below (``phase``, ``registry``, the ad
 
 from .core import Agent
 from .custody import CheckReport, LoadedKernel
-from .state import PROGRESS, UPDATE_ID_RE, AgentListener
+from .state import UPDATE_ID_RE, AgentListener
 
-__all__ = ["PROGRESS", "UPDATE_ID_RE", "Agent", "AgentListener", "CheckReport", "LoadedKernel"]
+__all__ = ["UPDATE_ID_RE", "Agent", "AgentListener", "CheckReport", "LoadedKernel"]

@@ -5,7 +5,7 @@ consumed by one task (``run``).  Each event goes through the pure engine (``phas
 then saves and announces the new phase (``Ledger``) and starts the step's effects as one *work*
 task that feeds its outcome back as an event.  So the phase changes in one place only, and no lock
 is needed.  The effects are the rooms' work: ``Gates`` (systemd targets), ``Custody`` (the kernel
-and the fds), ``Watchers`` (others' changes), ``Recoverer`` (start-up).
+and the fds), ``Watchers`` (others' changes), ``Startup`` (opening the kernel, recovery).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import assert_never
 
 import structlog
 
@@ -110,10 +111,6 @@ class Agent:
     @property
     def gate(self) -> Gate:
         return self.gates.gate
-
-    @gate.setter
-    def gate(self, gate: Gate) -> None:  # a benchmark times the agent's gate calls
-        self.gates.gate = gate
 
     # ------------------------------------------------------------------------------ life cycle
 
@@ -286,9 +283,9 @@ class Agent:
             self._work = asyncio.create_task(self._run_effects(work), name=f"effects-{step.next}")
         else:
             self.gates.at_rest()
-        if step.arms_timer and (seconds := self.config.timeouts.timeout_for(step.next)) is not None:
+        if step.arms_timer and (timed := ph.SPECS[step.next].step):
             self._timer = asyncio.get_running_loop().call_later(
-                seconds, self._timer_expired, step.next
+                self.config.timeouts.seconds(timed), self._timer_expired, step.next
             )
 
     def _disarm(self) -> None:
@@ -338,41 +335,51 @@ class Agent:
             self._post(outcome)
 
     async def _effects_outcome(self, effects: Sequence[ph.Effect]) -> ph.Event | None:
-        kinds = {type(e) for e in effects}
-        target = next((e.target_name for e in effects if isinstance(e, ph.StartTarget)), "")
-        if ph.KernelCancel in kinds:
-            problems = [await self.custody.cancel()]
-            if target and isinstance(outcome := await self.gates.run(target), ph.GateFailed):
+        """Run ``effects`` in order until one ends the work with an event, its outcome.  After a
+        KernelCancel the cancel target runs whatever the kernel said: both fold into one
+        CancelDone or CancelFailed."""
+        problems: list[str] | None = None  # the cancel's, once KernelCancel ran
+        for effect in effects:
+            outcome: ph.Event | None = None
+            match effect:
+                case ph.StartTarget(target_name=target):
+                    outcome = await self.gates.run(target, queued=self.ledger.announce_held)
+                case ph.KernelCancel():
+                    problems = [await self.custody.cancel()]
+                case ph.PreserveRegistered():
+                    outcome = await self.custody.preserve_registered()
+                case ph.PreserveMetadata():
+                    outcome = await self.custody.preserve_metadata()
+                case ph.KernelPrepare():
+                    outcome = await self.custody.prepare()
+                case ph.KernelFreeze():
+                    outcome = await self.custody.freeze()
+                case ph.KernelReboot():
+                    outcome = await self._reboot()
+                case ph.KernelFinish():
+                    outcome = await self.custody.finish()
+                case ph.ReportFailure():
+                    pass  # done when the step was applied (_report_failure)
+                case _:
+                    assert_never(effect)
+            if problems is None:
+                if outcome is not None:
+                    return outcome
+            elif isinstance(outcome, ph.GateFailed):
                 problems.append(outcome.reason)
-            if any(problems):
-                return ph.CancelFailed("; ".join(p for p in problems if p))
-            return ph.CancelDone()
-        if ph.PreserveRegistered in kinds:
-            return await self.custody.preserve_and_prepare()
-        if ph.KernelFreeze in kinds:
-            return await self.custody.freeze()
-        if ph.KernelReboot in kinds:
-            blackout_started = self.gates.freeze_passed_at
-            failed = await self.custody.reboot(
-                self.gate, blackout_started, self.ledger.publish_reboot
-            )
-            if failed is None:
-                self._on_rebooted()
-            return failed
-        if ph.KernelFinish in kinds:
-            return await self.custody.finish()
-        if target:
-            queued = self.ledger.announce_held
-            if self.phase is ph.Phase.PREPARING:
-                queued = self._prepare_target_queued
-            return await self.gates.run(target, queued=queued)
-        log.error("unknown_effects", effects=[type(e).__name__ for e in effects])
-        return None
+        if problems is None:
+            return None
+        if any(problems):
+            return ph.CancelFailed("; ".join(p for p in problems if p))
+        return ph.CancelDone()
 
-    def _prepare_target_queued(self) -> None:
-        # While systemd runs the participants: the agent's own kernel work, then "preparing".
-        self.custody.preserve_metadata_ahead()
-        self.ledger.announce_held()
+    async def _reboot(self) -> ph.Event | None:
+        """The kexec; an outcome only if it failed."""
+        blackout_started = self.gates.freeze_passed_at
+        failed = await self.custody.reboot(self.gate, blackout_started, self.ledger.publish_reboot)
+        if failed is None:
+            self._on_rebooted()
+        return failed
 
 
 def _resolve(ack: asyncio.Future[ph.Step], step: ph.Step) -> None:

@@ -4,7 +4,6 @@ it.  Every kernel call runs on the kernel thread; each step returns the engine's
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import time
@@ -34,7 +33,6 @@ from .state import (
 log = structlog.get_logger("luo_agent.agent")
 
 PRESERVED_PHASES = (ph.Phase.PREPARED, ph.Phase.FREEZING, ph.Phase.REBOOTING)
-RETRIEVE_PHASES = (ph.Phase.UPDATED, ph.Phase.RESTORING, ph.Phase.RESTORED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +76,15 @@ class Custody:
         # Retrieve again (a participant that died after its first one) gets a duplicate of it,
         # since rfc-v2 and v3 restore a token only once.
         self._held: dict[tuple[str, int], int] = {}
-        self._ahead: asyncio.Future[None] | None = None
+        self._preserved: tuple[PreservedFd, ...] = ()  # the kernel's tokens, until prepared
 
     @property
     def abi(self) -> str:
         return str(self._state.kernel.abi) if self._state.kernel is not None else "none"
+
+    def _require(self, request: ph.Request, what: str) -> None:
+        if request not in ph.SPECS[self._state.phase].allows:
+            raise PhaseError(self._state.phase, what)
 
     # ----------------------------------------------------------------- what callers hand in
 
@@ -91,8 +93,7 @@ class Custody:
         appended.  Returns the command line the new kernel will see.  The agent keeps its own
         duplicates of the fds.  Without a prepared update the image is only checked (loaded and
         unloaded again): prepare loads it with the update's marker (outside the blackout)."""
-        if self._state.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING):
-            raise PhaseError(self._state.phase, "LoadKernel")
+        self._require(ph.Request.LOAD_KERNEL, "LoadKernel")
         kernel = self._state.opened_kernel()
         if len(cmdline) > 4096 or "\0" in cmdline:
             raise InvalidArgument("the command line must be under 4096 bytes without NUL")
@@ -100,7 +101,7 @@ class Custody:
         own = (os.dup(kernel_fd), os.dup(initrd_fd) if initrd_fd >= 0 else -1)
 
         def load() -> str:
-            # On the kernel thread, like the reload in preserve_and_prepare: the loads and the
+            # On the kernel thread, like the reload in preserve_registered: the loads and the
             # record of what is loaded keep one order, whatever the loop does meanwhile.
             full = with_marker(base, self._state.update_id or "pending")
             kernel.load_kernel(own[0], own[1], full)
@@ -130,10 +131,7 @@ class Custody:
     ) -> None:
         """Hand an fd in: checked now, preserved in the kernel during prepare.  The agent takes
         its own duplicate; the caller keeps (and closes) its fd."""
-        if self._state.phase not in (ph.Phase.IDLE, ph.Phase.PREPARING):
-            raise PhaseError(
-                self._state.phase, "Preserve (fds are handed in while idle or preparing)"
-            )
+        self._require(ph.Request.PRESERVE, "Preserve (fds are handed in while idle or preparing)")
         sessions = self.registry.sessions()
         if session not in sessions and len(sessions) >= self._config.limits.max_sessions:
             raise InvalidArgument(f"too many sessions ({self._config.limits.max_sessions})")
@@ -145,13 +143,11 @@ class Custody:
             raise
 
     def unpreserve(self, session: str, token: int) -> None:
-        if self._state.phase not in (ph.Phase.IDLE, ph.Phase.PREPARING):
-            raise PhaseError(self._state.phase, "Unpreserve")
+        self._require(ph.Request.PRESERVE, "Unpreserve")
         self.registry.remove(session, token)
 
     async def retrieve(self, session: str, token: int, caller: str = "") -> int:
-        if self._state.phase not in RETRIEVE_PHASES:
-            raise PhaseError(self._state.phase, "Retrieve (only after a live-update boot)")
+        self._require(ph.Request.RETRIEVE, "Retrieve (only after a live-update boot)")
         kernel = self._state.opened_kernel()
         key = (session, token)
         held = self._held.get(key)
@@ -257,29 +253,15 @@ class Custody:
 
     # ------------------------------------------------------------------------- kernel steps
 
-    def preserve_metadata_ahead(self) -> None:
-        """Once the prepare target's job is queued: the agent's metadata into the kernel while
-        the participants run (it does not depend on their fds), off the path after them."""
+    async def preserve_registered(self) -> ph.Event | None:
+        """Every handed-in fd into the kernel, dependencies first, with the agent's metadata
+        memfd (after reloading the kexec image with the update's marker if needed)."""
         kernel = self._state.opened_kernel()
         record = self._state.record
-        assert record is not None and self._ahead is None
-        ahead = self._kernel_thread.submit(kernel.preserve_metadata, record)
-        ahead.add_done_callback(_retrieved)  # awaited by the preservation, or dropped by a cancel
-        self._ahead = ahead
-
-    async def preserve_and_prepare(self) -> ph.Event:
-        kernel = self._state.opened_kernel()
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            try:
-                await ahead
-            except (LuoError, OSError) as exc:
-                return ph.PreparationFailed(str(exc))
-        assert self._state.record is not None
+        assert record is not None
         entries = self.registry.preservation_order()
-        record = self._state.record
 
-        def in_kernel() -> tuple[PreservedFd, ...]:
+        def in_kernel() -> None:
             # What is loaded is read here, after any LoadKernel queued before (load_kernel).
             loaded = self._kexec
             marked = with_marker(loaded.base_cmdline if loaded else "", record.id)
@@ -289,41 +271,45 @@ class Custody:
                 self.image_in_kernel = True
             items = [PreserveItem(e.session, e.token, e.fd) for e in entries]
             tokens = kernel.preserve(items, record)
-            preserved = tuple(
+            self._preserved = tuple(
                 PreservedFd(e.session, e.token, e.owner, tokens[(e.session, e.token)], e.depends_on)
                 for e in entries
             )
-            # Every kernel token is known now (rfc-v2 makes its own): rewrite the metadata.
-            kernel.update_metadata(replace(record, preserved=preserved))
-            kernel.prepare()
-            return preserved
 
-        try:
-            preserved = await self._kernel_thread.call(in_kernel)
-        except (LuoError, OSError) as exc:
-            return ph.PreparationFailed(str(exc))
-        if self._state.record is not None:
+        return await self._step(in_kernel, None, ph.PreparationFailed)
+
+    async def preserve_metadata(self) -> ph.Event | None:
+        """Every kernel token is known now (rfc-v2 makes its own): rewrite the metadata."""
+        assert self._state.record is not None
+        record = replace(self._state.record, preserved=self._preserved)
+        kernel = self._state.opened_kernel()
+        return await self._step(lambda: kernel.update_metadata(record), None, ph.PreparationFailed)
+
+    async def prepare(self) -> ph.Event | None:
+        kernel = self._state.opened_kernel()
+        failed = await self._step(kernel.prepare, None, ph.PreparationFailed)
+        if failed is None and self._state.record is not None:
             self._state.record = replace(
-                self._state.record, preserved=preserved, kernel_cmdline=self.kernel_cmdline
+                self._state.record, preserved=self._preserved, kernel_cmdline=self.kernel_cmdline
             )
-        return ph.PreparationDone()
+        return failed or ph.PreparationDone()
 
-    async def freeze(self) -> ph.Event:
+    async def freeze(self) -> ph.Event | None:
         return await self._step(
             self._state.opened_kernel().freeze, ph.FreezeDone(), ph.FreezeFailed
         )
 
-    async def finish(self) -> ph.Event:
+    async def finish(self) -> ph.Event | None:
         return await self._step(self._finish_kernel, ph.FinishDone(), ph.FinishFailed)
 
     def _finish_kernel(self) -> None:
         problems = self._state.opened_kernel().finish()
         if problems:
-            raise KernelError("finish", 16, "; ".join(problems))
+            raise KernelError("finish", errno.EBUSY, "; ".join(problems))
 
     async def _step(
-        self, fn: Callable[[], object], ok: ph.Event, failed: Callable[[str], ph.Event]
-    ) -> ph.Event:
+        self, fn: Callable[[], object], ok: ph.Event | None, failed: Callable[[str], ph.Event]
+    ) -> ph.Event | None:
         try:
             await self._kernel_thread.call(fn)
         except (LuoError, OSError) as exc:
@@ -333,7 +319,6 @@ class Custody:
     async def cancel(self) -> str:
         """Cancel in the kernel and let go of the handed-in fds; what went wrong ("" if nothing)."""
         problem = ""
-        self._ahead = None  # the cancel runs after it on the kernel thread and undoes it
         try:
             await self._kernel_thread.call(self._state.opened_kernel().cancel)
         except (LuoError, OSError) as exc:
@@ -419,8 +404,3 @@ class Custody:
             reclaim=lambda: call(kernel.reclaim_outgoing),
             announce=announce,
         )
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -54,7 +54,7 @@ class Gates:
         if self._refresh is not None:
             self._refresh.cancel()  # this gate's reading supersedes it
             self._refresh = None
-        if target != ph.PHASE_TARGETS[ph.Phase.CANCELLING]:
+        if target != ph.SPECS[ph.Phase.CANCELLING].target:
             self._blamed = ()
         watch = asyncio.create_task(self._watch_slow_gate(target), name=f"watch-{target}")
         try:
@@ -71,7 +71,7 @@ class Gates:
             return ph.GateFailed(target, str(exc))
         finally:
             watch.cancel()
-        if target == ph.PHASE_TARGETS[ph.Phase.FREEZING] and outcome.ok:
+        if target == ph.SPECS[ph.Phase.FREEZING].target and outcome.ok:
             # The blackout-critical path starts here: nothing slow until the kexec.
             self.freeze_passed_at = time.monotonic()
             return ph.GateOk(target)
@@ -169,7 +169,7 @@ class Gates:
         """Before a phase's Timeout: learn which participants of its gate are still running
         (cancelling the gate stops them, and the failure must name them)."""
         self._stuck = ()
-        target = ph.PHASE_TARGETS.get(phase)
+        target = ph.SPECS[phase].target
         if target is None:
             return
         try:

@@ -19,7 +19,7 @@ from .. import phase as ph
 from ..errors import Busy, InvalidArgument, UpdateEnded
 from ..persist import History, PersistError, RuntimeState
 from ..records import UpdateRecord
-from .state import MARKERS, UPDATE_ID_RE, AgentListener, AgentState, new_update_id
+from .state import UPDATE_ID_RE, AgentListener, AgentState, new_update_id
 
 log = structlog.get_logger("luo_agent.agent")
 
@@ -190,7 +190,7 @@ class Ledger:
     def _save_phase(self, new: ph.Phase, previous: ph.Phase) -> UpdateRecord | None:
         """Make ``new`` durable before anything announces it: the state file and marker, then
         current.json (and in-flight.json at freezing); the record of an update it ends."""
-        marker = MARKERS.get(new)
+        marker = ph.SPECS[new].step
         if new is not self._published_phase:
             try:
                 self.runtime.set_active([marker] if marker else [])
@@ -271,6 +271,9 @@ class Ledger:
         )
         if self._state.record is None or recorded is None:
             return
+        if self._state.shutdown_queued:
+            # The machine is going down around the update: the likely cause, said once.
+            recorded += f" ({self._state.shutdown_queued} was queued by someone else)"
         self._state.record = replace(
             self._state.record,
             # Found prepared at start-up: the update of an agent that died.

@@ -258,7 +258,7 @@ class Startup:
             await self._after_dead_agent(previous, was)
             if updated:
                 recovery = Recovery(ph.KernelState.UPDATED)
-        stale_gate = ph.PHASE_TARGETS.get(was)
+        stale_gate = ph.SPECS[was].target
         if stale_gate is not None and ph.is_pre_reboot(was):
             # The dead agent's gate may still have a start job queued (a hook that hangs): the
             # cancel target conflicts with it, and starting it would be refused as destructive.

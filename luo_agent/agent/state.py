@@ -1,5 +1,5 @@
-"""What the agent's rooms share: the update in hand, the kernel thread, the listeners' port and the
-tables that say what each phase means outside the engine."""
+"""What the agent's rooms share: the update in hand, the kernel thread and the listeners' port.
+What each phase means outside the engine is its row in ``phase.SPECS``."""
 
 from __future__ import annotations
 
@@ -23,44 +23,6 @@ T = TypeVar("T")
 UPDATE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CMDLINE_MARKER: Final = "luo_agent.update="
 
-# Rough progress of an update per phase, for the Progress property.
-PROGRESS: Final[dict[ph.Phase, int]] = {
-    ph.Phase.IDLE: 0,
-    ph.Phase.PREPARING: 10,
-    ph.Phase.PREPARED: 40,
-    ph.Phase.FREEZING: 60,
-    ph.Phase.REBOOTING: 80,
-    ph.Phase.CANCELLING: 50,
-    ph.Phase.UPDATED: 85,
-    ph.Phase.RESTORING: 90,
-    ph.Phase.RESTORED: 95,
-    ph.Phase.FINISHING: 98,
-}
-
-# What a gate step is called in the runtime directory's active/ markers (the targets assert them).
-MARKERS: Final[dict[ph.Phase, str]] = {
-    ph.Phase.PREPARING: "prepare",
-    ph.Phase.FREEZING: "freeze",
-    ph.Phase.CANCELLING: "cancel",
-    ph.Phase.RESTORING: "restore",
-    ph.Phase.FINISHING: "finish",
-}
-
-# The kernel states (sysfs ``state`` values) the agent's own work moves the kernel to in each phase,
-# allowing for a watcher that reports a step late; a change to anything else was made by someone
-# else (on rfc-v2 any process may open the device and send events).
-OWN_KERNEL_STATES: Final[dict[ph.Phase, frozenset[str]]] = {
-    ph.Phase.IDLE: frozenset({"normal"}),
-    ph.Phase.PREPARING: frozenset({"prepared"}),
-    ph.Phase.PREPARED: frozenset({"prepared"}),
-    ph.Phase.FREEZING: frozenset({"prepared", "frozen"}),
-    ph.Phase.REBOOTING: frozenset({"prepared", "frozen"}),
-    ph.Phase.CANCELLING: frozenset({"normal", "prepared", "frozen"}),
-    ph.Phase.UPDATED: frozenset({"updated"}),
-    ph.Phase.RESTORING: frozenset({"updated"}),
-    ph.Phase.RESTORED: frozenset({"updated"}),
-    ph.Phase.FINISHING: frozenset({"normal"}),
-}
 # Phases in which the agent holds a prepared kernel: a NORMAL kernel there means the update is gone.
 HOLDS_PREPARED_KERNEL: Final = frozenset({ph.Phase.PREPARED, ph.Phase.FREEZING})
 
@@ -95,7 +57,7 @@ class AgentState:
 
     @property
     def progress(self) -> int:
-        return PROGRESS.get(self.phase, 0)
+        return ph.SPECS[self.phase].progress
 
     @property
     def update_id(self) -> str:

@@ -15,7 +15,7 @@ from .. import phase as ph
 from ..errors import LuoError, PhaseError
 from ..kernel.device import KernelState as KernelStateValue
 from ..systemd.gate import Gate
-from .state import HOLDS_PREPARED_KERNEL, OWN_KERNEL_STATES, AgentListener, AgentState, KernelThread
+from .state import HOLDS_PREPARED_KERNEL, AgentListener, AgentState, KernelThread
 
 log = structlog.get_logger("luo_agent.agent")
 
@@ -58,7 +58,7 @@ class Watchers:
         change the agent did not make, and act if it contradicts the phase."""
         previous, self.observed_kernel_state = self.observed_kernel_state, value
         if value != previous:
-            if previous is not None and value not in OWN_KERNEL_STATES[self._state.phase]:
+            if previous is not None and value not in ph.SPECS[self._state.phase].own_kernel_states:
                 log.warning(
                     "kernel_state_changed_externally",
                     state=value,
@@ -118,7 +118,8 @@ class Watchers:
         async def consume() -> None:
             try:
                 async for target in watch:
-                    self._state.shutdown_queued = target
+                    if self._state.phase is not ph.Phase.REBOOTING:  # there, the agent's own job
+                        self._state.shutdown_queued = target
                     if self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED):
                         await self._cancel_for_shutdown(target)
                     else:

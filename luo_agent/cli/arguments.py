@@ -12,7 +12,7 @@ from .output import ExitCode
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a usage error; 2 is NOTHING_TO_DO here, so usage errors are INVALID."""
+    """argparse exits 2 on a usage error; 2 is reserved here, so usage errors are INVALID."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
         prog="liveupdatectl",
         description="Drive Linux live updates through luo-agent (org.luoagent.LiveUpdate1): "
         "check, load the next kernel, prepare, execute; status and history.",
-        epilog="Exit codes: 0 done, 1 failed, 2 nothing to do, 3 busy, 4 blocked (not possible "
+        epilog="Exit codes: 0 done, 1 failed, 3 busy, 4 blocked (not possible "
         "now), 5 not authorized, 6 invalid argument, 69 agent not reachable.  See docs/cli.md.",
     )
     _global_options(p, default=False)
@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
                 "LIVEUPDATE_INITRD and LIVEUPDATE_CMDLINE (what liveupdate.service passes)",
             )
     for name, summary in (
-        ("cancel", "cancel the update before the kexec (exit 2 when there is none)"),
+        ("cancel", "cancel the update before the kexec (exit 4 when there is none)"),
         ("restore", "after a live-update boot: run the restore gate (again)"),
         ("finish", "after a live-update boot: run the finish gate and finish in the kernel"),
     ):
@@ -144,6 +144,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token", type=int, required=True, help="its token there")
     s.add_argument("--output", help="write its contents to this file")
     command("sessions", "list the preserved file descriptors")
+    s = command(
+        "watch",
+        "follow the agent: each phase, progress and participants change (during a slow gate: "
+        "the units it waits for, failures first), until Ctrl-C",
+    )
+    s.add_argument(
+        "--until-finished",
+        action="store_true",
+        help="end when an update ends (exit 0 on success, 1 otherwise)",
+    )
     s = command("history", "list past updates, oldest first")
     s.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     return p

@@ -22,7 +22,7 @@ from dbus_fast.aio import MessageBus
 from ..client import call, get_all, get_property
 from ..participant import Participant, notify
 from .output import ExitCode, Output, jsonable
-from .watch import Watcher, outcome, prepared, rebooted, wait
+from .watch import Watcher, follow, outcome, prepared, rebooted, wait
 
 
 async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
@@ -36,7 +36,8 @@ async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         print(f"Progress:       {props['Progress']}%")
         last = props["LastResult"]
         if last[0]:
-            print(f"Last update:    {last[0]}: {last[1]}" + (f" ({last[3]})" if last[3] else ""))
+            detail = f" ({last[3]})" if last[3] and last[3] != last[1] else ""
+            print(f"Last update:    {last[0]}: {last[1]}{detail}")
         if props["Participants"]:
             print("Participants:   " + _participants_title(str(props["Phase"])))
         for unit, active, sub, result in props["Participants"]:
@@ -108,7 +109,8 @@ async def cmd_load_kernel(bus: MessageBus, args: argparse.Namespace, out: Output
 
 async def cmd_prepare(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     update_id = args.id or _new_id()
-    watcher = Watcher(bus, out, update_id, stream=args.wait)
+    # Phases heard before Prepare's reply are printed after "started" (stream_from_now).
+    watcher = Watcher(bus, out, update_id, stream=False)
     await watcher.subscribe()
     new_id, path = await call(bus, "Prepare", "a{sv}", [{"id": Variant("s", update_id)}])
     if not args.wait:
@@ -118,6 +120,7 @@ async def cmd_prepare(bus: MessageBus, args: argparse.Namespace, out: Output) ->
         )
         return ExitCode.OK
     out.line(f"update {new_id} started ({path})")
+    watcher.stream_from_now()
     failed = await wait(watcher, prepared, args.timeout, out)
     return failed if failed is not None else outcome(watcher, out)
 
@@ -271,6 +274,10 @@ async def cmd_sessions(bus: MessageBus, args: argparse.Namespace, out: Output) -
     return ExitCode.OK
 
 
+async def cmd_watch(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
+    return await follow(bus, out, args.until_finished)
+
+
 async def cmd_history(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
     (rows,) = await call(bus, "GetHistory", "u", [args.limit])
     items = [{k: v.value for k, v in row.items()} for row in rows]
@@ -300,6 +307,7 @@ COMMANDS: Final[dict[str, Callable[[MessageBus, argparse.Namespace, Output], Any
     "retrieve": cmd_retrieve,
     "sessions": cmd_sessions,
     "history": cmd_history,
+    "watch": cmd_watch,
 }
 
 

@@ -20,7 +20,7 @@ SCHEMA: Final = "liveupdatectl/1"
 class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1  # the operation ran and failed (a participant, the kernel)
-    NOTHING_TO_DO = 2  # e.g. cancel with no update in progress
+    NOTHING_TO_DO = 2  # reserved: no command returns it (argparse's usage code elsewhere)
     BUSY = 3  # another update is in progress / the kernel device is held by someone else
     BLOCKED = 4  # check found blockers / wrong phase for this command
     NOT_AUTHORIZED = 5

@@ -83,8 +83,6 @@ async def run(args: argparse.Namespace) -> int:
         return int(await COMMANDS[args.command](bus, args, out))
     except CallError as exc:
         code = ERROR_EXIT.get(exc.name, ExitCode.FAILURE)
-        if args.command == "cancel" and exc.name == f"{ERROR_PREFIX}.WrongPhase":
-            code = ExitCode.NOTHING_TO_DO
         hint = NO_AGENT_HINT[kind] if exc.name in AGENT_ABSENT else ""
         out.error(exc.name, exc.text, code, hint=hint)
         return code

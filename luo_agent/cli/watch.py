@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..client import call
+from ..client import call, get_all
 from ..dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
 from .output import ExitCode, Output
 
@@ -27,6 +27,7 @@ class Watcher:
         self.stream = stream  # print one line (one JSON event) per phase
         self.phase = ""
         self.phases: list[str] = []
+        self._heard: list[tuple[str, float]] = []  # phases not printed yet (and when)
         self.finished: tuple[str, str, str] | None = None
         self.agent_gone = False
         self.changed = asyncio.Event()
@@ -61,20 +62,27 @@ class Watcher:
         if msg.member == "PhaseChanged" and msg.body[0] == self.update_id:
             self.phase = msg.body[1]
             self.phases.append(self.phase)
+            self._heard.append((self.phase, time.monotonic() - self.started))
             if self.stream:
-                elapsed = time.monotonic() - self.started
-                self.out.line(f"[{elapsed:7.3f}s] {self.update_id}: {self.phase}")
-                self.out.event(
-                    event="phase",
-                    update=self.update_id,
-                    phase=self.phase,
-                    elapsed=round(elapsed, 6),
-                )
+                self._print_heard()
             self.changed.set()
         elif msg.member == "Finished" and msg.body[0] == self.update_id:
             self.finished = (msg.body[1], msg.body[2], msg.body[3])
             self.changed.set()
         return None
+
+    def stream_from_now(self) -> None:
+        """Print the phases heard so far, then every phase as it comes."""
+        self.stream = True
+        self._print_heard()
+
+    def _print_heard(self) -> None:
+        for phase, elapsed in self._heard:
+            self.out.line(f"[{elapsed:7.3f}s] {self.update_id}: {phase}")
+            self.out.event(
+                event="phase", update=self.update_id, phase=phase, elapsed=round(elapsed, 6)
+            )
+        self._heard.clear()
 
     async def until(self, done: Callable[[], bool], timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -162,3 +170,72 @@ def outcome(watcher: Watcher, out: Output) -> ExitCode:
         lambda: print(f"update {update_id}: {watcher.phase}" + (f": {message}" if message else "")),
     )
     return ExitCode.OK
+
+
+async def follow(bus: MessageBus, out: Output, until_finished: bool) -> ExitCode:
+    """``liveupdatectl watch``: one line per phase, progress and participants change (the
+    participants failures first: during a slow gate, who holds it), until interrupted or, with
+    ``until_finished``, until an update ends."""
+    done: asyncio.Future[ExitCode] = asyncio.get_running_loop().create_future()
+    started = time.monotonic()
+
+    def stamp() -> str:
+        return f"[{time.monotonic() - started:7.3f}s]"
+
+    def participants(rows: list[list[str]]) -> None:
+        for unit, active, sub, result in rows:
+            out.line(f"{stamp()}   {unit} {active}/{sub} result={result or '-'}")
+        out.event(event="participants", participants=[list(r) for r in rows])
+
+    def on_message(msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL or done.done():
+            return
+        if msg.member == "NameOwnerChanged" and msg.body[:1] == [BUS_NAME]:
+            if not msg.body[2]:
+                out.line(f"{stamp()} the agent left the bus")
+                out.event(event="agent-gone")
+            return
+        if msg.member == "PhaseChanged" and msg.interface == IFACE_MANAGER:
+            update_id, phase = msg.body
+            out.line(f"{stamp()} {update_id or '-'}: {phase}")
+            out.event(event="phase", update=update_id, phase=phase)
+        elif msg.member == "Finished" and msg.interface == IFACE_MANAGER:
+            update_id, result, _error, message = msg.body
+            out.line(f"{stamp()} {update_id}: {result}" + (f": {message}" if message else ""))
+            out.event(event="finished", update=update_id, result=result, message=message)
+            if until_finished:
+                done.set_result(ExitCode.OK if result == "success" else ExitCode.FAILURE)
+        elif msg.member == "PropertiesChanged" and msg.body[0] == IFACE_MANAGER:
+            changed = msg.body[1]
+            if "Progress" in changed:
+                out.line(f"{stamp()} progress {changed['Progress'].value}%")
+                out.event(event="progress", progress=changed["Progress"].value)
+            if "Participants" in changed:
+                out.line(f"{stamp()} participants (failures first):")
+                participants(changed["Participants"].value)
+
+    for rule in (
+        f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}'",
+        f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
+    ):
+        await call(
+            bus,
+            "AddMatch",
+            "s",
+            [rule],
+            interface="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            destination="org.freedesktop.DBus",
+        )
+    bus.add_message_handler(on_message)
+    props = await get_all(bus)
+    out.line(
+        f"{stamp()} phase {props['Phase']}, update {props['CurrentUpdate'] or '-'}, "
+        f"progress {props['Progress']}%"
+    )
+    out.event(event="status", phase=props["Phase"], update=props["CurrentUpdate"])
+    if props["Participants"]:
+        participants(props["Participants"])
+    code = await done
+    out.result({"phase": props["Phase"]}, lambda: None)
+    return code

@@ -11,8 +11,8 @@ from dbus_fast.annotations import DBusStr, DBusUInt32
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from ..agent import PROGRESS, Agent
-from ..phase import Phase
+from ..agent import Agent
+from ..phase import SPECS, Phase
 from ..records import UpdateRecord
 from .auth import Authorizer
 from .errors import dbus_errors
@@ -43,7 +43,7 @@ class UpdateInterface(ServiceInterface):
     def progress(self) -> DBusUInt32:
         if self.record.result:
             return 100
-        return PROGRESS.get(Phase(self.record.phase), 0)
+        return SPECS[Phase(self.record.phase)].progress
 
     @dbus_property(name="StartedBy", access=PropertyAccess.READ)
     def started_by(self) -> DBusStr:

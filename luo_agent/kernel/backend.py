@@ -113,16 +113,11 @@ class KernelBackend(Protocol):
 
     def start(self) -> BootState: ...
 
-    def preserve_metadata(self, record: UpdateRecord) -> None:
-        """Put the agent's metadata (``record``) in the kernel ahead of ``preserve``, which
-        otherwise does it: done while the participants still prepare, it is off their path.
-        A backend whose kernel keeps files after the agent dies may leave it to ``preserve``."""
-        ...
-
     def preserve(
         self, items: Sequence[PreserveItem], record: UpdateRecord
     ) -> dict[tuple[str, int], int]:
-        """Preserve ``items`` and, unless already done, the metadata; all or nothing."""
+        """Preserve the agent's metadata memfd (made from ``record``) and ``items``; all or
+        nothing.  Returns the kernel token of every item."""
         ...
 
     def prepare(self) -> None: ...

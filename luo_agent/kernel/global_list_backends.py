@@ -35,7 +35,6 @@ class GlobalListBackend(MetadataMemfd):
         self.syscalls = syscalls
         self.kernel_tokens: dict[tuple[str, int], int] = {}
         self.meta_kernel_token: int | None = None
-        self._metadata_ahead = False  # preserve_metadata ran, preserve has not yet
 
     def reboot(self) -> None:
         self.syscalls.reboot_kexec()
@@ -105,26 +104,13 @@ class GlobalListBackend(MetadataMemfd):
             return BootState(state, stale_prepared=True)
         return BootState(state)
 
-    def preserve_metadata(self, record: UpdateRecord) -> None:
-        self._preserve_metadata(record)
-
-    def _preserve_metadata(self, record: UpdateRecord) -> None:
+    def preserve(
+        self, items: Sequence[PreserveItem], record: UpdateRecord
+    ) -> dict[tuple[str, int], int]:
         try:
             self._meta_fd = new_metadata_memfd(record)
             self.meta_kernel_token = self._preserve_one(self._meta_fd, METADATA_TOKEN)
             self._remember_metadata_token(self.meta_kernel_token)
-        except BaseException:
-            self._unpreserve_all()
-            raise
-        self._metadata_ahead = True
-
-    def preserve(
-        self, items: Sequence[PreserveItem], record: UpdateRecord
-    ) -> dict[tuple[str, int], int]:
-        if not self._metadata_ahead:
-            self._preserve_metadata(record)
-        self._metadata_ahead = False
-        try:
             for index, item in enumerate(items, start=1):
                 self.kernel_tokens[(item.session, item.token)] = self._preserve_one(item.fd, index)
         except BaseException:
@@ -141,7 +127,6 @@ class GlobalListBackend(MetadataMemfd):
                 self._unpreserve(token)
         self.kernel_tokens.clear()
         self.meta_kernel_token = None
-        self._metadata_ahead = False
         self._drop_metadata()
 
     def prepare(self) -> None:
@@ -237,11 +222,6 @@ class RfcV2Backend(GlobalListBackend):
 
     def _state(self) -> KernelState:
         return self.device.get_state()
-
-    def preserve_metadata(self, record: UpdateRecord) -> None:
-        """Left to ``preserve``: RFC v2 keeps preserved files when the agent dies and cannot list
-        them, so a preservation ahead would widen the crash window of unnamed files from the
-        preservation itself to the whole prepare gate (docs/reliability.md)."""
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
         return self.device.fd_preserve(fd)

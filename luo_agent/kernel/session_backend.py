@@ -26,6 +26,9 @@ from .device import Abi
 from .session import LuoSession, SessionDevice
 from .syscalls import KEXEC_FILE_UNLOAD, Syscalls, kexec_image_loaded
 
+# readlink(/proc/self/fd/N) of a session fd (luo_session_getfile, kernel/liveupdate/luo_session.c).
+SESSION_LINK_PREFIX = "anon_inode:[luo_session] "
+
 
 @dataclass
 class SessionBackend(MetadataMemfd):
@@ -96,32 +99,16 @@ class SessionBackend(MetadataMemfd):
                     notes.append(f"session {name!r} not carried: {exc}")
             return BootState(kernel_state=None, incoming=record, notes=tuple(notes))
 
-    def preserve_metadata(self, record: UpdateRecord) -> None:
-        if AGENT_SESSION in self.outgoing:
-            raise WrongKernelState("preserve", errno.EBUSY, "the agent's session already exists")
-        try:
-            with self._device() as dev:
-                self._preserve_own(dev, record)
-        except BaseException:
-            self.cancel()
-            raise
-
-    def _preserve_own(self, dev: SessionDevice, record: UpdateRecord) -> None:
-        own = self.outgoing[AGENT_SESSION] = dev.create_session(AGENT_SESSION)
-        self._meta_fd = new_metadata_memfd(record)
-        own.preserve_fd(self._meta_fd, METADATA_TOKEN)
-
     def preserve(
         self, items: Sequence[PreserveItem], record: UpdateRecord
     ) -> dict[tuple[str, int], int]:
-        if any(name != AGENT_SESSION for name in self.outgoing):
+        if self.outgoing:
             raise WrongKernelState("preserve", errno.EBUSY, "outgoing sessions already exist")
-        if not items and AGENT_SESSION in self.outgoing:
-            return {}  # the metadata went ahead: nothing to open the device for
         try:
             with self._device() as dev:
-                if AGENT_SESSION not in self.outgoing:
-                    self._preserve_own(dev, record)
+                own = self.outgoing[AGENT_SESSION] = dev.create_session(AGENT_SESSION)
+                self._meta_fd = new_metadata_memfd(record)
+                own.preserve_fd(self._meta_fd, METADATA_TOKEN)
                 for item in items:
                     session = self.outgoing.get(item.session)
                     if session is None:
@@ -146,6 +133,7 @@ class SessionBackend(MetadataMemfd):
         # the agent's copies go when PID 1 stops it, the custody's stay open to reboot(KEXEC).
         try:
             for name, session in self.outgoing.items():
+                self._readable_by_pid1(name, session.fd)
                 self.custody.keep_outgoing(name, session.fd)
                 self._entrusted.append(name)
             self.custody.sync()
@@ -153,6 +141,17 @@ class SessionBackend(MetadataMemfd):
             self.reclaim_outgoing()
             raise
         return len(self._entrusted)
+
+    def _readable_by_pid1(self, name: str, fd: int) -> None:
+        """PID 1 maps a session back by the name its fd link shows (systemd's
+        ``fd_get_luo_session_name``); one it cannot read is not carried as a session."""
+        link = self.syscalls.fd_link(fd)
+        if link != SESSION_LINK_PREFIX + name:
+            raise KernelError(
+                "hand-over",
+                errno.EMEDIUMTYPE,
+                f"session {name!r} reads back as {link!r}: PID 1 would not carry it",
+            )
 
     def reclaim_outgoing(self) -> None:
         # Otherwise the store would keep the sessions open, preserved, into any later kexec.

@@ -50,6 +50,10 @@ class Syscalls(Protocol):
         """Where an absolute kernel path (``/dev/liveupdate``, ``/sys/...``) lives."""
         ...
 
+    def fd_link(self, fd: int) -> str:
+        """``readlink(/proc/self/fd/<fd>)``: what PID 1 reads a session's name from."""
+        ...
+
 
 _SYS_kexec_file_load: Final = {"x86_64": 320, "aarch64": 294, "riscv64": 294}
 _SYS_reboot: Final = {"x86_64": 169, "aarch64": 142, "riscv64": 142}
@@ -64,6 +68,9 @@ class RealSyscalls:
 
     def open(self, path: str, flags: int) -> int:
         return os.open(path, flags)
+
+    def fd_link(self, fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
 
     def ioctl(self, fd: int, request: int, buf: bytearray) -> int:
         return int(fcntl.ioctl(fd, request, buf, True))

@@ -34,8 +34,8 @@ from tests.fakes.agent_host import memfd_with, until
 from tests.fakes.gate import FakeGate
 from tests.fakes.pid1 import AgentFdStore, FakeSystemd262
 
-RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
-FREEZE = ph.PHASE_TARGETS[ph.Phase.FREEZING]
+RESTORE = ph.SPECS[ph.Phase.RESTORING].target
+FREEZE = ph.SPECS[ph.Phase.FREEZING].target
 CARRIED = sorted(fd_name(s, OUTGOING_PREFIX) for s in ("luo-agent", "vm-1"))
 
 
@@ -784,3 +784,48 @@ async def test_a_shutdown_inhibitor_blocks_check_and_execute_before_the_freeze(
         assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
         gate.inhibitors.clear()
         await _execute_until_kexec_queued(host, agent, pid1)
+
+
+async def test_a_session_pid1_could_not_read_back_is_reported_before_the_kexec(
+    session_host: Host, pid1: FakeSystemd262, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PID 1 carries a session by the name its fd link shows: a kernel that showed it otherwise
+    (here: cut short) would leave it out, so the hand-over refuses before the kexec."""
+    host = session_host
+    real = EmulatedSyscalls.fd_link
+
+    def cut_short(self: EmulatedSyscalls, fd: int) -> str:
+        return real(self, fd)[:-2]
+
+    gate = _gate(pid1)
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        monkeypatch.setattr(EmulatedSyscalls, "fd_link", cut_short)
+        await agent.execute()
+        await until(agent, lambda: agent.phase is ph.Phase.PREPARED and FREEZE in gate.started)
+        assert agent.record is not None and "reads back as" in agent.record.message
+        assert gate.kexec_requests == 0 and pid1.stored_names() == []
+        assert host.outgoing_sessions() == ["luo-agent", "vm-1"]
+        monkeypatch.undo()
+        await agent.cancel()
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+
+
+async def test_a_freeze_failing_under_someone_elses_shutdown_says_so(
+    session_host: Host, pid1: FakeSystemd262
+) -> None:
+    host = session_host
+    gate = _gate(pid1)
+
+    async def stopped_by_the_shutdown() -> None:
+        gate.queue_shutdown_job("reboot.target")
+        await asyncio.sleep(0.2)  # the watcher takes the job from the queue
+        raise RuntimeError("stopped")
+
+    gate.hooks[FREEZE] = stopped_by_the_shutdown
+    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        await host.prepared(agent, b"data")
+        await agent.execute()
+        await until(agent, lambda: agent.phase is ph.Phase.IDLE)
+        assert agent.last is not None and agent.last.result == "failed"
+        assert agent.last.message.endswith("(reboot.target was queued by someone else)")

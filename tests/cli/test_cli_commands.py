@@ -302,14 +302,21 @@ async def test_prepare_execute_cancel_and_their_exit_codes(host: AgentHost) -> N
         await log.wait_for(lambda: log.ended("p-1"))
     finally:
         await disconnect(bus)
-    # NOTHING_TO_DO: nothing left to cancel.
+    run = await ctl("status")
+    assert "Last update:    p-1: cancelled\n" in run.stdout, run.stdout  # not "(cancelled)"
+    # Nothing left to cancel: WrongPhase, BLOCKED as everywhere.
     run = await ctl("cancel", as_json=True)
-    assert run.code == ExitCode.NOTHING_TO_DO and run.result["error"] == error("WrongPhase")
+    assert run.code == ExitCode.BLOCKED and run.result["error"] == error("WrongPhase")
 
-    run = await ctl("prepare", "--wait", "--id", "p-3", as_json=True)
+    run = await ctl("prepare", "--wait", "--id", "p-3")
     assert run.code == ExitCode.OK
-    assert [e["phase"] for e in run.events] == ["preparing", "prepared"]
-    assert (run.result["phase"], run.result["result"]) == ("prepared", "")
+    # "started" first, then each phase (heard before Prepare's reply, printed after it).
+    assert run.stdout.splitlines()[0].startswith("update p-3 started"), run.stdout
+    assert [line.rsplit(" ", 1)[1] for line in run.stdout.splitlines()[1:3]] == [
+        "preparing",
+        "prepared",
+    ], run.stdout
+    assert run.stdout.splitlines()[-1] == "update p-3: prepared"
     await ctl("load-kernel", kernel_image(host))
     run = await ctl("execute", "--wait", as_json=True)
     assert run.code == ExitCode.OK
@@ -469,3 +476,33 @@ async def test_keep_runs_the_command_with_a_kept_memfd_and_unpreserve_takes_it_b
     assert run.code == ExitCode.INVALID and "COMMAND" in run.result["message"]
     run = await ctl("keep", "--session", "counter", "--", "true", as_json=True)
     assert run.code == ExitCode.OK and run.result["exit"] == 0
+
+
+async def test_watch_follows_phases_and_participants_until_the_update_ends(
+    host: AgentHost,
+) -> None:
+    host.gate.failing["liveupdate-prepare.target"] = UnitStatus(
+        "broken-hook.service", "failed", "failed", "exit-code"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "luo_agent.cli", "--session-bus", "--json", "watch",
+        "--until-finished", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+    assert (first["event"], first["phase"]) == ("status", "idle")  # subscribed before this
+    run = await ctl("prepare", "--id", "watched")
+    assert run.code == ExitCode.OK
+    rest, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == ExitCode.FAILURE, err  # the update failed
+    docs = [first] + [json.loads(line) for line in rest.decode().splitlines()]
+    for document in docs:
+        schema.validate(document)
+    phases = [d["phase"] for d in docs if d.get("event") == "phase"]
+    assert phases[:2] == ["preparing", "cancelling"], phases
+    shown = [d["participants"] for d in docs if d.get("event") == "participants"]
+    assert shown and shown[-1][0] == ["broken-hook.service", "failed", "failed", "exit-code"]
+    (finished,) = [d for d in docs if d.get("event") == "finished"]
+    assert (finished["update"], finished["result"]) == ("watched", "failed")
+    assert docs[-1]["type"] == "result"

@@ -28,14 +28,13 @@ from dbus_fast.aio import MessageBus
 
 from luo_agent.agent import Agent
 from luo_agent.client import call, connect
-from luo_agent.config import Config, KernelConfig
+from luo_agent.config import Config, KernelConfig, Timeouts
 from luo_agent.daemon import kernel_factory, make_syscalls
 from luo_agent.dbus.manager import ManagerInterface
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History, RuntimeState
-from luo_agent.phase import PhaseTimeouts
 from tests.fakes.gate import FakeGate
 
 # Any uid may connect and talk to anyone: the agent's own authorizer is what the tests exercise.
@@ -97,7 +96,7 @@ class AgentHost:
     def __init__(self, workdir: Path, abi: str, timeouts: dict[str, float] | None = None) -> None:
         self.workdir = workdir
         self.abi = abi
-        self.timeouts = PhaseTimeouts(**(timeouts or {}))
+        self.timeouts = Timeouts(**(timeouts or {}))
         self.machine = EmulatedMachine(workdir / "machine", abi)
         self.boots = 0
         self.gate = FakeGate()

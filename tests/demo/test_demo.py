@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,52 @@ def test_keep_prints_hints_that_work_as_printed(tmp_path: Path) -> None:
         assert "luo-example-workload.service" in shell.stdout
     finally:
         proc.send_signal(signal.SIGTERM)  # the demo treats it as Ctrl-C
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert CLEAN in out.splitlines(), out
+
+
+def test_your_participant_through_update_after_update(tmp_path: Path) -> None:
+    """A newcomer's participant, written as docs/participants.md shows it (the counter and its
+    unit, for a real machine), run by ``--participant DIR --keep``; a second update started from
+    another shell with the printed command boots the emulated machine again."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "counter.py").write_text((REPO / "luo_agent/examples/counter.py").read_text())
+    unit = (REPO / "units/luo-example-counter.service").read_text()
+    unit = unit.replace("-m luo_agent.examples.counter", str(mine / "counter.py"))
+    (mine / "counter.service").write_text(unit)
+    proc = demo("--participant", str(mine), "--keep")
+    seen: list[str] = []
+    try:
+        read_until(proc, "press Ctrl-C", seen)
+        text = "\n".join(seen)
+        assert "counter.service before the kexec" in text, text
+        assert re.search(r"starting at [1-9]\d* after live update \S+", text), text
+        assert "your unit:        counter.service active (result success)" in text, text
+        read_until(proc, "another update", seen)
+        address = next(
+            line.split("=", 1)[1] for line in seen if "DBUS_SESSION_BUS_ADDRESS=" in line
+        )
+        command = seen[-1].split(": ", 1)[1]
+        update = subprocess.run(
+            ["bash", "-c", command],
+            env={
+                **os.environ,
+                "DBUS_SESSION_BUS_ADDRESS": address,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # as the hints
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert update.returncode == 0, update.stdout + update.stderr
+        read_until(proc, "that update", seen)
+        assert seen[-1].endswith("that update succeeded"), "\n".join(seen)
+        later = "\n".join(seen[len(text.splitlines()) :])
+        assert len(re.findall(r"starting at [1-9]\d* after live update", later)) == 1, later
+    finally:
+        proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert CLEAN in out.splitlines(), out

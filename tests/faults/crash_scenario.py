@@ -44,7 +44,7 @@ from tests.fakes.gate import FakeGate
 
 RECORD_FILES = ("current.json", "history.json", "in-flight.json")
 SESSION, TOKEN = "vm-1", 7
-RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
+RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 
 
 class CrashPoints:

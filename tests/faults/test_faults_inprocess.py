@@ -22,7 +22,7 @@ from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 ABIS = ["session", "v3", "rfc-v2"]
-CANCEL = ph.PHASE_TARGETS[ph.Phase.CANCELLING]
+CANCEL = ph.SPECS[ph.Phase.CANCELLING].target
 
 
 @pytest.fixture(params=ABIS)

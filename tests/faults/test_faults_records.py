@@ -29,7 +29,7 @@ from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 ABIS = ["session", "v3", "rfc-v2"]
-RESTORE = ph.PHASE_TARGETS[ph.Phase.RESTORING]
+RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 DATA = b"participant state " * 1000
 
 
@@ -133,7 +133,7 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
 
 
 async def test_an_agent_killed_while_cancelling_is_recorded_cancelled(host: Host) -> None:
-    cancel = ph.PHASE_TARGETS[ph.Phase.CANCELLING]
+    cancel = ph.SPECS[ph.Phase.CANCELLING].target
     cancel_hooks_run = asyncio.Event()
 
     async def cancel_hook_hangs() -> None:

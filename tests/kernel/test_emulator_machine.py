@@ -742,6 +742,8 @@ def test_cli_status_and_inspect(make_machine: MakeMachine) -> None:
     root = ["--root", str(machine.root)]
     status = subprocess.run([*cli, "status", *root], env=env, capture_output=True, text=True)
     assert (status.returncode, status.stdout) == (3, "down\n")
+    down = subprocess.run([*cli, "inspect", *root], env=env, capture_output=True, text=True)
+    assert down.returncode == 3 and "is down" in down.stderr and "Traceback" not in down.stderr
     machine.boot()
     status = subprocess.run([*cli, "status", *root], env=env, capture_output=True, text=True)
     assert (status.returncode, status.stdout) == (0, "running\n")

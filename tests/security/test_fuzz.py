@@ -33,7 +33,7 @@ IN_FLIGHT = 1
 MAX_FDS = 8
 REPLY_TIMEOUT = 5.0
 FD_KINDS = ("memfd", "pipe", "socket", "devnull", "directory", "regular")
-PREPARE_TARGET = ph.PHASE_TARGETS[ph.Phase.PREPARING]
+PREPARE_TARGET = ph.SPECS[ph.Phase.PREPARING].target
 
 # The API's methods with their real signatures: half the calls use these, with hostile values.
 METHODS: dict[str, str] = {

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 
-from luo_agent.config import Config, load_config, parse_config
-from luo_agent.errors import ConfigError
+from luo_agent.config import Config, Timeouts, load_config, parse_config
+from luo_agent.errors import ConfigError, InvalidArgument
+from luo_agent.phase import TIMED_STEPS
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -87,3 +90,23 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 def test_parse_config_defaults_the_path_name() -> None:
     with pytest.raises(ConfigError, match="<config>: bus"):
         parse_config('bus = "x"')
+
+
+def test_timeouts_defaults_and_lookup_by_step() -> None:
+    timeouts = Timeouts()
+    assert {step: timeouts.seconds(step) for step in TIMED_STEPS} == {
+        "prepare": 300.0,
+        "freeze": 60.0,
+        "cancel": 120.0,
+        "restore": 300.0,
+        "finish": 120.0,
+    }
+    assert Timeouts(freeze=5).seconds("freeze") == 5
+    # Every timed step of the engine has its key, and no key is left over.
+    assert [f.name for f in dataclasses.fields(Timeouts)] == list(TIMED_STEPS)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "60"])
+def test_timeouts_reject_nonsense(bad: object) -> None:
+    with pytest.raises(InvalidArgument, match="freeze"):
+        Timeouts(freeze=bad)  # type: ignore[arg-type]

@@ -4,7 +4,6 @@ generated event sequences."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -14,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from luo_agent.errors import InvalidArgument, PhaseError
+from luo_agent.errors import PhaseError
 from luo_agent.phase import (
-    ACTIVE_PHASES,
     EFFECT_TYPES,
     EVENT_TYPES,
-    PHASE_TARGETS,
+    SPECS,
+    TIMED_STEPS,
     TRANSITIONS,
     ByKernelState,
     Cancel,
@@ -42,7 +41,6 @@ from luo_agent.phase import (
     KernelReboot,
     KernelState,
     Phase,
-    PhaseTimeouts,
     PreparationDone,
     PreparationFailed,
     Prepare,
@@ -52,6 +50,7 @@ from luo_agent.phase import (
     RebootFailedAfterFreeze,
     Recovered,
     ReportFailure,
+    Request,
     Restore,
     StartTarget,
     Step,
@@ -63,6 +62,7 @@ from luo_agent.phase import (
 )
 
 P = Phase
+PHASE_TARGETS = {phase: spec.target for phase, spec in SPECS.items() if spec.target is not None}
 PREPARE_T = "liveupdate-prepare.target"
 FREEZE_T = "liveupdate-freeze.target"
 CANCEL_T = "liveupdate-cancel.target"
@@ -271,38 +271,29 @@ def test_arms_timer_only_when_work_was_started(result: Step, arms: bool) -> None
     assert result.arms_timer is arms
 
 
-def test_timeouts_defaults_and_lookup() -> None:
-    timeouts = PhaseTimeouts()
-    assert {p: timeouts.timeout_for(p) for p in Phase} == {
-        P.IDLE: None,
-        P.PREPARING: 300.0,
-        P.PREPARED: None,
-        P.FREEZING: 60.0,
-        P.REBOOTING: None,
-        P.CANCELLING: 120.0,
-        P.UPDATED: None,
-        P.RESTORING: 300.0,
-        P.RESTORED: None,
-        P.FINISHING: 120.0,
+def test_every_phase_has_a_complete_row() -> None:
+    assert set(SPECS) == set(Phase)
+    for phase, spec in SPECS.items():
+        assert 0 <= spec.progress < 100, phase
+        assert spec.own_kernel_states, phase
+        assert spec.allows <= set(Request), phase
+    assert {p: SPECS[p].step for p in Phase if SPECS[p].step} == {
+        P.PREPARING: "prepare",
+        P.FREEZING: "freeze",
+        P.CANCELLING: "cancel",
+        P.RESTORING: "restore",
+        P.FINISHING: "finish",
     }
-    assert PhaseTimeouts(freeze=5).timeout_for(P.FREEZING) == 5
-
-
-@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "60"])
-def test_timeouts_reject_nonsense(bad: object) -> None:
-    with pytest.raises(InvalidArgument, match="freeze"):
-        PhaseTimeouts(freeze=bad)  # type: ignore[arg-type]
+    assert TIMED_STEPS == ("prepare", "freeze", "cancel", "restore", "finish")
 
 
 def test_every_phase_with_a_timeout_can_time_out() -> None:
-    timeouts = PhaseTimeouts()
     for phase in Phase:
-        has_timeout = timeouts.timeout_for(phase) is not None
+        has_timeout = bool(SPECS[phase].step)
         assert ((phase, Timeout) in TRANSITIONS) is has_timeout, phase
 
 
 def test_phase_groups() -> None:
-    assert set(Phase) - ACTIVE_PHASES == {P.IDLE}
     assert [p for p in Phase if is_pre_reboot(p)] == [
         P.PREPARING,
         P.PREPARED,

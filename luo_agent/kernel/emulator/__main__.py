@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             EmulatedMachine(args.root, args.abi, args.profile)  # records abi/profile
         return serve(args.root.absolute(), args.ready_fd)
 
-    machine = EmulatedMachine(args.root, args.abi, args.profile)
+    try:
+        machine = EmulatedMachine(args.root, args.abi, args.profile)
+    except ValueError as exc:  # no machine at --root yet, and no --abi to make one
+        print(f"luo-emukernel: {exc}", file=sys.stderr)
+        return 2
     match args.command:
         case "boot":
             try:
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             print("running" if machine.running else "down")
             return 0 if machine.running else 3
         case "inspect":
+            if not machine.running:
+                print(f"luo-emukernel: the machine at {machine.root} is down", file=sys.stderr)
+                return 3  # as status says "down"
             json.dump(machine.inspect(), sys.stdout, indent=2, sort_keys=True)
             print()
     return 0
