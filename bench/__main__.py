@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("blackout", "phase", "dbus", "daemon", "real-kernel"),
-        help="run only these parts (repeatable); real-kernel (minutes of VM time) only on request",
+        choices=("blackout", "phase", "dbus", "daemon", "real-kernel", "vm", "vm-real-kernel"),
+        help="run only these parts (repeatable); real-kernel (minutes of VM time), vm (a QEMU "
+        "guest up to 2 GiB, ~12 GiB of memory at its peak) and vm-real-kernel only on request",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import real_kernel
 
         results["real_kernel"] = real_kernel.run(args.quick)
+    if "vm" in parts:
+        from . import vm_pause
+
+        results["vm"] = vm_pause.run(args.quick)
+    if "vm-real-kernel" in parts:
+        from . import vm_pause
+
+        results["vm_real_kernel"] = vm_pause.real_kernel(args.quick)
     elapsed = time.monotonic() - started
     print(f"\n# whole harness: {elapsed:.0f} s")
     if args.json:

@@ -22,13 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .kernel.device import Abi
 from .sandbox import Sandbox, missing_requirements
 from .sandbox_cgroups import own_cgroup_dirs as cgroup_dirs_of_self
 from .testbed import Testbed
+from .vmm.guest import build_guest
+
+VM_NAME = "demo"
 
 
 class Demo(Testbed):
     _shown: dict[str, int]
+    vm = False  # --vm: a QEMU guest (the VM participant, luo-vm@demo.service) rides along
 
     def __init__(self, *args: Any, participant: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,6 +65,13 @@ class Demo(Testbed):
 
     def boot(self, stack: contextlib.ExitStack) -> Sandbox:
         """One boot's sandbox: the example participant, or the user's units instead."""
+        if self.participant is None and self.vm:
+            hooks, service = self.vm_units(VM_NAME)
+            return self.boot_sandbox(
+                stack,
+                enable=["luo-example-prepare.service", "luo-example-restore.service", *hooks],
+                start=["luo-agent.service", "luo-example-workload.service", service],
+            )
         if self.participant is None:
             return self.boot_sandbox(stack)
         return self.boot_sandbox(
@@ -71,8 +83,12 @@ class Demo(Testbed):
 
     def watched_units(self) -> list[str]:
         if self.participant is None:
-            return ["luo-example-workload.service"]
-        return [*self.user_units]
+            vm = [f"luo-vm@{VM_NAME}.service"] if self.vm else []
+            return ["luo-example-workload.service", *vm]
+        # Template files run as their enabled instances.
+        return [u for u in self.user_units if "@." not in u] + [
+            u for u in self.user_enable if u not in self.user_units
+        ]
 
     # ---------------------------------------------------------------- the story
 
@@ -85,6 +101,8 @@ class Demo(Testbed):
         with contextlib.ExitStack() as stack:
             stack.callback(self.machine.poweroff)
             step("1/6 cold boot: emulated kernel, systemd manager, bus, agent, participant")
+            if self.vm:
+                self.configure_vm()
             self.machine.boot()
             with contextlib.ExitStack() as first_boot:
                 sandbox = self.boot(first_boot)
@@ -114,7 +132,6 @@ class Demo(Testbed):
             step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
             ok, boot, sandbox = self.boot_again(restore_step="5/6 ")
             with boot:
-                step("6/6 summary")
                 if keep:
                     self.keep_running(boot, sandbox)
             return 0 if ok else 1
@@ -130,6 +147,7 @@ class Demo(Testbed):
             record = self.wait_result(sandbox, timeout=60)
             self.show_participant(sandbox, "after the live-update boot")
             print(indent(self.ctl(sandbox, "history", "--limit", "3")))
+            step(f"{'6/6 ' if restore_step else ''}summary")
             ok = self.summary(sandbox, record)
         except BaseException:
             boot.close()
@@ -187,9 +205,7 @@ class Demo(Testbed):
             ]
             ok = ok and bool(verify["verified"])
         else:
-            for unit in self.user_units:
-                if "@." in unit:
-                    continue
+            for unit in self.watched_units():
                 shown = sandbox.systemctl(
                     "show", "--property=ActiveState", "--property=Result", unit, check=False
                 ).stdout.split()
@@ -206,7 +222,40 @@ class Demo(Testbed):
             + ", ".join(f"{p} {d:.3f}s" for p, d in timings.items() if d is not None and d >= 0)
         )
         print(indent("\n".join(lines)))
+        if self.vm:
+            time.sleep(1)  # the guest runs on: a few more ticks on its console
+            ok = self.vm_summary() and ok
         return ok
+
+    def configure_vm(self) -> None:
+        guest = build_guest(self.workdir / "guest")
+        self.vm_config.mkdir(parents=True, exist_ok=True)
+        (self.vm_config / f"{VM_NAME}.toml").write_text(
+            f'ram = "64M"\nkernel = "{guest}"\nverify_ram = true\n'
+        )
+        say(f"a 64 MiB guest built from source ({guest.name}) runs in luo-vm@{VM_NAME}.service")
+
+    def vm_summary(self) -> bool:
+        report = json.loads((self.vm_state / VM_NAME / "last-restore.json").read_text())
+        frozen, carried = report["frozen"], report["carried"]
+        serial = (self.vm_state / VM_NAME / "serial.log").read_text().splitlines()
+        same = frozen["ram_sha256"] == carried["ram_sha256"]
+        lines = [
+            f"guest:            {report['ram_bytes'] >> 20} MiB of RAM in a memfd, QEMU "
+            f"{report['qemu_version']} ({report['machine']})",
+            f"guest RAM sha256: {frozen['ram_sha256']} at the freeze",
+            f"                  {carried['ram_sha256']} after the kexec "
+            f"({'equal' if same else 'DIFFERENT'})",
+            f"guest ticks:      {frozen['ticks']} at the freeze, {carried['ticks']} after the kexec"
+            f"; booted {sum('luo-guest: started' in line for line in serial)} time(s)",
+            f"device state:     {report['state_bytes']} bytes (RAM not copied)",
+            f"guest pause:      {report['pause_seconds']:.3f} s from QMP stop to cont "
+            "(the emulated reboot included)",
+            "its serial console, last lines:",
+            *(f"  {line}" for line in serial[-3:]),
+        ]
+        print(indent("\n".join(lines)))
+        return bool(same and carried["ticks"] == frozen["ticks"])
 
     def keep_running(self, boot: contextlib.ExitStack, sandbox: Sandbox) -> None:
         """Keep the sandbox; a kexec started from outside (another update) boots it again."""
@@ -230,7 +279,10 @@ class Demo(Testbed):
         bindir = Path(self.python).parent
         installed = (bindir / "liveupdatectl").exists()  # the console script of .venv/bin
         ctl = "liveupdatectl" if installed else f"{self.python} -m luo_agent.cli"
-        hints = [f"export DBUS_SESSION_BUS_ADDRESS={sandbox.bus_address}"]
+        hints = [
+            f"export DBUS_SESSION_BUS_ADDRESS={sandbox.bus_address}",
+            f"export LUO_AGENT_UNIT_LOGS={sandbox.log_dir}",  # failed units' logs, for status
+        ]
         if installed:
             hints.append(f"export PATH={bindir}:$PATH")
         hints += [
@@ -296,7 +348,7 @@ def indent(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="luo-demo", description=__doc__)
-    parser.add_argument("--abi", choices=("session", "v3", "rfc-v2"), default="session")
+    parser.add_argument("--abi", choices=tuple(Abi), default=Abi.SESSION)
     parser.add_argument("--profile", choices=("6.19", "g6"), default=None)
     parser.add_argument("--size", type=int, default=8 << 20, help="bytes of workload data")
     parser.add_argument("--workdir", type=Path)
@@ -312,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run your own participant instead of the example: the *.service units in DIR "
         "(docs/participants.md, 'Try it in the sandbox')",
     )
+    parser.add_argument(
+        "--vm", action="store_true", help="a QEMU guest survives the update too (needs QEMU)"
+    )
     args = parser.parse_args(argv)
     reason = missing_requirements()
     if reason is not None:
@@ -325,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     cgroup = OwnCgroup()
     try:
         demo = Demo(workdir, args.abi, args.profile, args.size, participant=args.participant)
+        demo.vm = args.vm
         return demo.run(args.keep)
     finally:
         left = cgroup.processes()

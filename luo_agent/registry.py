@@ -1,10 +1,10 @@
 """The preserved-fd registry: which client handed which fd in, under which (session, token).
 
-Pure bookkeeping, no kernel calls: the Agent preserves in ``preservation_order()`` and records the
-outcome with ``set_state``.  The registry *owns* the fds it holds (the D-Bus layer hands it a dup
-of the client's fd): ``remove`` and ``close_all`` close them.  Whether an fd is something the kernel
-can preserve is decided by a caller-provided ``check_fd`` (e.g. ``fdkind.check_preservable``), so
-this module stays free of fstat/statfs logic.
+Pure bookkeeping, no kernel calls: the Agent preserves in ``preservation_order()``.  The
+registry *owns* the fds it holds (the D-Bus layer hands it a dup of the client's fd): ``remove``
+and ``close_all`` close them.  Whether an fd is something the kernel can preserve is decided by a
+caller-provided ``check_fd`` (e.g. ``fdkind.check_preservable``), so this module stays free of
+fstat/statfs logic.
 
 (session, token) is the key on every backend (``design.md`` §4); on the state-machine kernels the
 Agent maps it onto the kernel's global token list.
@@ -13,11 +13,9 @@ Agent maps it onto the kernel's global token list.
 from __future__ import annotations
 
 import errno
-import heapq
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
@@ -36,22 +34,6 @@ DEFAULT_MAX_PER_SESSION: Final = 128
 DEFAULT_MAX_TOTAL: Final = 1024
 
 
-class EntryState(StrEnum):
-    REGISTERED = "registered"  # handed in, not yet in the kernel
-    PRESERVED = "preserved"  # the kernel holds it for the next boot
-    RETRIEVED = "retrieved"  # the new boot's agent got it back from the kernel
-
-
-# Which state changes the Agent may record (cancel/unpreserve goes back to registered).
-_STATE_CHANGES: Final = frozenset(
-    {
-        (EntryState.REGISTERED, EntryState.PRESERVED),
-        (EntryState.PRESERVED, EntryState.REGISTERED),
-        (EntryState.PRESERVED, EntryState.RETRIEVED),
-    }
-)
-
-
 class Key(NamedTuple):
     session: str
     token: int
@@ -67,7 +49,6 @@ class Entry:
     fd: int
     owner: str  # the caller's id (bus name or uid), for audit and for "remove what I own"
     depends_on: tuple[Key, ...] = ()
-    state: EntryState = EntryState.REGISTERED
 
     @property
     def key(self) -> Key:
@@ -141,44 +122,15 @@ class FdRegistry:
         """Session names in the order their first fd was registered."""
         return list(dict.fromkeys(key.session for key in self._entries))
 
-    def by_session(self) -> dict[str, list[Entry]]:
-        grouped: dict[str, list[Entry]] = {}
-        for entry in self._entries.values():
-            grouped.setdefault(entry.session, []).append(entry)
-        return grouped
-
     def dependents(self, session: str, token: int) -> list[Entry]:
         """Entries that declare (session, token) as a dependency."""
         key = Key(session, token)
         return [e for e in self._entries.values() if key in e.depends_on]
 
     def preservation_order(self) -> list[Entry]:
-        """Every entry, dependencies before dependents; otherwise registration order.
-
-        Among the entries whose dependencies are all placed, the earliest registered comes next
-        (Kahn's algorithm over a heap), so the result is deterministic and equals registration
-        order whenever that order is already valid.
-        """
-        position = {key: i for i, key in enumerate(self._entries)}
-        waiting_on = {key: len(set(e.depends_on)) for key, e in self._entries.items()}
-        needed_by: dict[Key, list[Key]] = {key: [] for key in self._entries}
-        for key, entry in self._entries.items():
-            for dep in set(entry.depends_on):
-                needed_by[dep].append(key)
-        ready = [position[key] for key, count in waiting_on.items() if count == 0]
-        heapq.heapify(ready)
-        keys = list(self._entries)
-        order: list[Entry] = []
-        while ready:
-            key = keys[heapq.heappop(ready)]
-            order.append(self._entries[key])
-            for dependent in needed_by[key]:
-                waiting_on[dependent] -= 1
-                if waiting_on[dependent] == 0:
-                    heapq.heappush(ready, position[dependent])
-        # add() and set_dependencies() refuse cycles, so every entry is placed.
-        assert len(order) == len(self._entries), "dependency cycle in registry"
-        return order
+        """Every entry, dependencies before dependents: registration order, since ``add``
+        takes only dependencies already registered and ``remove`` refuses a needed entry."""
+        return list(self._entries.values())
 
     # ---------------------------------------------------------------------------- mutations
 
@@ -189,7 +141,6 @@ class FdRegistry:
         fd: int,
         owner: str,
         depends_on: Iterable[tuple[str, int]] = (),
-        state: EntryState = EntryState.REGISTERED,
     ) -> Entry:
         """Register ``fd`` (which the registry then owns) as (session, token).
 
@@ -213,29 +164,9 @@ class FdRegistry:
         if in_session >= self._max_per_session:
             raise InvalidArgument(f"session {session!r} is full ({self._max_per_session} fds)")
         self._check_fd(fd)
-        entry = Entry(session, token, fd, owner, deps, state)
+        entry = Entry(session, token, fd, owner, deps)
         self._entries[key] = entry
         self._fds.add(fd)
-        return entry
-
-    def set_dependencies(
-        self, session: str, token: int, depends_on: Iterable[tuple[str, int]]
-    ) -> Entry:
-        """Replace an entry's dependencies (clients may declare them after registering)."""
-        entry = self.get(session, token)
-        deps = self._validated_dependencies(entry.key, depends_on)
-        if (cycle := self._cycle_through(entry.key, deps)) is not None:
-            raise InvalidArgument("dependency cycle: " + " -> ".join(str(k) for k in cycle))
-        entry = replace(entry, depends_on=deps)
-        self._entries[entry.key] = entry
-        return entry
-
-    def set_state(self, session: str, token: int, state: EntryState) -> Entry:
-        entry = self.get(session, token)
-        if entry.state is not state and (entry.state, state) not in _STATE_CHANGES:
-            raise InvalidArgument(f"{entry.key} cannot go from {entry.state} to {state}")
-        entry = replace(entry, state=state)
-        self._entries[entry.key] = entry
         return entry
 
     def remove(self, session: str, token: int, *, close_fd: bool = True) -> Entry:
@@ -294,26 +225,3 @@ class FdRegistry:
             if dep not in deps:  # a repeated dependency is harmless; keep the first
                 deps.append(dep)
         return tuple(deps)
-
-    def _cycle_through(self, key: Key, deps: tuple[Key, ...]) -> list[Key] | None:
-        """The path key -> ... -> key if giving ``key`` these ``deps`` closes a cycle."""
-        # Depth-first from each new dependency along existing edges, looking for ``key``.
-        parent: dict[Key, Key] = {}
-        stack = [(dep, key) for dep in reversed(deps)]
-        while stack:
-            node, came_from = stack.pop()
-            if node in parent:
-                continue
-            parent[node] = came_from
-            if node == key:
-                # Walk the tree back from key's last dependent, then read it in dependency order.
-                path = [key]
-                hop = parent[key]
-                while hop != key:
-                    path.append(hop)
-                    hop = parent[hop]
-                path.append(key)
-                return path[::-1]
-            edges = self._entries[node].depends_on
-            stack.extend((nxt, node) for nxt in reversed(edges) if nxt not in parent or nxt == key)
-        return None

@@ -97,6 +97,8 @@ class Sandbox:
             "HOME": str(self.home),
             "XDG_RUNTIME_DIR": RUNTIME_DIR,
             "DBUS_SESSION_BUS_ADDRESS": self.bus_address,
+            # No journald here: liveupdatectl reads a failed unit's log lines from these files.
+            "LUO_AGENT_UNIT_LOGS": str(self.log_dir),
             "SYSTEMD_PAGER": "",
             "SYSTEMD_COLORS": "0",
         }

@@ -41,6 +41,7 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
+import errno
 import os
 import select
 import struct
@@ -177,7 +178,7 @@ class _InotifySource:
             # Read after the watch exists, so a rename in between is not lost.
             initial = self._read()
             if initial is None:
-                raise FileNotFoundError(2, "No such file or directory", path)
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
             self.initial = initial
         except BaseException:
             self.close()

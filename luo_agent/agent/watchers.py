@@ -13,7 +13,7 @@ import structlog
 
 from .. import phase as ph
 from ..errors import LuoError, PhaseError
-from ..kernel.device import KernelState as KernelStateValue
+from ..kernel.device import GlobalState
 from ..systemd.gate import Gate
 from .state import HOLDS_PREPARED_KERNEL, AgentListener, AgentState, KernelThread
 
@@ -73,7 +73,7 @@ class Watchers:
     def check_kernel_state(self) -> None:
         """Kernel NORMAL while the agent holds a prepared update: someone cancelled it.  The
         watcher's value may be stale, so the kernel itself is asked before acting."""
-        if self.observed_kernel_state != KernelStateValue.NORMAL:
+        if self.observed_kernel_state != GlobalState.NORMAL:
             return
         if self._state.phase not in HOLDS_PREPARED_KERNEL or self._state.kernel is None:
             return
@@ -90,7 +90,7 @@ class Watchers:
             log.warning("kernel_state_unreadable", error=str(exc))
             return
         phase = self._state.phase
-        if state != KernelStateValue.NORMAL or phase not in HOLDS_PREPARED_KERNEL:
+        if state != GlobalState.NORMAL or phase not in HOLDS_PREPARED_KERNEL:
             return  # a stale notification, or the phase moved on meanwhile
         if self._state.record is None:
             return
@@ -120,7 +120,11 @@ class Watchers:
                 async for target in watch:
                     if self._state.phase is not ph.Phase.REBOOTING:  # there, the agent's own job
                         self._state.shutdown_queued = target
-                    if self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED):
+                    if self._state.phase in (
+                        ph.Phase.PREPARING,
+                        ph.Phase.PREPARED,
+                        ph.Phase.COORDINATING,
+                    ):
                         await self._cancel_for_shutdown(target)
                     else:
                         log.info("shutdown_job_seen", target=target, phase=str(self._state.phase))

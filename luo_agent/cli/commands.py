@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Final
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from ..client import call, get_all, get_property
+from ..client import bus_kind, call, get_all, get_property
 from ..participant import Participant, notify
 from .output import ExitCode, Output, jsonable
 from .watch import Watcher, follow, outcome, prepared, rebooted, wait
@@ -38,13 +39,62 @@ async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         if last[0]:
             detail = f" ({last[3]})" if last[3] and last[3] != last[1] else ""
             print(f"Last update:    {last[0]}: {last[1]}{detail}")
+        state, host, coordinator, error = props.get("Fleet") or ("", "", "", "")
+        if coordinator:  # [fleet] is enabled
+            print(f"Fleet slot:     {state or 'none'} (host {host}, {coordinator})")
+            if error:
+                print(f"  last error: {error}")
         if props["Participants"]:
             print("Participants:   " + _participants_title(str(props["Phase"])))
         for unit, active, sub, result in props["Participants"]:
             print(f"  {unit:40} {active}/{sub} result={result or '-'}{_mark(active, result)}")
+        for unit in failed_units(props["Participants"]):
+            _print_tail(unit, _user_manager(args))
 
     out.result({"status": jsonable(props)}, human)
     return ExitCode.OK
+
+
+UNIT_LOGS_ENV: Final = "LUO_AGENT_UNIT_LOGS"  # a directory of <unit>.log where no journal is
+
+
+def unit_log_tail(unit: str, user: bool, lines: int = 5) -> list[str]:
+    """The unit's last log lines: from ``$LUO_AGENT_UNIT_LOGS/<unit>.log`` if set (the sandbox
+    has no journald), else ``journalctl``; [] if neither has any."""
+    directory = os.environ.get(UNIT_LOGS_ENV)
+    if directory:
+        try:
+            text = (Path(directory) / f"{unit}.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
+    command = ["journalctl", "--user" if user else "--system", "-u", unit]
+    command += ["-n", str(lines), "-o", "cat", "--no-pager", "-q"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return proc.stdout.splitlines()[-lines:] if proc.returncode == 0 else []
+
+
+def failed_units(rows: list[list[str]]) -> list[str]:
+    return [unit for unit, active, _sub, result in rows if _mark(active, result).endswith("failed")]
+
+
+async def show_failed_logs(bus: MessageBus, out: Output, user: bool) -> None:
+    """After a failed update (human output): the failing participants' last log lines."""
+    if out.as_json:
+        return
+    for unit in failed_units(await get_property(bus, "Participants")):
+        _print_tail(unit, user)
+
+
+def _print_tail(unit: str, user: bool) -> None:
+    tail = unit_log_tail(unit, user)
+    if tail:
+        print(f"  last log lines of {unit}:")
+        for line in tail:
+            print(f"    {line}")
 
 
 def _participants_title(phase: str) -> str:
@@ -122,7 +172,7 @@ async def cmd_prepare(bus: MessageBus, args: argparse.Namespace, out: Output) ->
     out.line(f"update {new_id} started ({path})")
     watcher.stream_from_now()
     failed = await wait(watcher, prepared, args.timeout, out)
-    return failed if failed is not None else outcome(watcher, out)
+    return failed if failed is not None else await _outcome(bus, watcher, out, args)
 
 
 async def cmd_execute(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
@@ -137,7 +187,7 @@ async def cmd_execute(bus: MessageBus, args: argparse.Namespace, out: Output) ->
         )
         return ExitCode.OK
     failed = await wait(watcher, rebooted, args.timeout, out)
-    return failed if failed is not None else outcome(watcher, out)
+    return failed if failed is not None else await _outcome(bus, watcher, out, args)
 
 
 async def cmd_update(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
@@ -172,7 +222,7 @@ async def cmd_update(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
     if failed is not None:
         return failed
     if watcher.phase != "prepared" or watcher.finished is not None:
-        return outcome(watcher, out)  # it ended (or the agent left) before prepared
+        return await _outcome(bus, watcher, out, args)  # it ended (or the agent left) before
     await call(bus, "Execute", "s", [update_id])
     if not args.wait:
         out.result(
@@ -181,7 +231,7 @@ async def cmd_update(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         )
         return ExitCode.OK
     failed = await wait(watcher, rebooted, args.timeout, out)
-    return failed if failed is not None else outcome(watcher, out)
+    return failed if failed is not None else await _outcome(bus, watcher, out, args)
 
 
 async def cmd_simple(bus: MessageBus, args: argparse.Namespace, out: Output) -> ExitCode:
@@ -309,6 +359,20 @@ COMMANDS: Final[dict[str, Callable[[MessageBus, argparse.Namespace, Output], Any
     "history": cmd_history,
     "watch": cmd_watch,
 }
+
+
+async def _outcome(
+    bus: MessageBus, watcher: Watcher, out: Output, args: argparse.Namespace
+) -> ExitCode:
+    """The wait's result, after the failing participants' last log lines if it failed."""
+    if watcher.finished is not None and watcher.finished[0] != "success":
+        await show_failed_logs(bus, out, _user_manager(args))
+    return outcome(watcher, out)
+
+
+def _user_manager(args: argparse.Namespace) -> bool:
+    """An agent on the session bus gates on the user manager: its units log to the user journal."""
+    return bus_kind("session" if args.session_bus else None) == "session"
 
 
 def _new_id() -> str:

@@ -34,6 +34,7 @@ ERROR_NAMES: Final[tuple[tuple[type[e.LuoError], str], ...]] = (
     (e.GateError, error("ParticipantFailed")),
     (e.PhaseTimeout, error("TimedOut")),
     (e.HandoverCorrupt, error("HandoverCorrupt")),
+    (e.CoordinatorError, error("CoordinatorError")),
     (e.LuoError, error("Failed")),
 )
 

@@ -35,7 +35,7 @@ from typing import Final
 
 from luo_agent.errors import KernelError, Unsupported
 
-from .device import OPEN_FLAGS, Abi, KernelState, SessionAbiFeatures, sized
+from .device import OPEN_FLAGS, Abi, GlobalState, sized
 from .errnomap import Op, os_error, translate
 from .session import LuoSession, name_field
 from .syscalls import DEVICE_PATH, SYSFS_STATE_PATH, Syscalls
@@ -56,7 +56,7 @@ FORBIDDEN_PROBE: Final = _IOW(LIVEUPDATE_IOCTL_TYPE, 0x00, ctypes.sizeof(rfc_v2.
 @dataclass(frozen=True, slots=True)
 class DetectedAbi:
     abi: Abi
-    state: KernelState | None = None  # the global state read while probing (rfc-v2, v3)
+    state: GlobalState | None = None  # the global state read while probing (rfc-v2, v3)
     sysfs_state: bool = False  # /sys/kernel/liveupdate/state exists (rfc-v2, v3 only)
     notes: tuple[str, ...] = ()
     stray_session: LuoSession | None = None  # see the module docstring
@@ -124,7 +124,7 @@ def _probe(syscalls: Syscalls, fd: int, sysfs_state: bool, notes: list[str]) -> 
     if err == 0:
         number = int(v3.liveupdate_ioctl_get_state.from_buffer_copy(buf).state)
         try:
-            state = KernelState.from_v3(number)
+            state = GlobalState.from_v3(number)
         except ValueError:
             raise _unsupported(errno.EPROTO, f"G3-like kernel, state number {number}") from None
         notes.append(f"0xBA03 GET_STATE answered: state {state.value}")
@@ -179,18 +179,9 @@ def _probe_size_encoded(prober: _Prober, sysfs_state: bool, notes: list[str]) ->
     if err not in (errno.EBADF, errno.EBUSY):
         raise _unexpected(PROBE_RFC_V2_FD_PRESERVE, err)
     try:
-        state = KernelState.from_rfc_v2(number)
+        state = GlobalState.from_rfc_v2(number)
     except ValueError:
         raise _unsupported(errno.EPROTO, f"G1-like kernel, state number {number}") from None
     answer = errno.errorcode[err]
     notes.append(f"0x8004BA03 GET_STATE: state {state.value}; 0xC010BA00 fd -1: {answer}")
     return DetectedAbi(Abi.RFC_V2, state, sysfs_state, tuple(notes))
-
-
-def probe_session_features(session: LuoSession) -> SessionAbiFeatures:
-    """§12 step 7 on any session fd: GET_NAME (zeroed 72-byte buffer, size 72) works ⇒ G6."""
-    try:
-        session.get_name()
-    except Unsupported:
-        return SessionAbiFeatures(get_name=False)
-    return SessionAbiFeatures(get_name=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
 from typing import Final, Self, TypeVar
@@ -32,7 +31,7 @@ class Abi(StrEnum):
     SESSION = "session"
 
 
-class KernelState(StrEnum):
+class GlobalState(StrEnum):
     """The global LUO state of the state-machine ABIs; values are the sysfs strings."""
 
     UNDEFINED = "undefined"
@@ -42,30 +41,23 @@ class KernelState(StrEnum):
     UPDATED = "updated"
 
     @classmethod
-    def from_rfc_v2(cls, number: int) -> KernelState:
+    def from_rfc_v2(cls, number: int) -> GlobalState:
         """G1 numbers are 0-based (NORMAL 0 … UPDATED 3).  ValueError if unknown."""
         return cls(rfc_v2.STATE_STRINGS[rfc_v2.liveupdate_state(number)])
 
     @classmethod
-    def from_v3(cls, number: int) -> KernelState:
+    def from_v3(cls, number: int) -> GlobalState:
         """G2-G4 numbers are 1-based with UNDEFINED 0.  ValueError if unknown."""
         return cls(v3.STATE_STRINGS[v3.liveupdate_state(number)])
 
 
-class Event(StrEnum):
+class GlobalEvent(StrEnum):
     """Global state-machine events (rfc-v2 EVENT_* ioctls, v3 SET_EVENT)."""
 
     PREPARE = "prepare"
     FREEZE = "freeze"
     CANCEL = "cancel"
     FINISH = "finish"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionAbiFeatures:
-    """Optional session-ABI features, probed on a session fd (kernel-abi.md §12 step 7)."""
-
-    get_name: bool
 
 
 _Struct = TypeVar("_Struct", bound=ctypes.Structure)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import HandoverCorrupt, KernelError, NoSuchSession, Unsupported
 from ..persist import write_atomic
@@ -14,12 +15,13 @@ from ..records import UpdateRecord
 from .backend import (
     METADATA_TOKEN,
     BootState,
+    Capabilities,
     MetadataMemfd,
     PreserveItem,
     new_metadata_memfd,
     read_metadata,
 )
-from .device import Abi, Event, KernelState
+from .device import Abi, GlobalEvent, GlobalState
 from .rfc_v2 import RfcV2Device
 from .syscalls import KEXEC_FILE_UNLOAD, Syscalls, kexec_image_loaded
 from .v3 import V3Device
@@ -59,7 +61,7 @@ class GlobalListBackend(MetadataMemfd):
         return kexec_image_loaded(self.syscalls)
 
     # Generation-specific primitives.
-    def _state(self) -> KernelState:
+    def _state(self) -> GlobalState:
         raise NotImplementedError
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
@@ -88,7 +90,7 @@ class GlobalListBackend(MetadataMemfd):
 
     def start(self) -> BootState:
         state = self._state()
-        if state is KernelState.UPDATED:
+        if state is GlobalState.UPDATED:
             token = self._metadata_token_on_boot()
             if token is None:
                 return BootState(state, notes=("no agent metadata token for this boot",))
@@ -100,7 +102,7 @@ class GlobalListBackend(MetadataMemfd):
             self.meta_kernel_token = token
             self.kernel_tokens = {(p.session, p.token): p.kernel_token for p in record.preserved}
             return BootState(state, incoming=record)
-        if state in (KernelState.PREPARED, KernelState.FROZEN):
+        if state in (GlobalState.PREPARED, GlobalState.FROZEN):
             return BootState(state, stale_prepared=True)
         return BootState(state)
 
@@ -136,13 +138,16 @@ class GlobalListBackend(MetadataMemfd):
         pass
 
     def cancel(self) -> None:
-        if self._state() in (KernelState.PREPARED, KernelState.FROZEN):
+        if self._state() in (GlobalState.PREPARED, GlobalState.FROZEN):
             self._event_cancel()
         self._unpreserve_all()
 
     def adopt(self, record: UpdateRecord) -> None:
         self.kernel_tokens = {(p.session, p.token): p.kernel_token for p in record.preserved}
         self.meta_kernel_token = self._metadata_token_on_boot()
+
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        return False  # the handover is the kernel's global state: recovery takes it from there
 
     def retrieve(self, session: str, token: int) -> int:
         kernel_token = self.kernel_tokens.get((session, token))
@@ -171,13 +176,16 @@ class V3Backend(GlobalListBackend):
     file, so the kernel itself aborts the update if the agent dies."""
 
     abi = Abi.V3
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=False, pid1_can_carry=False, sysfs_state=True
+    )
 
     def __init__(self, syscalls: Syscalls) -> None:
         super().__init__(syscalls)
         self.device = V3Device(syscalls)
         self.device.open()
 
-    def _state(self) -> KernelState:
+    def _state(self) -> GlobalState:
         return self.device.get_state()
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:
@@ -191,13 +199,13 @@ class V3Backend(GlobalListBackend):
         return self.device.fd_restore(token)
 
     def _event_prepare(self) -> None:
-        self.device.set_event(Event.PREPARE)
+        self.device.set_event(GlobalEvent.PREPARE)
 
     def _event_cancel(self) -> None:
-        self.device.set_event(Event.CANCEL)
+        self.device.set_event(GlobalEvent.CANCEL)
 
     def _event_finish(self) -> None:
-        self.device.set_event(Event.FINISH)
+        self.device.set_event(GlobalEvent.FINISH)
 
     def _metadata_token_on_boot(self) -> int | None:
         return METADATA_TOKEN
@@ -213,6 +221,9 @@ class RfcV2Backend(GlobalListBackend):
     cannot be known in advance: it is kept in the state directory (fsync'd) for the next boot."""
 
     abi = Abi.RFC_V2
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=True, pid1_can_carry=False, sysfs_state=True
+    )
 
     def __init__(self, syscalls: Syscalls, state_directory: Path) -> None:
         super().__init__(syscalls)
@@ -220,7 +231,7 @@ class RfcV2Backend(GlobalListBackend):
         self.device = RfcV2Device(syscalls)
         self.device.open()
 
-    def _state(self) -> KernelState:
+    def _state(self) -> GlobalState:
         return self.device.get_state()
 
     def _preserve_one(self, fd: int, wanted_token: int) -> int:

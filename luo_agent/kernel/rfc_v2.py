@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from .device import DeviceFile, KernelState, unknown_state
+from .device import DeviceFile, GlobalState, unknown_state
 from .errnomap import Op
 from .uapi import rfc_v2 as uapi
 
@@ -36,12 +36,12 @@ class RfcV2Device(DeviceFile):
         out = self._call(Op.FD_RESTORE, uapi.LIVEUPDATE_IOCTL_FD_RESTORE, arg, f"token {token}")
         return int(out.fd)
 
-    def get_state(self) -> KernelState:
+    def get_state(self) -> GlobalState:
         buf = bytearray(ctypes.c_uint32(0))  # a bare enum liveupdate_state, no struct
         self._ioctl(Op.GET_STATE, uapi.LIVEUPDATE_IOCTL_GET_STATE, buf)
         number = ctypes.c_uint32.from_buffer_copy(buf).value
         try:
-            return KernelState.from_rfc_v2(number)
+            return GlobalState.from_rfc_v2(number)
         except ValueError:
             raise unknown_state(number) from None
 

@@ -12,14 +12,14 @@ from typing import Final
 
 from luo_agent.errors import InvalidArgument
 
-from .device import DeviceFile, Event, KernelState, sized, unknown_state
+from .device import DeviceFile, GlobalEvent, GlobalState, sized, unknown_state
 from .errnomap import Op
 from .uapi import v3 as uapi
 
 _EVENTS: Final = {
-    Event.PREPARE: uapi.liveupdate_event.LIVEUPDATE_PREPARE,
-    Event.FINISH: uapi.liveupdate_event.LIVEUPDATE_FINISH,
-    Event.CANCEL: uapi.liveupdate_event.LIVEUPDATE_CANCEL,
+    GlobalEvent.PREPARE: uapi.liveupdate_event.LIVEUPDATE_PREPARE,
+    GlobalEvent.FINISH: uapi.liveupdate_event.LIVEUPDATE_FINISH,
+    GlobalEvent.CANCEL: uapi.liveupdate_event.LIVEUPDATE_CANCEL,
 }
 
 
@@ -43,15 +43,15 @@ class V3Device(DeviceFile):
         out = self._call(Op.FD_RESTORE, uapi.LIVEUPDATE_IOCTL_FD_RESTORE, arg, f"token {token}")
         return int(out.fd)
 
-    def get_state(self) -> KernelState:
+    def get_state(self) -> GlobalState:
         arg = sized(uapi.liveupdate_ioctl_get_state, state=0)
         number = int(self._call(Op.GET_STATE, uapi.LIVEUPDATE_IOCTL_GET_STATE, arg).state)
         try:
-            return KernelState.from_v3(number)
+            return GlobalState.from_v3(number)
         except ValueError:
             raise unknown_state(number) from None
 
-    def set_event(self, event: Event) -> None:
+    def set_event(self, event: GlobalEvent) -> None:
         """PREPARE, CANCEL or FINISH.  v3 freezes inside ``reboot()``; FREEZE is refused here
         (the kernel would answer EINVAL, indistinguishable from a wrong state)."""
         number = _EVENTS.get(event)

@@ -87,7 +87,8 @@ def test_failing_participant_cancels_the_update(testbed: Testbed, phase: str) ->
     target = f"liveupdate-{phase}.target"
     failing = f"e2e-failing-{phase}.service"
     marker = testbed.workdir / "cancel-ran"
-    units = {failing: participant(target, "/bin/false", f"e2e: fails in {phase}")}
+    says = "/bin/sh -c 'echo no space left for the snapshot >&2; exit 1'"
+    units = {failing: participant(target, says, f"e2e: fails in {phase}")}
     units |= cancel_witness(marker)
     update_id = f"e2e-fail-{phase}-{testbed.abi}"
     with contextlib.ExitStack() as boot:
@@ -110,6 +111,13 @@ def test_failing_participant_cancels_the_update(testbed: Testbed, phase: str) ->
         assert "exit-code" in result["message"], result
         assert marker.read_text() == "cancelled\n"
         assert unit_property(box, failing, "Result") == "exit-code"
+        # status names it first, with its own last words.
+        text = testbed.ctl(box, "status")
+        lines = text.splitlines()
+        heading = next(i for i, line in enumerate(lines) if line.startswith("Participants:"))
+        first = lines[heading + 1]
+        assert first.split() == [failing, "failed/failed", "result=exit-code", "<-", "failed"]
+        assert f"last log lines of {failing}:\n    no space left for the snapshot" in text, text
         # The gates were reset: the cancel target is no longer active, so the next cancel runs
         # its participants again.
         assert unit_property(box, CANCEL_TARGET, "ActiveState") == "inactive"

@@ -18,10 +18,10 @@ import pytest
 
 from luo_agent.errors import DeviceBusy, DeviceUnavailable, Unsupported
 from luo_agent.kernel import detect
-from luo_agent.kernel.detect import FORBIDDEN_PROBE, DetectedAbi, detect_abi, probe_session_features
-from luo_agent.kernel.device import Abi, Event, KernelState
+from luo_agent.kernel.detect import FORBIDDEN_PROBE, DetectedAbi, detect_abi
+from luo_agent.kernel.device import Abi, GlobalEvent, GlobalState
 from luo_agent.kernel.rfc_v2 import RfcV2Device
-from luo_agent.kernel.session import LuoSession, SessionDevice
+from luo_agent.kernel.session import SessionDevice
 from luo_agent.kernel.syscalls import DEVICE_PATH, Syscalls
 from luo_agent.kernel.v3 import V3Device
 from tests.kernel.luo_raw import Target, kexec_reboot
@@ -101,7 +101,7 @@ def size_first(size: int) -> bytes:
 # ------------------------------------------------------------------------------ generations
 def test_detects_v3(v3_target: Target) -> None:
     detected, recorder = detect_recorded(v3_target)
-    assert (detected.abi, detected.state) == (Abi.V3, KernelState.NORMAL)
+    assert (detected.abi, detected.state) == (Abi.V3, GlobalState.NORMAL)
     assert detected.stray_session is None
     assert recorder.ioctls() == [(0xBA03, 0)]
     assert recorder.calls[1].sent == size_first(8)
@@ -111,13 +111,13 @@ def test_detects_v3(v3_target: Target) -> None:
 
 def test_detect_reports_the_v3_state(v3_target: Target) -> None:
     with V3Device(v3_target.sc) as dev:
-        dev.set_event(Event.PREPARE)
+        dev.set_event(GlobalEvent.PREPARE)
     try:
         detected, _ = detect_recorded(v3_target)
-        assert detected.state is KernelState.PREPARED
+        assert detected.state is GlobalState.PREPARED
     finally:
         with V3Device(v3_target.sc) as dev:
-            dev.set_event(Event.CANCEL)
+            dev.set_event(GlobalEvent.CANCEL)
 
 
 def test_detects_session(session_target: Target) -> None:
@@ -142,7 +142,7 @@ def test_detects_session(session_target: Target) -> None:
 
 def test_detects_rfc_v2(rfc_v2_target: Target) -> None:
     detected, recorder = detect_recorded(rfc_v2_target)
-    assert (detected.abi, detected.state) == (Abi.RFC_V2, KernelState.NORMAL)
+    assert (detected.abi, detected.state) == (Abi.RFC_V2, GlobalState.NORMAL)
     assert recorder.ioctls() == [(0xBA03, errno.ENOTTY), (0x8004BA03, 0), (0xC010BA00, errno.EBADF)]
     assert recorder.calls[2].sent == bytes(4)
     assert recorder.calls[3].sent == struct.pack("<iIQ", -1, 0, 0)
@@ -155,7 +155,7 @@ def test_detect_reports_the_rfc_v2_state(rfc_v2_target: Target) -> None:
             detected, recorder = detect_recorded(rfc_v2_target)
         finally:
             dev.event_cancel()
-    assert (detected.abi, detected.state) == (Abi.RFC_V2, KernelState.PREPARED)
+    assert (detected.abi, detected.state) == (Abi.RFC_V2, GlobalState.PREPARED)
     assert [request for request, _ in recorder.ioctls()] == [0xBA03, 0x8004BA03, 0xC010BA00]
 
 
@@ -163,20 +163,6 @@ def test_detection_is_repeatable(session_target: Target) -> None:
     first, _ = detect_recorded(session_target)
     second, _ = detect_recorded(session_target)
     assert first.abi == second.abi == Abi.SESSION
-
-
-# ------------------------------------------------------------------------------ features
-def test_session_features(session_target: Target) -> None:
-    with SessionDevice(session_target.sc) as dev:
-        created = dev.create_session("h3-features")
-    recorder = RecordingSyscalls(session_target.sc)
-    # The same fd under a recording seam, to observe the probe's bytes.
-    with LuoSession(recorder, created.detach(), created.name, incoming=False) as session:
-        features = probe_session_features(session)
-    assert features.get_name is session_target.g6
-    probe = recorder.calls[0]
-    assert (probe.request, probe.sent) == (0xBA43, struct.pack("<I", 72) + bytes(68))
-    assert probe.errno == (0 if session_target.g6 else errno.EINVAL)
 
 
 # ------------------------------------------------------------------------------ no device etc.

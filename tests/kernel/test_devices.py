@@ -27,7 +27,7 @@ from luo_agent.errors import (
     Unsupported,
     WrongKernelState,
 )
-from luo_agent.kernel.device import Event, KernelState
+from luo_agent.kernel.device import GlobalEvent, GlobalState
 from luo_agent.kernel.rfc_v2 import RfcV2Device
 from luo_agent.kernel.session import LuoSession, SessionDevice, encode_session_name
 from luo_agent.kernel.syscalls import SYSFS_STATE_PATH
@@ -241,7 +241,7 @@ def test_v3_preserve_unpreserve_and_errors(
     v3_target: Target, data_fd: int, unsupported_fd: int, spare: list[int]
 ) -> None:
     with V3Device(v3_target.sc) as dev:
-        assert dev.get_state() is KernelState.NORMAL
+        assert dev.get_state() is GlobalState.NORMAL
         dev.fd_preserve(data_fd, token=7)
         assert global_tokens(v3_target) in (None, {7})
         with pytest.raises(AlreadyExists):
@@ -253,24 +253,24 @@ def test_v3_preserve_unpreserve_and_errors(
         dev.fd_unpreserve(7)
         assert global_tokens(v3_target) in (None, set())
         with pytest.raises(InvalidArgument, match="freeze"):
-            dev.set_event(Event.FREEZE)
+            dev.set_event(GlobalEvent.FREEZE)
 
 
 def test_v3_state_machine(v3_target: Target, data_fd: int) -> None:
     with V3Device(v3_target.sc) as dev:
         with pytest.raises(WrongKernelState):
-            dev.set_event(Event.FINISH)
-        dev.set_event(Event.PREPARE)
-        assert dev.get_state() is KernelState.PREPARED
+            dev.set_event(GlobalEvent.FINISH)
+        dev.set_event(GlobalEvent.PREPARE)
+        assert dev.get_state() is GlobalState.PREPARED
         if v3_target.machine is not None:
             with open(v3_target.sc.path(SYSFS_STATE_PATH)) as f:
                 assert f.read() == "prepared\n"
         with pytest.raises(WrongKernelState):
-            dev.set_event(Event.PREPARE)
+            dev.set_event(GlobalEvent.PREPARE)
         with pytest.raises(WrongKernelState, match="NORMAL or UPDATED"):
             dev.fd_preserve(data_fd, token=1)
-        dev.set_event(Event.CANCEL)
-        assert dev.get_state() is KernelState.NORMAL
+        dev.set_event(GlobalEvent.CANCEL)
+        assert dev.get_state() is GlobalState.NORMAL
 
 
 def test_v3_exclusive_and_close_drops_every_file(v3_target: Target, data_fd: int) -> None:
@@ -285,17 +285,17 @@ def test_v3_exclusive_and_close_drops_every_file(v3_target: Target, data_fd: int
         dev.get_state()
     assert raised.value.errno == errno.EBADF
     with V3Device(v3_target.sc) as reopened:
-        assert reopened.get_state() is KernelState.NORMAL
+        assert reopened.get_state() is GlobalState.NORMAL
 
 
 def test_v3_round_trip_through_kexec(v3_machine: Target, data_fd: int, kexec_image: Path) -> None:
     dev = V3Device(v3_machine.sc).open()
     dev.fd_preserve(data_fd, token=0xABC)
-    dev.set_event(Event.PREPARE)
+    dev.set_event(GlobalEvent.PREPARE)
     kexec_reboot(v3_machine, kexec_image)
     dev.close()
     with V3Device(v3_machine.sc) as dev:
-        assert dev.get_state() is KernelState.UPDATED
+        assert dev.get_state() is GlobalState.UPDATED
         with pytest.raises(NoSuchToken):
             dev.fd_restore(1)
         restored = dev.fd_restore(0xABC)
@@ -304,14 +304,14 @@ def test_v3_round_trip_through_kexec(v3_machine: Target, data_fd: int, kexec_ima
             assert read_all(restored) == b"preserved bytes\n" * 64
         finally:
             os.close(restored)
-        dev.set_event(Event.FINISH)
-        assert dev.get_state() is KernelState.NORMAL
+        dev.set_event(GlobalEvent.FINISH)
+        assert dev.get_state() is GlobalState.NORMAL
 
 
 # ------------------------------------------------------------------------------ rfc-v2 (G1)
 def test_rfc_v2_preserve_and_events(rfc_v2_target: Target, data_fd: int, spare: list[int]) -> None:
     with RfcV2Device(rfc_v2_target.sc) as dev, RfcV2Device(rfc_v2_target.sc) as second:
-        assert dev.get_state() is KernelState.NORMAL  # 0-based NORMAL
+        assert dev.get_state() is GlobalState.NORMAL  # 0-based NORMAL
         token = dev.fd_preserve(data_fd)
         other = second.fd_preserve(new_memfd(spare, b"z"))  # opens are not exclusive
         assert token != other
@@ -321,13 +321,13 @@ def test_rfc_v2_preserve_and_events(rfc_v2_target: Target, data_fd: int, spare: 
         with pytest.raises(WrongKernelState):
             dev.event_finish()
         dev.event_prepare()
-        assert second.get_state() is KernelState.PREPARED
+        assert second.get_state() is GlobalState.PREPARED
         dev.event_freeze()
-        assert dev.get_state() is KernelState.FROZEN
+        assert dev.get_state() is GlobalState.FROZEN
         with pytest.raises(WrongKernelState):
             dev.event_freeze()
         dev.event_cancel()
-        assert dev.get_state() is KernelState.NORMAL
+        assert dev.get_state() is GlobalState.NORMAL
     # Closing an rfc-v2 device does nothing to what was preserved (no release handler).
     assert global_tokens(rfc_v2_target) in (None, {token})
     with RfcV2Device(rfc_v2_target.sc) as dev:
@@ -343,11 +343,11 @@ def test_rfc_v2_round_trip_through_kexec(
         dev.event_prepare()
     kexec_reboot(rfc_v2_machine, kexec_image)
     with RfcV2Device(rfc_v2_machine.sc) as dev:
-        assert dev.get_state() is KernelState.UPDATED
+        assert dev.get_state() is GlobalState.UPDATED
         restored = dev.fd_restore(token)
         try:
             assert read_all(restored) == b"preserved bytes\n" * 64
         finally:
             os.close(restored)
         dev.event_finish()
-        assert dev.get_state() is KernelState.NORMAL
+        assert dev.get_state() is GlobalState.NORMAL

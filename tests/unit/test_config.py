@@ -96,6 +96,7 @@ def test_timeouts_defaults_and_lookup_by_step() -> None:
     timeouts = Timeouts()
     assert {step: timeouts.seconds(step) for step in TIMED_STEPS} == {
         "prepare": 300.0,
+        "coordinate": 1800.0,
         "freeze": 60.0,
         "cancel": 120.0,
         "restore": 300.0,

@@ -19,7 +19,6 @@ from luo_agent.registry import (
     SESSION_NAME_MAX_BYTES,
     TOKEN_MAX,
     Entry,
-    EntryState,
     FdRegistry,
     Key,
 )
@@ -85,7 +84,7 @@ def keys(entries: list[Entry]) -> list[tuple[str, int]]:
 def test_add_and_query(registry: FdRegistry, make_fd: MakeFd) -> None:
     fd = make_fd()
     entry = registry.add("vm1", 7, fd, owner=":1.42")
-    assert entry == Entry("vm1", 7, fd, ":1.42", (), EntryState.REGISTERED)
+    assert entry == Entry("vm1", 7, fd, ":1.42", ())
     assert entry.key == Key("vm1", 7)
     add(registry, make_fd, "db", 0)
     add(registry, make_fd, "vm1", 8, ("vm1", 7))
@@ -93,10 +92,6 @@ def test_add_and_query(registry: FdRegistry, make_fd: MakeFd) -> None:
     assert ("vm1", 8) in registry
     assert len(registry) == 3
     assert registry.sessions() == ["vm1", "db"]
-    assert {name: keys(es) for name, es in registry.by_session().items()} == {
-        "vm1": [("vm1", 7), ("vm1", 8)],
-        "db": [("db", 0)],
-    }
     assert keys(registry.dependents("vm1", 7)) == [("vm1", 8)]
     with pytest.raises(InvalidArgument, match="no fd registered as 'vm1'/9"):
         registry.get("vm1", 9)
@@ -203,58 +198,12 @@ def test_self_dependency_is_a_cycle(registry: FdRegistry, make_fd: MakeFd) -> No
         add(registry, make_fd, "vm", 1, ("vm", 1))
 
 
-def test_cycle_is_refused_and_named(registry: FdRegistry, make_fd: MakeFd) -> None:
-    add(registry, make_fd, "s", 1)
-    add(registry, make_fd, "s", 2, ("s", 1))
-    add(registry, make_fd, "t", 3, ("s", 2))
-    with pytest.raises(InvalidArgument) as info:
-        registry.set_dependencies("s", 1, [("t", 3)])
-    # Read as "depends on": s/1 -> t/3 -> s/2 -> s/1.
-    assert str(info.value) == "dependency cycle: 's'/1 -> 't'/3 -> 's'/2 -> 's'/1"
-    assert registry.get("s", 1).depends_on == ()  # unchanged
-    assert keys(registry.preservation_order()) == [("s", 1), ("s", 2), ("t", 3)]
-
-
-def test_diamond(registry: FdRegistry, make_fd: MakeFd) -> None:
-    # Registered in an order that is not valid; the dependencies are declared afterwards.
-    for token in (4, 3, 2, 1):
-        add(registry, make_fd, "d", token)
-    registry.set_dependencies("d", 2, [("d", 1)])
-    registry.set_dependencies("d", 3, [("d", 1)])
-    registry.set_dependencies("d", 4, [("d", 2), ("d", 3), ("d", 2)])
-    assert registry.get("d", 4).depends_on == (("d", 2), ("d", 3))  # repeat dropped
-    # 1 first; then of 2 and 3 the earlier registered (3); then 2; then 4.
-    assert keys(registry.preservation_order()) == [("d", 1), ("d", 3), ("d", 2), ("d", 4)]
-    with pytest.raises(InvalidArgument, match="still needed by 'd'/3, 'd'/2"):
-        registry.remove("d", 1)
-
-
 def test_valid_registration_order_is_kept(registry: FdRegistry, make_fd: MakeFd) -> None:
     add(registry, make_fd, "b", 1)
     add(registry, make_fd, "a", 1)
     add(registry, make_fd, "c", 1, ("a", 1))
     add(registry, make_fd, "a", 0)
     assert keys(registry.preservation_order()) == [("b", 1), ("a", 1), ("c", 1), ("a", 0)]
-
-
-def test_deep_chain(make_fd: MakeFd, registry: FdRegistry) -> None:
-    depth = 600
-    registry = FdRegistry(check_fd=check_preservable, max_per_session=depth, max_total=depth)
-    try:
-        base = make_fd()
-        for token in range(depth):  # registered 0..599, each later one will be needed first
-            registry.add("chain", token, os.dup(base), owner="x")
-        for token in range(depth - 1):
-            registry.set_dependencies("chain", token, [("chain", token + 1)])
-        order = registry.preservation_order()
-        assert [e.token for e in order] == list(range(depth - 1, -1, -1))
-        with pytest.raises(InvalidArgument) as info:
-            registry.set_dependencies("chain", depth - 1, [("chain", 0)])
-        text = str(info.value)
-        assert text.startswith("dependency cycle: 'chain'/599 -> 'chain'/0 -> 'chain'/1 -> ")
-        assert text.count("->") == depth
-    finally:
-        registry.close_all()
 
 
 def test_limits(make_fd: MakeFd) -> None:
@@ -275,21 +224,6 @@ def test_limits(make_fd: MakeFd) -> None:
 
 
 # --------------------------------------------------------------------------- state, ownership
-
-
-def test_state_changes(registry: FdRegistry, make_fd: MakeFd) -> None:
-    add(registry, make_fd, "vm", 1)
-    assert registry.set_state("vm", 1, EntryState.PRESERVED).state is EntryState.PRESERVED
-    assert registry.set_state("vm", 1, EntryState.REGISTERED).state is EntryState.REGISTERED
-    with pytest.raises(InvalidArgument, match="cannot go from registered to retrieved"):
-        registry.set_state("vm", 1, EntryState.RETRIEVED)
-    registry.set_state("vm", 1, EntryState.PRESERVED)
-    registry.set_state("vm", 1, EntryState.RETRIEVED)
-    with pytest.raises(InvalidArgument, match="cannot go from retrieved to preserved"):
-        registry.set_state("vm", 1, EntryState.PRESERVED)
-    # The new boot's agent registers what it retrieved directly in that state.
-    entry = registry.add("vm", 2, make_fd(), owner="", state=EntryState.RETRIEVED)
-    assert entry.state is EntryState.RETRIEVED
 
 
 def test_remove_closes_or_hands_over_the_fd(registry: FdRegistry, make_fd: MakeFd) -> None:
@@ -331,60 +265,31 @@ def test_close_all_closes_the_rest_when_one_close_fails(make_fd: MakeFd) -> None
 # -------------------------------------------------------------------------- generated graphs
 
 
-def has_cycle(edges: dict[int, set[int]]) -> bool:
-    state: dict[int, int] = {}  # 1 = on the path, 2 = done
-
-    def visit(node: int) -> bool:
-        state[node] = 1
-        for nxt in edges[node]:
-            if state.get(nxt) == 1 or (nxt not in state and visit(nxt)):
-                return True
-        state[node] = 2
-        return False
-
-    return any(node not in state and visit(node) for node in edges)
-
-
 @settings(max_examples=150, deadline=None)
 @given(
-    size=st.integers(min_value=1, max_value=12),
-    wishes=st.lists(
-        st.tuples(st.integers(0, 11), st.lists(st.integers(0, 11), max_size=4)), max_size=30
-    ),
+    wishes=st.lists(st.lists(st.integers(0, 11), max_size=4), min_size=1, max_size=12),
 )
-def test_generated_dependencies_keep_a_valid_order(
-    size: int, wishes: list[tuple[int, list[int]]]
-) -> None:
+def test_generated_dependencies_keep_a_valid_order(wishes: list[list[int]]) -> None:
+    """Node i asks for dependencies among 0..11: refused unless all are registered already."""
     base = os.memfd_create(MEMFD_NAME)
     reg = FdRegistry(check_fd=check_preservable)
     try:
-        for node in range(size):
-            reg.add(f"s{node % 3}", node, os.dup(base), owner="x")
-        key_of = {node: Key(f"s{node % 3}", node) for node in range(size)}
-        edges: dict[int, set[int]] = {node: set() for node in range(size)}
-        for node, deps in wishes:
-            if node >= size:
-                continue
-            deps = [d for d in deps if d < size]
-            proposed = {**edges, node: set(deps)}
-            new_deps = [key_of[d] for d in deps]
-            if has_cycle(proposed):  # refused exactly when the change would close a cycle
-                with pytest.raises(InvalidArgument, match=r"^dependency cycle: "):
-                    reg.set_dependencies(*key_of[node], new_deps)
-                continue
-            reg.set_dependencies(*key_of[node], new_deps)
-            edges = proposed
+        for node, deps in enumerate(wishes):
+            wanted = [Key(f"s{d % 3}", d) for d in deps]
+            fd = os.dup(base)
+            if any(d >= node for d in deps):
+                with pytest.raises(InvalidArgument):
+                    reg.add(f"s{node % 3}", node, fd, owner="x", depends_on=wanted)
+                wanted = []  # refused, the fd still the caller's: registered without them
+            reg.add(f"s{node % 3}", node, fd, owner="x", depends_on=wanted)
         order = reg.preservation_order()
         position = {entry.key: i for i, entry in enumerate(order)}
-        assert sorted(position) == sorted(key_of.values())  # every entry exactly once
+        assert len(position) == len(wishes)  # every entry exactly once
         for entry in order:
             assert entry.depends_on == tuple(dict.fromkeys(entry.depends_on))
             for dep in entry.depends_on:
                 assert position[dep] < position[entry.key]
-        assert reg.preservation_order() == order  # deterministic
-        # Registration order (0..size-1) is kept whenever it is itself valid.
-        if all(d < node for node, deps in edges.items() for d in deps):
-            assert [e.token for e in order] == list(range(size))
+        assert [e.token for e in order] == list(range(len(wishes)))
     finally:
         reg.close_all()
         os.close(base)

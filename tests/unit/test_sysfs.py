@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from luo_agent.errors import LuoError
-from luo_agent.kernel.device import Event
+from luo_agent.kernel.device import GlobalEvent
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.rfc_v2 import RfcV2Device
 from luo_agent.kernel.v3 import V3Device
@@ -251,7 +251,7 @@ async def test_emulated_machine_every_transition_in_order(abi: str, tmp_path: Pa
         device: RfcV2Device | V3Device = RfcV2Device(sc) if abi == "rfc-v2" else V3Device(sc)
         device.open()
 
-        def event(name: Event) -> None:
+        def event(name: GlobalEvent) -> None:
             match device:
                 case RfcV2Device():
                     getattr(device, f"event_{name}")()
@@ -266,14 +266,14 @@ async def test_emulated_machine_every_transition_in_order(abi: str, tmp_path: Pa
                     return await anext(states)
 
             assert await next_state() == "normal"
-            event(Event.PREPARE)
+            event(GlobalEvent.PREPARE)
             assert await next_state() == "prepared"
-            event(Event.CANCEL)
+            event(GlobalEvent.CANCEL)
             assert await next_state() == "normal"
-            event(Event.PREPARE)
+            event(GlobalEvent.PREPARE)
             assert await next_state() == "prepared"
             if abi == "rfc-v2":
-                event(Event.FREEZE)
+                event(GlobalEvent.FREEZE)
                 assert await next_state() == "frozen"
             kernel_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -288,6 +288,6 @@ async def test_emulated_machine_every_transition_in_order(abi: str, tmp_path: Pa
             assert await next_state() == "updated"
             device = RfcV2Device(sc) if abi == "rfc-v2" else V3Device(sc)
             device.open()
-            event(Event.FINISH)
+            event(GlobalEvent.FINISH)
             assert await next_state() == "normal"
             device.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from enum import StrEnum
 from typing import Any, assert_never
 
@@ -184,10 +183,3 @@ class StateMachineKernel(GenerationKernel):
             pf.close()
         self.outgoing.clear()
         self.incoming.clear()
-
-
-def close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
