@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from luo_agent.kernel.device import Abi
 from luo_agent.log import configure_logging, log_update_ids_from
 
 
@@ -24,7 +23,7 @@ def test_journal_lines_are_key_value_with_the_update_id(capsys: pytest.CaptureFi
     configure_logging("journal")
     log_update_ids_from(lambda: current["id"])
     log = structlog.get_logger("t")
-    log.info("agent_ready", abi=Abi.SESSION)
+    log.info("agent_ready", abi="session")
     current["id"] = "upd-9"
     log.info("phase_changed", phase="prepared")
     # From another thread too (the kernel thread, the systemd thread).
