@@ -132,7 +132,9 @@ def cmd_bigmem(args: argparse.Namespace) -> int:
         return 0 if update_ok(run) else 1
     result = run_limit(kernel, args.mib, args.memory, run_dir, echo=echo)
     print(f"==> VM: {result.describe()}")
-    print((run_dir / "limit.json").read_text() if (run_dir / "limit.json").exists() else "")
+    for name in ("limit-steps.jsonl", "limit.json"):
+        if (run_dir / name).exists():
+            print(f"--- {name}\n{(run_dir / name).read_text()}")
     return 0 if result.ok else 1
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 
 from luo_agent import phase as ph
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-ABIS = ["session", "v3", "rfc-v2"]
+ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 DATA = b"participant state " * 1000
 
