@@ -5,6 +5,12 @@
 ./scripts/vm run [--systemd] CMD    run a shell command in the VM, print its output
 ./scripts/vm demo [--console] [--vm] a whole live update of the installed package, across a real
                                     kexec, and its summary (lab/liveupdate.py)
+./scripts/vm powercut               power cuts while prepared, frozen and restoring, each with a
+                                    cold boot after it, then an update (lab/powercut.py)
+./scripts/vm bigmem carry|limit     a memfd of hundreds of MiB across the kexec; or memfds preserved
+                                    until the kernel refuses (lab/bigmem.py)
+./scripts/vm soak [N]               N live updates in a row on one VM (default 10), each verified,
+                                    with what must not grow measured after each (lab/soak.py)
 """
 
 from __future__ import annotations
@@ -94,6 +100,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if update_ok(run) else 1
 
 
+def cmd_powercut(args: argparse.Namespace) -> int:
+    from .powercut import checks, run_power_cuts
+
+    run_dir = _run_dir("powercut")
+    print(f"==> three power cuts and four cold boots; run directory {run_dir}", flush=True)
+    run = run_power_cuts(
+        ensure_kernel().bzimage, run_dir, echo=sys.stdout if args.console else None
+    )
+    print(f"==> {run.describe()}")
+    found = checks(run_dir)
+    for what, held, seen in found:
+        print(f"    {'ok  ' if held else 'FAIL'} {what}" + ("" if held else f": saw {seen}"))
+    ok = run.ok and all(held for _, held, _ in found)
+    print(f"==> {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def cmd_bigmem(args: argparse.Namespace) -> int:
+    from .bigmem import run_carry, run_limit
+    from .liveupdate import summary_lines, update_ok
+
+    kernel = ensure_kernel().bzimage
+    run_dir = _run_dir(f"bigmem-{args.what}")
+    echo = sys.stdout if args.console else None
+    print(f"==> {args.what}, {args.mib} MiB, VM of {args.memory}; run directory {run_dir}")
+    if args.what == "carry":
+        run = run_carry(kernel, args.mib, args.memory, run_dir, echo=echo)
+        for line in summary_lines(run):
+            print(f"    {line}")
+        return 0 if update_ok(run) else 1
+    result = run_limit(kernel, args.mib, args.memory, run_dir, echo=echo)
+    print(f"==> VM: {result.describe()}")
+    for name in ("limit-steps.jsonl", "limit.json"):
+        if (run_dir / name).exists():
+            print(f"--- {name}\n{(run_dir / name).read_text()}")
+    return 0 if result.ok else 1
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .soak import run_soak, table
+
+    kernel = ensure_kernel()
+    run_dir = _run_dir("soak")
+    print(f"==> {args.rounds} live updates in a row on one VM; run directory {run_dir}", flush=True)
+    result = run_soak(
+        kernel.bzimage, args.rounds, run_dir, echo=sys.stdout if args.console else None
+    )
+    print(f"==> VM: {result.describe()}")
+    rows, ok = table(run_dir, args.rounds)
+    for row in rows:
+        print(row)
+    ok = ok and result.ok and result.boots == args.rounds + 1
+    print(f"==> {'PASS' if ok else 'FAIL'}: {args.rounds} updates, {result.boots} boots")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/vm",
@@ -119,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=("whole-update", "failing-participant", "killed-agent", "no-kernel", "fleet-slot"),
         help=argparse.SUPPRESS,
     )
+    cut = sub.add_parser("powercut", help="power cuts at three points of an update")
+    cut.add_argument("--console", action="store_true", help="show the VM's serial console")
+    big = sub.add_parser("bigmem", help="big memfds across the kexec, or up to the kernel's limit")
+    big.add_argument("what", choices=("carry", "limit"))
+    big.add_argument("--mib", type=int, default=512, help="carry: memfd size; limit: step")
+    big.add_argument("--memory", default="2G", help="the VM's memory (default 2G)")
+    big.add_argument("--console", action="store_true", help="show the VM's serial console")
+    soak = sub.add_parser("soak", help="N live updates in a row on one VM (not in CI)")
+    soak.add_argument("rounds", nargs="?", type=int, default=10, help="kexecs (default 10)")
+    soak.add_argument("--console", action="store_true", help="show the VM's serial console")
     args = parser.parse_args(argv)
     if (reason := qemu_missing_reason()) is not None:
         print(f"lab: cannot run a VM here: {reason}", file=sys.stderr)
@@ -128,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "selftests": cmd_selftests,
         "demo": cmd_demo,
+        "soak": cmd_soak,
+        "powercut": cmd_powercut,
+        "bigmem": cmd_bigmem,
     }
     return handlers[args.command_name](args)
 

@@ -161,6 +161,8 @@ def systemd_setup(
     )
     examples = [f"{u}.service" for u in EXAMPLE_UNITS] if example else []
     enable = " ".join(examples + list(extra_units))
+    # ``systemctl enable`` with no unit fails ("Too few arguments"), and the set-up with it.
+    enable_line = f'chroot "$root" systemctl enable {enable} >> "$log" 2>&1\n' if enable else ""
     return f"""\
 set -e
 root=$1
@@ -182,7 +184,7 @@ cat > "$root/etc/luo-agent/config.toml" <<'TOML'
 mkdir -p "$root/etc/systemd/system/luo-example-restore.service.d"
 cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'UNIT'
 {RESTORE_MARK_DROPIN}UNIT
-{units}chroot "$root" systemctl enable {enable} >> "$log" 2>&1
+{units}{enable_line}
 # Services of this host that the VM does not need: a database (CPU under TCG) and kexec-tools'
 # boot-time load of the host's own kernel (the agent loads the kernel to switch to).
 for unit in {" ".join(MASKED)}; do

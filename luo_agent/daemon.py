@@ -102,6 +102,8 @@ async def run(config: Config, coordinator: Coordinator | None = None) -> int:
                 else None
             )
             await agent.resume()
+            # After the restore gate is queued: nothing of it is on a participant's path.
+            stop_order = tg.create_task(order_stop_before_the_bus(gate), name="stop-order")
             if not await wait_until_stopped(bus, stop):
                 # Off the bus the agent serves nobody: a non-zero exit lets Restart= bring it
                 # back (the restarted agent recovers the update like after a crash).
@@ -110,6 +112,7 @@ async def run(config: Config, coordinator: Coordinator | None = None) -> int:
             notify.stopping()
             log.info("agent_stopping", phase=str(agent.phase))
             watchdog.cancel()
+            stop_order.cancel()
             if state_watcher is not None:
                 state_watcher.cancel()
             await agent.stop()
@@ -119,6 +122,25 @@ async def run(config: Config, coordinator: Coordinator | None = None) -> int:
     finally:
         await gate.close()
     return status
+
+
+# units/luo-agent-stop-order.target: ordered after dbus.service; the agent's unit is After= it.
+STOP_ORDER_TARGET = "luo-agent-stop-order.target"
+
+
+async def order_stop_before_the_bus(gate: PystemdGate) -> None:
+    """Start ``STOP_ORDER_TARGET`` now that the agent is up, so that at shutdown the agent stops
+    before the system bus.  Started by the unit (``Wants=``/``Upholds=``) it would join the boot's
+    first transaction and order the agent's start after the bus (docs/units.md)."""
+    try:
+        async with asyncio.timeout(60):
+            outcome = await gate.run_target(STOP_ORDER_TARGET)
+        error = "" if outcome.ok else f"job {outcome.job_result}"
+    except (LuoError, TimeoutError) as exc:
+        error = str(exc) or type(exc).__name__
+    if error:
+        # Only the shutdown order is at stake (an agent run outside its unit has no such target).
+        log.warning("stop_order_not_set", target=STOP_ORDER_TARGET, error=error)
 
 
 def kernel_state_file(agent: Agent, syscalls: Syscalls) -> str | None:

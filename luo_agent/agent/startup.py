@@ -179,7 +179,7 @@ class Startup:
         """
         kernel = self._state.opened_kernel()
         last = self._state.last
-        self._record_lost_update(kernel, boot, previous)
+        taken_over = self._record_lost_update(kernel, boot, previous)
         if previous is not None and last is not None and previous.id == last.id:
             # current.json could not be removed when the update ended (read-only /run): the
             # history already has the outcome.
@@ -193,7 +193,7 @@ class Startup:
             and (boot.incoming is None or boot.incoming.id == previous.id)
         )
         updated = boot.kernel_state is GlobalState.UPDATED
-        incoming = boot.incoming
+        incoming = boot.incoming or taken_over
         if incoming is None and updated and not same_boot:
             # rfc-v2/v3 restore the metadata only once: an agent that died after restoring it
             # and before saving this boot's record took it along.  The update as prepared, with
@@ -284,27 +284,34 @@ class Startup:
 
     def _record_lost_update(
         self, kernel: KernelBackend, boot: BootState, previous: UpdateRecord | None
-    ) -> None:
+    ) -> UpdateRecord | None:
         """An update that was prepared (perhaps already kexec'd into) and that this boot knows
         nothing of: no handover came in, and /run (current.json) is empty, so the machine went
         through a reboot that was not the live update's (a crash of the new kernel, a power
-        cycle).  Recorded as lost, with what the agent last knew."""
+        cycle).  Recorded as lost, with what the agent last knew.  Returned instead when this is
+        the update's own live-update boot and the kernel still carries its files: the update
+        goes on from the in-flight record."""
         pending = self._history.load_in_flight()
         if pending is None:
-            return
-        if any(entry.get("id") == pending.id for entry in self._history.load()):
+            return None
+        if self._history.outcome(pending.id) is not None:
             with contextlib.suppress(PersistError):
                 self._history.clear_in_flight()  # recorded already; only the removal was lost
-            return
+            return None
         if previous is not None or boot.kernel_state is GlobalState.UPDATED:
-            return  # a restart in the same boot, or the kernel carries it: recovery has it
+            return None  # a restart in the same boot, or the kernel carries it: recovery has it
         if boot.incoming is not None and boot.incoming.id == pending.id:
-            return  # the live-update boot of that very update
+            return None  # the live-update boot of that very update
         if f"{CMDLINE_MARKER}{pending.id}" in kernel.command_line().split():
-            # This is the update's own kexec'd kernel, yet its handover is gone: a kexec someone
-            # else asked for while the image was loaded (logind's auto-kexec of a plain reboot),
-            # or an agent that started earlier in this boot took it and died before keeping it
-            # (session ABI: between RETRIEVE_SESSION and the fd store).
+            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
+            # started earlier in this boot took it and died before keeping it (session ABI:
+            # between RETRIEVE_SESSION of the agent's session and the fd store), or a kexec
+            # someone else asked for while the image was loaded (logind's auto-kexec of a plain
+            # reboot).  In the first case the participants' sessions are still carried: take
+            # them by the names in-flight.json gives, and go on with the update.
+            if kernel.take_over_carried(pending):
+                log.warning("update_taken_from_in_flight_record", update_id=pending.id)
+                return pending
             lost = pending.ended(
                 "aborted",
                 ERROR_PREFIX + "Aborted",
@@ -315,12 +322,12 @@ class Startup:
                 "restore what was carried",
             )
         else:
-            after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
-            when = (
-                "after the kexec was issued (or on the way to it)"
-                if after_kexec
-                else "while the update was prepared"
-            )
+            if ph.is_post_reboot(ph.Phase(pending.phase)):
+                when = "in its live-update boot, before the update finished"
+            elif pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING):
+                when = "after the kexec was issued (or on the way to it)"
+            else:
+                when = "while the update was prepared"
             lost = pending.ended(
                 "lost-in-reboot",
                 ERROR_PREFIX + "HandoverLost",
@@ -330,3 +337,4 @@ class Startup:
             )
         log.error("update_lost", update_id=pending.id, phase=pending.phase, result=lost.result)
         self._ledger.finish_record(lost)
+        return None

@@ -160,6 +160,14 @@ class KernelBackend(Protocol):
         """Take over the kernel tokens of an update found in ``current.json`` after a restart."""
         ...
 
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        """This is ``record``'s live-update boot, but the agent's own handover is gone (an agent
+        of this boot took it and died before keeping it): take the carried files that
+        ``record`` (the durable in-flight copy) names.  False when none is carried, and where
+        the handover cannot be lost that way (the state-machine ABIs keep it in the kernel's
+        global state)."""
+        ...
+
     def retrieve(self, session: str, token: int) -> int: ...
 
     def finish(self) -> list[str]:

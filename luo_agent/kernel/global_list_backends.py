@@ -146,6 +146,9 @@ class GlobalListBackend(MetadataMemfd):
         self.kernel_tokens = {(p.session, p.token): p.kernel_token for p in record.preserved}
         self.meta_kernel_token = self._metadata_token_on_boot()
 
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        return False  # the handover is the kernel's global state: recovery takes it from there
+
     def retrieve(self, session: str, token: int) -> int:
         kernel_token = self.kernel_tokens.get((session, token))
         if kernel_token is None:

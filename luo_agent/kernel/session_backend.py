@@ -178,6 +178,20 @@ class SessionBackend(MetadataMemfd):
         # Outgoing sessions die with the process that held them: nothing to take over.
         pass
 
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        # The agent's own session went with the agent that retrieved it (the kernel finished it,
+        # the metadata memfd with it); the participants' sessions are still in the kernel,
+        # under the names the in-flight record gives (tokens are the kernel's own here).  None
+        # found: nothing was carried (someone else's kexec while the image was loaded).
+        found = False
+        with self._device() as dev:
+            for name in dict.fromkeys(p.session for p in record.preserved):
+                if name not in self.incoming:
+                    with contextlib.suppress(NoSuchSession):
+                        self._hold_incoming(name, dev.retrieve_session(name))
+                        found = True
+        return found
+
     def retrieve(self, session: str, token: int) -> int:
         held = self.incoming.get(session)
         if held is None or session == AGENT_SESSION:
