@@ -94,6 +94,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for line in journal.splitlines():
             if ("luo-agent[" in line and "phase_changed" in line) or "luo-example:" in line:
                 print(f"    {line}")
+    if args.scenario == "fleet-slot":
+        from .liveupdate import fleet_key_values
+
+        print(f"==> this host's fleet id: {run.text('host-id').strip() or '?'}")
+        print("==> every value of airlock's key, oldest first:")
+        for value in fleet_key_values(run):
+            print(f"    {value}")
     print("==> summary (also in summary.json):")
     for line in summary_lines(run):
         print(f"    {line}")
@@ -132,7 +139,9 @@ def cmd_bigmem(args: argparse.Namespace) -> int:
         return 0 if update_ok(run) else 1
     result = run_limit(kernel, args.mib, args.memory, run_dir, echo=echo)
     print(f"==> VM: {result.describe()}")
-    print((run_dir / "limit.json").read_text() if (run_dir / "limit.json").exists() else "")
+    for name in ("limit-steps.jsonl", "limit.json"):
+        if (run_dir / name).exists():
+            print(f"--- {name}\n{(run_dir / name).read_text()}")
     return 0 if result.ok else 1
 
 

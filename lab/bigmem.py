@@ -66,7 +66,10 @@ def run_carry(
 def run_limit(
     kernel: Path, step_mib: int, memory: str, run_dir: Path, *, echo: IO[str] | None = None
 ) -> VmResult:
-    job = f'cd {REPO} && {VENV_PYTHON} -m lab.bigmem limit {step_mib} > "$LAB_RUN/limit.json"\n'
+    job = (
+        f"cd {REPO} && {VENV_PYTHON} -m lab.bigmem limit {step_mib} "
+        '"$LAB_RUN/limit-steps.jsonl" > "$LAB_RUN/limit.json"\n'
+    )
     return Vm(kernel, memory=memory, echo=echo).run(job, run_dir, 1800.0)
 
 
@@ -78,10 +81,12 @@ def meminfo() -> dict[str, int]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         name, _, rest = line.partition(":")
         fields[name] = int(rest.split()[0])
-    return {k: fields[k] for k in ("MemTotal", "MemFree", "MemAvailable", "Shmem", "CmaTotal")}
+    keys = ("MemTotal", "MemFree", "MemAvailable", "Shmem", "CmaTotal", "CmaFree")
+    return {k: fields.get(k, -1) for k in keys}
 
 
-def limit(step_mib: int) -> dict[str, Any]:
+def limit(step_mib: int, out_file: IO[str]) -> dict[str, Any]:
+    """Each step is also written to ``out_file`` at once: the OOM killer may end this process."""
     sys.path.insert(0, str(REPO))
     from luo_agent.kernel.syscalls import DEVICE_PATH, RealSyscalls
     from tests.kernel import luo_raw
@@ -94,8 +99,10 @@ def limit(step_mib: int) -> dict[str, Any]:
     chunk = b"\xa5" * CHUNK
     try:
         while True:
-            if meminfo()["MemAvailable"] < (step_mib + 96) << 10:
-                out["stopped"] = "free memory ran low before the kernel refused"
+            now = meminfo()
+            # Pinning moves the pages out of the KHO scratch (CMA): count only memory outside it.
+            if now["MemAvailable"] - now["CmaFree"] < (step_mib + 160) << 10:
+                out["stopped"] = "memory outside the KHO scratch ran low before the kernel refused"
                 break
             fd = os.memfd_create(f"big-{len(held)}", os.MFD_CLOEXEC)
             for offset in range(0, step_mib << 20, CHUNK):
@@ -106,12 +113,14 @@ def limit(step_mib: int) -> dict[str, Any]:
             except OSError as exc:
                 name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
                 steps.append({"preserved_mib": len(held) * step_mib, "refused": name})
+                print(json.dumps(steps[-1]), file=out_file, flush=True)
                 out["refused"] = {"errno": name, "after_mib": len(held) * step_mib}
                 os.close(sess)
                 os.close(fd)
                 break
             held.append((sess, fd))
             steps.append({"preserved_mib": len(held) * step_mib, "meminfo": meminfo()})
+            print(json.dumps(steps[-1]), file=out_file, flush=True)
         out["at_the_end"] = meminfo()
     finally:
         for sess, fd in held:
@@ -124,10 +133,11 @@ def limit(step_mib: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
-    if len(args) == 2 and args[0] == "limit":
-        print(json.dumps(limit(int(args[1]))))
+    if len(args) == 3 and args[0] == "limit":
+        with open(args[2], "a") as steps:
+            print(json.dumps(limit(int(args[1]), steps)))
         return 0
-    print("usage: python -m lab.bigmem limit STEP_MIB (in the VM)", file=sys.stderr)
+    print("usage: python -m lab.bigmem limit STEP_MIB STEPS_FILE (in the VM)", file=sys.stderr)
     return 2
 
 

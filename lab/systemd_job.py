@@ -5,6 +5,8 @@ example participant, the state directories on the run directory), and reading wh
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -34,8 +36,19 @@ def systemd_vm(
         wait_workload="wait_active luo-example-workload.service || exit 11",
     )
     job += body(Path(host.seen(kernel)))
-    setup = systemd_setup(host.install() + install_extra, units or {}, "direct")
+    setup = systemd_setup(pinned(host.install()) + install_extra, units or {}, "direct")
     return Vm(kernel, memory=memory, mode="systemd", root=host.root, echo=echo), job, setup
+
+
+def pinned(install: str) -> str:
+    """``install`` with the package it names copied out of the shared cache, which keeps only
+    the newest few packages: a run of many boots installs it again at each one."""
+    for word in install.split():
+        if word.endswith(".deb") and Path(word).is_file():
+            keep = Path(tempfile.mkdtemp(prefix="luo-lab-deb-", dir="/var/tmp")) / Path(word).name
+            shutil.copy2(word, keep)
+            install = install.replace(word, str(keep))
+    return install
 
 
 def last_json(path: Path) -> Any:
