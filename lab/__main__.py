@@ -96,6 +96,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for line in journal.splitlines():
             if ("luo-agent[" in line and "phase_changed" in line) or "luo-example:" in line:
                 print(f"    {line}")
+    if args.scenario == "fleet-slot":
+        from .liveupdate import fleet_key_values
+
+        print(f"==> this host's fleet id: {run.text('host-id').strip() or '?'}")
+        print("==> every value of airlock's key, oldest first:")
+        for value in fleet_key_values(run):
+            print(f"    {value}")
     print("==> summary (also in summary.json):")
     for line in summary_lines(run):
         print(f"    {line}")

@@ -107,7 +107,9 @@ def scenario(guest: Path) -> Scenario:
     return Scenario(
         "vm-guest",
         job,
-        900.0,
+        # Two boots with the package installed in each, QEMU under nested TCG: ~10 min on a quiet
+        # host, over 15 at load 17 (other test suites and VMs beside it).
+        1800.0,
         example=False,
         setup=setup(guest),
         participant_unit=f"luo-vm-restore@{NAME}.service",

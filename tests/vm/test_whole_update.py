@@ -19,14 +19,7 @@ from typing import Any
 import pytest
 
 from lab.build import KernelBuild
-from lab.liveupdate import (
-    FLEET_SOCKET,
-    SESSIONS,
-    UpdateRun,
-    ensure_deb,
-    fleet_key_values,
-    run_scenario,
-)
+from lab.liveupdate import SESSIONS, UpdateRun, ensure_deb, run_scenario
 
 RELEASED = {"retrieve": "ENOENT", "create": "ok"}  # no session of that name anywhere
 HELD = {"retrieve": "ENOENT", "create": "EEXIST"}  # an outgoing session holds the name
@@ -100,34 +93,6 @@ def test_a_whole_live_update_carries_the_participant_across_a_real_kexec(
     assert clock["kexec_to_verified_restore_s"] > 0, why
     assert 0 <= run.summary["blackout_critical_ms"] < 5000, why
     assert (run.run_dir / "summary.json").exists()
-
-
-def test_a_fleet_slot_is_held_across_a_real_kexec_and_released_after_finish(
-    scenario: RunScenario,
-) -> None:
-    """etcd in the VM (unix sockets only: the lab kernel has no TCP/IP), its data on the run
-    directory: the agent takes airlock's slot before the freeze, the new kernel's agent finds
-    the record of it and gives it back after finish (docs/fleet.md)."""
-    run = scenario("fleet-slot")
-    why = _context(run)
-    assert run.vm.ok and run.vm.boots == 2, why
-    (last,) = run.history[-1:]
-    assert (last["result"], last["boots"]) == ("success", 1), why
-    host = run.text("host-id").strip()
-    assert len(host) == 32, why
-    assert last["fleet-slot"] == f"{host} @ etcd unix://{FLEET_SOCKET} groups lab", why
-    phases = [t[0] for t in last["timings"]]
-    assert phases[:4] == ["preparing", "prepared", "coordinating", "freezing"], why
-    finishing = last["timings"][phases.index("finishing")]
-    assert last["slot-released-at"] >= finishing[1] + finishing[2], why
-    # Every value airlock's key had: taken by this host in the first boot, given back by the
-    # same id in the second.
-    assert fleet_key_values(run) == [
-        {"total_slots": 1, "holders": [host]},
-        {"total_slots": 1, "holders": []},
-    ], why
-    restore = run.json("state/luo-example/last-restore.json")
-    assert restore is not None and restore["verified"] is True, why
 
 
 def test_a_failing_participant_cancels_the_update_and_no_session_is_left(
