@@ -64,6 +64,8 @@ if [ "$LAB_BOOT" = 1 ]; then
     touch "$out/release-prepare"
     {probe} > "$out/probe.preparing.json"
     touch "$out/hang-freeze"
+    # The image goes with an update that ended before its kexec: load it again.
+    liveupdatectl load-kernel {kernel} --reuse-cmdline > /dev/null || exit 12
     liveupdatectl --json prepare --wait --id {KILLED_BEFORE[1][0]} > /dev/null || exit 13
     liveupdatectl execute --id {KILLED_BEFORE[1][0]} || exit 13
     until_file "$out/hanging-freeze" || exit 16
