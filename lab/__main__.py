@@ -9,6 +9,8 @@
                                     cold boot after it, then an update (lab/powercut.py)
 ./scripts/vm bigmem carry|limit     a memfd of hundreds of MiB across the kexec; or memfds preserved
                                     until the kernel refuses (lab/bigmem.py)
+./scripts/vm sigkill                the agent SIGKILLed while preparing, freezing, restoring and
+                                    finishing (lab/sigkill.py)
 ./scripts/vm soak [N]               N live updates in a row on one VM (default 10), each verified,
                                     with what must not grow measured after each (lab/soak.py)
 """
@@ -145,6 +147,23 @@ def cmd_bigmem(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_sigkill(args: argparse.Namespace) -> int:
+    from .sigkill import checks, run_sigkills
+
+    run_dir = _run_dir("sigkill")
+    print(f"==> the agent SIGKILLed in four phases, two boots; run directory {run_dir}", flush=True)
+    result = run_sigkills(
+        ensure_kernel().bzimage, run_dir, echo=sys.stdout if args.console else None
+    )
+    print(f"==> VM: {result.describe()}")
+    found = checks(run_dir)
+    for what, held, seen in found:
+        print(f"    {'ok  ' if held else 'FAIL'} {what}" + ("" if held else f": saw {seen}"))
+    ok = result.ok and all(held for _, held, _ in found)
+    print(f"==> {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     from .soak import run_soak, table
 
@@ -195,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     big.add_argument("--mib", type=int, default=512, help="carry: memfd size; limit: step")
     big.add_argument("--memory", default="2G", help="the VM's memory (default 2G)")
     big.add_argument("--console", action="store_true", help="show the VM's serial console")
+    kill = sub.add_parser("sigkill", help="the agent SIGKILLed in four phases, across a kexec")
+    kill.add_argument("--console", action="store_true", help="show the VM's serial console")
     soak = sub.add_parser("soak", help="N live updates in a row on one VM (not in CI)")
     soak.add_argument("rounds", nargs="?", type=int, default=10, help="kexecs (default 10)")
     soak.add_argument("--console", action="store_true", help="show the VM's serial console")
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "soak": cmd_soak,
         "powercut": cmd_powercut,
         "bigmem": cmd_bigmem,
+        "sigkill": cmd_sigkill,
     }
     return handlers[args.command_name](args)
 

@@ -14,6 +14,12 @@ from typing import IO, Any
 from .liveupdate import JOB_HEAD, REPO, TIMELINE_FIELDS, Host, systemd_setup
 from .vm import Vm
 
+# The jobs hold phases open on purpose (hanging hooks) and act with several liveupdatectl calls,
+# each seconds long under TCG on a loaded host: the phases must not time out meanwhile.
+LONG_TIMEOUTS = (
+    "sed -i 's/^\\(prepare\\|freeze\\|restore\\) = .*/\\1 = 1800.0/' "
+    '"$root/etc/luo-agent/config.toml"\n'
+)
 RELEASED = {"retrieve": "ENOENT", "create": "ok"}  # the probe's answer for a session not held
 HELD = {"retrieve": "ENOENT", "create": "EEXIST"}  # an outgoing session holds the name
 
@@ -36,7 +42,9 @@ def systemd_vm(
         wait_workload="wait_active luo-example-workload.service || exit 11",
     )
     job += body(Path(host.seen(kernel)))
-    setup = systemd_setup(pinned(host.install()) + install_extra, units or {}, "direct")
+    setup = systemd_setup(
+        pinned(host.install()) + install_extra, units or {}, "direct", more=LONG_TIMEOUTS
+    )
     return Vm(kernel, memory=memory, mode="systemd", root=host.root, echo=echo), job, setup
 
 
