@@ -109,6 +109,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if update_ok(run) else 1
 
 
+def _verdict(vm_ok: bool, found: list[tuple[str, bool, str]]) -> int:
+    """Print each check of a fault run and its verdict; the exit status."""
+    for what, held, seen in found:
+        print(f"    {'ok  ' if held else 'FAIL'} {what}" + ("" if held else f": saw {seen}"))
+    ok = vm_ok and all(held for _, held, _ in found)
+    print(f"==> {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def cmd_powercut(args: argparse.Namespace) -> int:
     from .powercut import checks, run_power_cuts
 
@@ -118,12 +127,7 @@ def cmd_powercut(args: argparse.Namespace) -> int:
         ensure_kernel().bzimage, run_dir, echo=sys.stdout if args.console else None
     )
     print(f"==> {run.describe()}")
-    found = checks(run_dir)
-    for what, held, seen in found:
-        print(f"    {'ok  ' if held else 'FAIL'} {what}" + ("" if held else f": saw {seen}"))
-    ok = run.ok and all(held for _, held, _ in found)
-    print(f"==> {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    return _verdict(run.ok, checks(run_dir))
 
 
 def cmd_bigmem(args: argparse.Namespace) -> int:
@@ -156,12 +160,7 @@ def cmd_sigkill(args: argparse.Namespace) -> int:
         ensure_kernel().bzimage, run_dir, echo=sys.stdout if args.console else None
     )
     print(f"==> VM: {result.describe()}")
-    found = checks(run_dir)
-    for what, held, seen in found:
-        print(f"    {'ok  ' if held else 'FAIL'} {what}" + ("" if held else f": saw {seen}"))
-    ok = result.ok and all(held for _, held, _ in found)
-    print(f"==> {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    return _verdict(result.ok, checks(run_dir))
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
