@@ -5,6 +5,21 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """What an ended update's record says went wrong (``UpdateRecord.error_name``), in the
+    domain's words; the D-Bus adapter alone names it ``org.luoagent.LiveUpdate1.Error.<code>``."""
+
+    KERNEL_ERROR = "KernelError"
+    PARTICIPANT_FAILED = "ParticipantFailed"
+    TIMED_OUT = "TimedOut"
+    COORDINATOR_ERROR = "CoordinatorError"
+    ABORTED = "Aborted"
+    CANCELLED = "Cancelled"
+    FINISHED_WITH_LOSSES = "FinishedWithLosses"
+    HANDOVER_LOST = "HandoverLost"
 
 
 class LuoError(Exception):
