@@ -90,12 +90,23 @@ class UpdateEnded(LuoError):
     """A Prepare named an update that has ended: an id names one update for ever."""
 
     def __init__(self, update_id: str, result: str, error_name: str, message: str) -> None:
-        why = f" ({error_name}: {message})" if error_name else f" ({message})" if message else ""
-        super().__init__(
-            f"update {update_id!r} has ended: {result or 'unknown'}{why}; an id names one "
-            "update for ever, choose a new one"
+        self.update_id, self.result, self.error_name, self.message = (
+            update_id,
+            result,
+            error_name,
+            message,
         )
-        self.update_id, self.result, self.error_name = update_id, result, error_name
+        super().__init__(self.text(error_name))
+
+    def text(self, error: str) -> str:
+        """The refusal, naming the update's error as ``error`` (its code, or a boundary's name
+        for it)."""
+        message = self.message
+        why = f" ({error}: {message})" if error else f" ({message})" if message else ""
+        return (
+            f"update {self.update_id!r} has ended: {self.result or 'unknown'}{why}; an id names "
+            "one update for ever, choose a new one"
+        )
 
 
 class GateError(LuoError):
