@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -412,6 +412,9 @@ class Scenario:
     # down by every other process on the host).
     timeout: float
     extra_units: dict[str, str] = field(default_factory=dict)
+    # The rest by name only: a positional one once went to the wrong field (a unit name became
+    # set-up shell text, the set-up failed before its end mark and skewed a benchmark).
+    _: KW_ONLY
     # The example participant (Python) is enabled; without it, ``extra_units`` bring their own.
     example: bool = True
     # More set-up shell text for every boot (``systemd_setup``), e.g. a participant's config.
