@@ -23,18 +23,17 @@ from luo_agent.systemd.gate import UnitStatus
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 PREPARE = ph.SPECS[ph.Phase.PREPARING].target
 CANCEL = ph.SPECS[ph.Phase.CANCELLING].target
 RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 
 
-@pytest.fixture(params=ABIS)
-def host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
-    machine = EmulatedMachine(tmp_path / "machine", request.param)
+@pytest.fixture
+def host(abi: Abi, tmp_path: Path) -> Iterator[Host]:
+    machine = EmulatedMachine(tmp_path / "machine", abi)
     machine.boot()
     try:
-        yield Host(tmp_path, request.param, machine)
+        yield Host(tmp_path, abi, machine)
     finally:
         machine.poweroff()
 

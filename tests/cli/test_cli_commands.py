@@ -21,6 +21,7 @@ from luo_agent.dbus.names import error
 from luo_agent.kernel.device import Abi
 from luo_agent.systemd.gate import UnitStatus
 from tests.cli import schema
+from tests.conftest import ABIS
 from tests.dbus.harness import AgentHost, SignalLog, client_bus, disconnect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +143,7 @@ async def test_status_check_sessions_history_on_an_idle_agent(host: AgentHost) -
 # ------------------------------------------------------------------------ a whole update
 
 
-@pytest.mark.parametrize("host", [Abi.SESSION, Abi.V3, Abi.RFC_V2], indirect=True)
+@pytest.mark.parametrize("host", ABIS, indirect=True)
 async def test_update_wait_streams_each_phase_once_then_retrieve_after_the_kexec(
     host: AgentHost, tmp_path: Path
 ) -> None:

@@ -16,9 +16,9 @@ from luo_agent.client import CallError, call, get_all, get_property
 from luo_agent.dbus.names import IFACE_UPDATE, error, update_path
 from luo_agent.kernel.device import Abi
 from luo_agent.systemd.gate import UnitStatus
+from tests.conftest import ABIS
 from tests.dbus.harness import AgentHost, SignalLog, client_bus, disconnect, plain
 
-ALL_ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 PREPARE_TARGET = "liveupdate-prepare.target"
 
 
@@ -97,7 +97,7 @@ async def test_check_properties_and_empty_lists(client: MessageBus) -> None:
 # --------------------------------------------------------------------- a whole update, by fd
 
 
-@pytest.mark.parametrize("host", ALL_ABIS, indirect=True)
+@pytest.mark.parametrize("host", ABIS, indirect=True)
 async def test_memfd_survives_the_kexec_and_comes_back_by_retrieve(host: AgentHost) -> None:
     data = os.urandom(256 << 10)
     update_id = f"upd-{host.abi}"
@@ -189,7 +189,7 @@ async def test_retrieve_errors_after_the_reboot(host: AgentHost) -> None:
 # --------------------------------------------------------------------------- signals, phases
 
 
-@pytest.mark.parametrize("host", ALL_ABIS, indirect=True)
+@pytest.mark.parametrize("host", ABIS, indirect=True)
 async def test_race_free_subscription_sees_every_phase_and_property(host: AgentHost) -> None:
     """Subscribe to the Update object's path before it exists (the caller chose the id), then
     Prepare: every phase arrives as PhaseChanged and as PropertiesChanged on both objects."""

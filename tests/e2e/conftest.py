@@ -13,7 +13,6 @@ from luo_agent.sandbox import missing_requirements
 from luo_agent.testbed import Testbed
 
 SANDBOX_UNAVAILABLE = missing_requirements()
-ABIS = (Abi.SESSION, Abi.V3, Abi.RFC_V2)
 # Small enough to keep a whole update well under a second of copying, large enough to span pages.
 DATA_SIZE = 256 << 10
 
@@ -24,12 +23,12 @@ needs_sandbox = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=ABIS)
-def testbed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Testbed]:
+@pytest.fixture
+def testbed(abi: Abi, tmp_path: Path) -> Iterator[Testbed]:
     """An emulated machine (cold-booted) of one ABI; tests boot sandboxes on it.  The machine is
     powered off afterwards; each sandbox is stopped by the test's ExitStack, which raises if any
     of its processes survive."""
-    bed = Testbed(tmp_path / "host", str(request.param), size=DATA_SIZE)
+    bed = Testbed(tmp_path / "host", str(abi), size=DATA_SIZE)
     bed.machine.boot()
     try:
         yield bed

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ABIS, SANDBOX_UNAVAILABLE, FaultBed
+from luo_agent.kernel.device import Abi
+
+from .harness import SANDBOX_UNAVAILABLE, FaultBed
 
 needs_sandbox = pytest.mark.skipif(
     SANDBOX_UNAVAILABLE is not None,
@@ -15,11 +17,11 @@ needs_sandbox = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=ABIS)
-async def bed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FaultBed]:
+@pytest.fixture
+async def bed(abi: Abi, tmp_path: Path) -> AsyncIterator[FaultBed]:
     """An emulated machine of one ABI, cold-booted; its sandboxes and agent bus are closed and the
     machine powered off afterwards."""
-    fb = FaultBed(tmp_path, str(request.param))
+    fb = FaultBed(tmp_path, str(abi))
     fb.machine.boot()
     try:
         yield fb

@@ -31,7 +31,6 @@ from luo_agent.testbed import REPO, Testbed
 
 T = TypeVar("T")
 
-ABIS = (Abi.SESSION, Abi.V3, Abi.RFC_V2)
 PHASES = ("prepare", "freeze", "cancel", "restore", "finish")
 AGENT = "luo-agent.service"
 SANDBOX_UNAVAILABLE = missing_requirements()

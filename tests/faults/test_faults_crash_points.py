@@ -33,8 +33,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from luo_agent import phase as ph
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
@@ -48,7 +46,6 @@ from .crash_scenario import SESSION, TOKEN
 FD_PRESERVE, PREPARE = rfc_v2.LIVEUPDATE_IOCTL_FD_PRESERVE, rfc_v2.LIVEUPDATE_IOCTL_EVENT_PREPARE
 
 REPO = Path(__file__).resolve().parents[2]
-ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 DATA = os.urandom(1 << 16)
 EXPECTED = hashlib.sha256(DATA).hexdigest()
 UPDATE_ID = "crash-1"
@@ -109,11 +106,6 @@ class FdKeeper:
     def close(self) -> None:
         for name in list(self.kept):
             self.drop(name)
-
-
-@pytest.fixture(params=ABIS)
-def abi(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 async def kexec_into_the_update(tmp: Path, abi: str) -> Path:

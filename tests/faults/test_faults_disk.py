@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=[Abi.SESSION, Abi.V3, Abi.RFC_V2])
-def machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmulatedMachine]:
-    m = EmulatedMachine(tmp_path / "machine", str(request.param))
+@pytest.fixture
+def machine(abi: Abi, tmp_path: Path) -> Iterator[EmulatedMachine]:
+    m = EmulatedMachine(tmp_path / "machine", str(abi))
     m.boot()
     try:
         yield m

@@ -30,17 +30,16 @@ from luo_agent.systemd.gate import UnitStatus
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 DATA = b"participant state " * 1000
 
 
-@pytest.fixture(params=ABIS)
-def host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
-    machine = EmulatedMachine(tmp_path / "machine", request.param)
+@pytest.fixture
+def host(abi: Abi, tmp_path: Path) -> Iterator[Host]:
+    machine = EmulatedMachine(tmp_path / "machine", abi)
     machine.boot()
     try:
-        yield Host(tmp_path, request.param, machine)
+        yield Host(tmp_path, abi, machine)
     finally:
         machine.poweroff()
 
