@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,6 +29,7 @@ from luo_agent.records import UpdateRecord
 from luo_agent.systemd import notify
 from luo_agent.systemd.gate import GateOutcome
 from tests.fakes.gate import FakeGate
+from tests.private_bus import PrivateBus
 
 FREEZE_TARGET = ph.SPECS[ph.Phase.FREEZING].target
 
@@ -64,30 +64,8 @@ class StampingSyscalls(EmulatedSyscalls):
 @contextlib.contextmanager
 def private_bus(workdir: Path) -> Iterator[str]:
     """A plain session dbus-daemon (no systemd manager) on a socket under ``workdir``."""
-    path = workdir / "bus"
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    proc = subprocess.Popen(
-        [
-            "dbus-daemon",
-            "--session",
-            "--nofork",
-            "--nopidfile",
-            f"--address=unix:path={path}",
-            "--print-address",
-        ],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().decode().strip()
-        if not address:
-            raise RuntimeError("dbus-daemon did not start")
-        yield f"unix:path={path}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with PrivateBus(workdir) as bus:
+        yield f"unix:path={bus.socket}"
 
 
 class NotifySink:

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.persist import History, RuntimeState
 from luo_agent.records import UpdateRecord
 from tests.fakes.gate import FakeGate
+from tests.private_bus import PrivateBus
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 10.0
@@ -83,29 +83,9 @@ def private_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     """A throwaway session bus; the agent serves on it as it does with --session-bus."""
     if shutil.which("dbus-daemon") is None:
         pytest.skip("dbus-daemon not installed")
-    proc = subprocess.Popen(
-        [
-            "dbus-daemon",
-            "--session",
-            "--nofork",
-            "--print-address=1",
-            f"--address=unix:path={tmp_path / 'bus'}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # it complains that it cannot raise its fd limit
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
-        yield address
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with PrivateBus(tmp_path) as bus:
+        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", bus.address)
+        yield bus.address
 
 
 @contextlib.asynccontextmanager

@@ -1,7 +1,7 @@
 """A private bus and a real agent on it, for the D-Bus and CLI tests.
 
-``PrivateBus``: a ``dbus-daemon --session --nofork --print-address`` of our own (one per test
-module) whose configuration lets any uid connect (the CLI's NotAuthorized test runs as nobody).
+``private_bus``: a ``PrivateBus`` (``tests/private_bus.py``) of our own per test module whose
+configuration lets any uid connect (the CLI's NotAuthorized test runs as nobody).
 ``AgentHost``: the real ``Agent`` on an ``EmulatedMachine`` with a ``FakeGate``, served by
 ``luo_agent.dbus.server.serve(agent, "session")`` like the daemon does, including what the daemon
 does after the kexec (stop the agent, leave the bus); ``reboot()`` boots the machine again and
@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -36,58 +32,7 @@ from luo_agent.dbus.server import serve
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History, RuntimeState
 from tests.fakes.gate import FakeGate
-
-# Any uid may connect and talk to anyone: the agent's own authorizer is what the tests exercise.
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow receive_sender="*"/>
-    <allow eavesdrop="true"/>
-  </policy>
-</busconfig>
-"""
-
-
-class PrivateBus:
-    def __init__(self) -> None:
-        if shutil.which("dbus-daemon") is None:
-            pytest.skip("dbus-daemon is not installed")
-        # World-traversable, so a CLI running as another uid reaches the socket.
-        self.directory = Path(tempfile.mkdtemp(prefix="luo-bus-"))
-        self.directory.chmod(0o755)
-        config = self.directory / "bus.conf"
-        config.write_text(BUS_CONFIG.format(socket=self.directory / "socket"))
-        self.log = self.directory / "dbus-daemon.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        assert self.proc.stdout is not None
-        readable, _, _ = select.select([self.proc.stdout], [], [], 10)
-        line = self.proc.stdout.readline().decode().strip() if readable else ""
-        if not line:
-            self.stop()
-            raise RuntimeError(f"dbus-daemon did not start: {self.log.read_text()}")
-        self.address = line
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+from tests.private_bus import PrivateBus
 
 
 class AgentHost:
@@ -246,11 +191,16 @@ async def disconnect(bus: MessageBus) -> None:
 
 @pytest.fixture(scope="module")
 def private_bus() -> Iterator[PrivateBus]:
-    bus = PrivateBus()
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon is not installed")
+    # World-traversable, so a CLI running as another uid reaches the socket.
+    directory = Path(tempfile.mkdtemp(prefix="luo-bus-"))
+    directory.chmod(0o755)
     try:
-        yield bus
+        with PrivateBus(directory, any_uid=True) as bus:
+            yield bus
     finally:
-        bus.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

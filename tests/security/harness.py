@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.private_bus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policy"
@@ -203,27 +204,8 @@ class AgentProcess:
             self.proc.stdout.close()
 
 
-class SessionBus:
+class SessionBus(PrivateBus):
     """A private session bus (no policy: every local root caller is the agent's own uid)."""
-
-    def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.address = f"unix:path={workdir / 'bus'}"
-        with open(workdir / "dbus-daemon.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    "dbus-daemon",
-                    "--session",
-                    "--nofork",
-                    "--print-address",
-                    f"--address={self.address}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-            )
-        _read_line(self.proc, 10.0, "dbus-daemon --session")
 
     @property
     def env(self) -> dict[str, str]:
@@ -233,9 +215,7 @@ class SessionBus:
         }
 
     def close(self) -> None:
-        _end(self.proc)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self.stop()
 
 
 class PolkitNamespace:
