@@ -414,6 +414,8 @@ class Scenario:
     setup: str = ""
     # The unit whose start is the participant's start in the new boot (``timeline``).
     participant_unit: str = "luo-example-restore.service"
+    # An ordinary reboot boots the VM again (else it ends the VM): lab/vm.py's ``reboots``.
+    reboots: bool = False
 
 
 SCENARIOS = {
@@ -526,6 +528,18 @@ def sid_host() -> Host:
     return Host("sid", ensure_sid_root().dir)
 
 
+def new_run_dir(name: str) -> Path:
+    """A run directory not used yet, named after ``name``, under $LUO_LAB_RUNS (default: a
+    temporary directory)."""
+    base = Path(os.environ.get("LUO_LAB_RUNS") or tempfile.mkdtemp(prefix="luo-lab-runs-"))
+    run_dir = base / name
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base / f"{name}.{n}"
+    return run_dir
+
+
 def run_scenario(
     kernel: Path,
     scenario: str | Scenario,
@@ -548,7 +562,7 @@ def run_scenario(
     )
     job = head + spec.job(Path(host.seen(kernel)))
     setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example, spec.setup)
-    vm = Vm(kernel, mode="systemd", root=host.root, echo=echo)
+    vm = Vm(kernel, mode="systemd", root=host.root, echo=echo, reboots=spec.reboots)
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(spec.name, result, {})
     run.summary = summarize(run, spec.participant_unit)
