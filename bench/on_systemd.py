@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedSyscalls
 from luo_agent.kernel.session_backend import SessionBackend
 from luo_agent.records import UpdateRecord
@@ -85,7 +86,7 @@ def _kernel_work(tb: Testbed, rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
         backend = SessionBackend(EmulatedSyscalls(tb.machine.root))
-        record = UpdateRecord(id="bench", abi="session")
+        record = UpdateRecord(id="bench", abi=Abi.SESSION)
         started = time.monotonic()
         backend.preserve([], record)
         backend.update_metadata(record)

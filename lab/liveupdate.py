@@ -32,6 +32,7 @@ retrieve and to create each session with the raw ioctls of ``tests/kernel/luo_ra
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import hashlib
 import json
@@ -160,6 +161,8 @@ def systemd_setup(
     )
     examples = [f"{u}.service" for u in EXAMPLE_UNITS] if example else []
     enable = " ".join(examples + list(extra_units))
+    # ``systemctl enable`` with no unit fails ("Too few arguments"), and the set-up with it.
+    enable_line = f'chroot "$root" systemctl enable {enable} >> "$log" 2>&1\n' if enable else ""
     return f"""\
 set -e
 root=$1
@@ -181,7 +184,7 @@ cat > "$root/etc/luo-agent/config.toml" <<'TOML'
 mkdir -p "$root/etc/systemd/system/luo-example-restore.service.d"
 cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'UNIT'
 {RESTORE_MARK_DROPIN}UNIT
-{units}chroot "$root" systemctl enable {enable} >> "$log" 2>&1
+{units}{enable_line}
 # Services of this host that the VM does not need: a database (CPU under TCG) and kexec-tools'
 # boot-time load of the host's own kernel (the agent loads the kernel to switch to).
 for unit in {" ".join(MASKED)}; do
@@ -418,10 +421,83 @@ class Scenario:
     reboots: bool = False
 
 
+# The fleet slot on the real kernel (docs/fleet.md): the VM has no TCP/IP, so etcd listens on unix
+# sockets only (etcd names a unix://NAME:0 listener's socket NAME:0 in its working directory), its
+# data on the run directory, which the kexec keeps.  The agent's unit is unchanged: /run is
+# visible to it and a unix socket needs no network.
+FLEET_ETCD_UNIT = """\
+[Unit]
+Description=lab: etcd for the fleet slot, its data kept across the kexec
+[Service]
+EnvironmentFile=/etc/lab.env
+RuntimeDirectory=lab-etcd
+WorkingDirectory=/run/lab-etcd
+ExecStart=/bin/sh -c 'exec /usr/bin/etcd --name lab --data-dir "$LAB_RUN/etcd-data" \\
+    --listen-client-urls unix://etcd.sock:0 --advertise-client-urls unix://etcd.sock:0 \\
+    --listen-peer-urls unix://peer.sock:0 --initial-advertise-peer-urls unix://peer.sock:0 \\
+    --initial-cluster lab=unix://peer.sock:0 --logger=zap --log-level=warn'
+[Install]
+WantedBy=multi-user.target
+"""
+FLEET_SOCKET = "/run/lab-etcd/etcd.sock:0"
+FLEET_KEY = "com.coreos.airlock/groups/lab/v1/semaphore"
+FLEET_SETUP = f"""cat >> "$root/etc/luo-agent/config.toml" <<'TOML'
+[fleet]
+enabled = true
+endpoints = ["unix://{FLEET_SOCKET}"]
+group = "lab"
+retry_interval = 1.0
+release_retry_max = 5.0
+TOML
+"""
+
+
+# After the update ended in the new boot: wait for the release, then read every revision of
+# airlock's key through etcd's gateway (the take in the first boot, the release in the second).
+FLEET_CHECK = r"""n=0
+until liveupdatectl --json status | grep -q '"Fleet": \["",'; do
+    n=$((n + 1)); if [ $n -gt 120 ]; then save_journal; exit 21; fi; sleep 1
+done
+key=$(printf %s KEY | base64 -w0)
+ask() { curl -s --unix-socket SOCKET -X POST "http://localhost/v3/kv/range" -d "$1"; }
+last=$(ask '{"key":"'"$key"'"}' | sed 's/.*"revision":"\([0-9]*\)".*/\1/')
+for rev in $(seq 1 "$last"); do
+    ask '{"key":"'"$key"'","revision":"'"$rev"'"}'; echo
+done > "$out/fleet-key.jsonl"
+"$PY" -c 'from luo_agent.fleet.identity import host_id_from_machine_id as h; print(h())' \
+    > "$out/host-id"
+"""
+
+
+def fleet_slot_job(kernel: Path) -> str:
+    check = FLEET_CHECK.replace("KEY", FLEET_KEY).replace("SOCKET", FLEET_SOCKET)
+    history = "liveupdatectl --json history --limit 5"
+    return whole_update_job(kernel).replace(history, check + history, 1)
+
+
+def fleet_key_values(run: UpdateRun) -> list[dict[str, Any]]:
+    """Each distinct value airlock's key had, oldest first (from ``fleet-key.jsonl``)."""
+    values: list[dict[str, Any]] = []
+    for line in run.text("fleet-key.jsonl").splitlines():
+        kvs = json.loads(line).get("kvs") if line.strip() else None
+        if kvs:
+            value = json.loads(base64.b64decode(kvs[0]["value"]))
+            if not values or values[-1] != value:
+                values.append(value)
+    return values
+
+
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("whole-update", whole_update_job, 600.0),
+        Scenario(
+            "fleet-slot",
+            fleet_slot_job,
+            720.0,
+            {"lab-etcd.service": FLEET_ETCD_UNIT},
+            setup=FLEET_SETUP,
+        ),
         Scenario(
             "failing-participant",
             failing_participant_job,

@@ -62,7 +62,7 @@ def qemu_missing_reason() -> str | None:
 
 @dataclass
 class VmResult:
-    status: str  # "exited" | "timeout" | "crashed"
+    status: str  # "exited" | "timeout" | "crashed" | "cut" (killed on the job's request)
     exit_code: int | None
     boots: int
     elapsed: float
@@ -80,6 +80,7 @@ class VmResult:
             "exited": f"job exited with {self.exit_code}",
             "timeout": "VM killed at the timeout",
             "crashed": f"VM ended without a job status ({self.reason})",
+            "cut": "VM killed on the job's request (a power cut)",
         }[self.status]
         return f"{what} after {self.boots} boot(s), {self.elapsed:.0f} s (log: {self.serial_log})"
 
@@ -134,11 +135,27 @@ class Vm:
             *self.qemu_args,
         ]
 
-    def run(self, job: str, run_dir: Path, timeout: float, *, systemd_setup: str = "") -> VmResult:
-        """Runs ``job`` (shell text) in the VM; ``run_dir`` must be empty or absent."""
+    def run(
+        self,
+        job: str,
+        run_dir: Path,
+        timeout: float,
+        *,
+        systemd_setup: str = "",
+        power_cut: bool = False,
+        cold_boot: bool = False,
+    ) -> VmResult:
+        """Runs ``job`` (shell text) in the VM; ``run_dir`` must be empty or absent.
+
+        ``power_cut``: once the job creates ``$LAB_RUN/power-cut``, QEMU is killed (SIGKILL: no
+        shutdown, nothing flushed that the guest had not written through to the 9p share) and
+        the result is ``cut``.  ``cold_boot``: boot again on the run directory of such a run
+        (its boot counter goes on, the job sees ``LAB_BOOT`` one higher): a power cycle."""
         run_dir = run_dir.resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        if any(run_dir.iterdir()):
+        if cold_boot:
+            (run_dir / "power-cut").unlink(missing_ok=True)
+        elif any(run_dir.iterdir()):
             raise ValueError(f"{run_dir} is not empty: one run directory per VM run")
         (run_dir / "job").write_text(job)
         (run_dir / "run-job").write_text(RUN_JOB)
@@ -148,9 +165,10 @@ class Vm:
         command = self.command(run_dir)
         (run_dir / "qemu.cmd").write_text(shlex.join(command) + "\n")
         started = time.monotonic()
+        mode = "a" if cold_boot else "w"  # one console log across the power cycles
         with (
-            open(serial_log, "w") as log,
-            open(run_dir / "serial.timed", "w") as timed,
+            open(serial_log, mode) as log,
+            open(run_dir / "serial.timed", mode) as timed,
         ):
             proc = subprocess.Popen(
                 command,
@@ -164,9 +182,11 @@ class Vm:
                 target=_copy, args=(proc.stdout, log, timed, self.echo), daemon=True
             )
             copier.start()
-            timed_out = False
+            timed_out = cut = False
             try:
-                proc.wait(timeout)
+                if power_cut:
+                    cut = _cut_when_asked(proc, run_dir / "power-cut", started + timeout)
+                proc.wait(max(0.0, started + timeout - time.monotonic()))
             except subprocess.TimeoutExpired:
                 timed_out = True
                 proc.kill()
@@ -178,7 +198,21 @@ class Vm:
             copier.join(10)
             proc.stdout.close()
         elapsed = time.monotonic() - started
+        if cut:
+            boots = int((run_dir / "boots").read_text().strip() or 0)
+            return VmResult("cut", None, boots, elapsed, run_dir, serial_log, "power cut")
         return _result(run_dir, serial_log, elapsed, timed_out, proc.returncode)
+
+
+def _cut_when_asked(proc: subprocess.Popen[bytes], request: Path, deadline: float) -> bool:
+    """Kill QEMU as soon as ``request`` exists (checked every 50 ms): a power cut."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        if request.exists():
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _copy(src: IO[bytes], log: IO[str], timed: IO[str], echo: IO[str] | None) -> None:

@@ -94,3 +94,27 @@ async def get_all(
         bus, "GetAll", "s", [interface], interface="org.freedesktop.DBus.Properties", path=path
     )
     return {k: v.value for k, v in body[0].items()}
+
+
+async def add_match(bus: MessageBus, rule: str) -> None:
+    """Ask the bus for the signals that match ``rule`` (AddMatch)."""
+    await call(
+        bus,
+        "AddMatch",
+        "s",
+        [rule],
+        interface="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        destination="org.freedesktop.DBus",
+    )
+
+
+async def subscribe(bus: MessageBus, narrower: str = "") -> None:
+    """Match the agent's signals on its object (``narrower``: more of the rule, e.g.
+    ``",member='PhaseChanged'"``) and the owner changes of its name: before a call whose signals
+    must not be missed."""
+    await add_match(bus, f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}'{narrower}")
+    await add_match(
+        bus,
+        f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
+    )

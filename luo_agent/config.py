@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from .errors import ConfigError, InvalidArgument
+from .kernel.device import Abi
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/luo-agent/config.toml")
 
 BusKind = Literal["system", "session"]
-AbiChoice = Literal["auto", "rfc-v2", "v3", "session"]
+AbiChoice = Abi | Literal["auto"]
+ABI_CHOICES: Final[tuple[str, ...]] = ("auto", *Abi)
 # How the kexec happens (design.md §5, docs/configuration.md):
 # - "direct": after the freeze gate the agent issues reboot(KEXEC) itself (shortest blackout).
 # - "systemd": the agent pushes its outgoing session fds into its fd store and starts kexec.target
@@ -35,6 +37,8 @@ class Timeouts:
     keyed by the step's name (``phase.SPECS[...].step``)."""
 
     prepare: float = 300.0
+    # Waiting for a fleet slot while every slot is taken (only with [fleet] enabled).
+    coordinate: float = 1800.0
     freeze: float = 60.0
     cancel: float = 120.0
     restore: float = 300.0
@@ -91,6 +95,9 @@ class FleetConfig:
     retry_interval: float = 5.0
     # Releasing in the new boot is retried until the coordinator answers, backing off to this.
     release_retry_max: float = 60.0
+    # A target whose job must end done in the new boot before the slot is released (the
+    # participants' health checks hook in with RequiredBy=); empty: the finish gate is the check.
+    health_target: str = ""
     machine_id_file: Path = Path("/etc/machine-id")
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -117,7 +124,7 @@ class Config:
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "bus": ("system", "session"),
     "reboot_strategy": ("direct", "systemd", "auto"),
-    "kernel.abi": ("auto", "rfc-v2", "v3", "session"),
+    "kernel.abi": ABI_CHOICES,
     "fleet.coordinator": ("etcd", "fleetlock"),
 }
 # Keys whose default is None: absolute paths when set.
@@ -155,6 +162,8 @@ def _build(cls: type[Any], table: dict[str, Any], path: str, prefix: str) -> Any
 def _convert(value: Any, default: Any, path: str, key: str) -> Any:
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(path, key, f"must be one of {', '.join(_CHOICES[key])}")
+    if key == "kernel.abi" and value != "auto":
+        return Abi(value)
     if isinstance(default, bool) or (key == "systemd_user_mode"):
         if not isinstance(value, bool):
             raise ConfigError(path, key, "must be true or false")

@@ -19,12 +19,13 @@ import luo_agent.systemd.notify as notify
 
 from . import __version__
 from .agent import Agent
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config import ABI_CHOICES, DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, LuoError
+from .fleet import Coordinator, make_coordinator
 from .kernel.backend import FdCustody, KernelBackend, NoCustody
 from .kernel.detect import detect_abi
 from .kernel.device import Abi
-from .kernel.session_backend import SessionBackend
+from .kernel.generations import BACKENDS
 from .kernel.syscalls import SYSFS_STATE_PATH, RealSyscalls, Syscalls
 from .log import configure_logging, log_update_ids_from
 from .persist import History, RuntimeState
@@ -52,23 +53,12 @@ def kernel_factory(
 ) -> Callable[[], KernelBackend]:
     def open_kernel() -> KernelBackend:
         abi = Abi(config.kernel.abi) if config.kernel.abi != "auto" else detect_abi(syscalls).abi
-        match abi:
-            case Abi.SESSION:
-                return SessionBackend(syscalls, custody=custody or NoCustody())
-            case Abi.V3:
-                from .kernel.global_list_backends import V3Backend
-
-                return V3Backend(syscalls)
-            case Abi.RFC_V2:
-                from .kernel.global_list_backends import RfcV2Backend
-
-                return RfcV2Backend(syscalls, config.state_directory)
-        raise AssertionError(abi)
+        return BACKENDS[abi](syscalls, custody or NoCustody(), config.state_directory)
 
     return open_kernel
 
 
-async def run(config: Config) -> int:
+async def run(config: Config, coordinator: Coordinator | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -86,6 +76,7 @@ async def run(config: Config) -> int:
         history=History(config.state_directory),
         status=notify.status,
         on_rebooted=stop.set,
+        coordinator=coordinator,
     )
     log_update_ids_from(lambda: agent.record.id if agent.record is not None else "")
     from .dbus.bus import wait_until_stopped
@@ -111,6 +102,8 @@ async def run(config: Config) -> int:
                 else None
             )
             await agent.resume()
+            # After the restore gate is queued: nothing of it is on a participant's path.
+            stop_order = tg.create_task(order_stop_before_the_bus(gate), name="stop-order")
             if not await wait_until_stopped(bus, stop):
                 # Off the bus the agent serves nobody: a non-zero exit lets Restart= bring it
                 # back (the restarted agent recovers the update like after a crash).
@@ -119,6 +112,7 @@ async def run(config: Config) -> int:
             notify.stopping()
             log.info("agent_stopping", phase=str(agent.phase))
             watchdog.cancel()
+            stop_order.cancel()
             if state_watcher is not None:
                 state_watcher.cancel()
             await agent.stop()
@@ -130,10 +124,29 @@ async def run(config: Config) -> int:
     return status
 
 
+# units/luo-agent-stop-order.target: ordered after dbus.service; the agent's unit is After= it.
+STOP_ORDER_TARGET = "luo-agent-stop-order.target"
+
+
+async def order_stop_before_the_bus(gate: PystemdGate) -> None:
+    """Start ``STOP_ORDER_TARGET`` now that the agent is up, so that at shutdown the agent stops
+    before the system bus.  Started by the unit (``Wants=``/``Upholds=``) it would join the boot's
+    first transaction and order the agent's start after the bus (docs/units.md)."""
+    try:
+        async with asyncio.timeout(60):
+            outcome = await gate.run_target(STOP_ORDER_TARGET)
+        error = "" if outcome.ok else f"job {outcome.job_result}"
+    except (LuoError, TimeoutError) as exc:
+        error = str(exc) or type(exc).__name__
+    if error:
+        # Only the shutdown order is at stake (an agent run outside its unit has no such target).
+        log.warning("stop_order_not_set", target=STOP_ORDER_TARGET, error=error)
+
+
 def kernel_state_file(agent: Agent, syscalls: Syscalls) -> str | None:
     """The kernel's sysfs ``state`` file, where the backend has one: state-machine ABIs only,
     and only kernels built with CONFIG_LIVEUPDATE_SYSFS_API (the emulator always publishes it)."""
-    if agent.abi not in (Abi.RFC_V2, Abi.V3):
+    if agent.kernel is None or not agent.kernel.capabilities.sysfs_state:
         return None
     path = syscalls.path(SYSFS_STATE_PATH)
     return path if os.path.exists(path) else None
@@ -197,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--abi",
-        choices=("auto", "rfc-v2", "v3", "session"),
+        choices=ABI_CHOICES,
         help="the kernel's LUO ABI (default: the configuration's kernel.abi, auto: detected)",
     )
     p.add_argument(
@@ -254,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("agent_starting", version=__version__)
     try:
         config = build_config(args)
+        coordinator = make_coordinator(config.fleet) if config.fleet.enabled else None
     except ConfigError as exc:
         log.error("bad_configuration", error=str(exc))
         return EX_CONFIG
     status = EX_SOFTWARE
     try:
-        status = asyncio.run(run(config))
+        status = asyncio.run(run(config, coordinator))
     except* LuoError as group:
         for failure in group.exceptions:
             log.error("agent_failed", error=str(failure), kind=type(failure).__name__)

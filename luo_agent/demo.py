@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .kernel.device import Abi
 from .sandbox import Sandbox, missing_requirements
 from .sandbox_cgroups import own_cgroup_dirs as cgroup_dirs_of_self
 from .testbed import Testbed
@@ -84,7 +85,10 @@ class Demo(Testbed):
         if self.participant is None:
             vm = [f"luo-vm@{VM_NAME}.service"] if self.vm else []
             return ["luo-example-workload.service", *vm]
-        return [*self.user_units]
+        # Template files run as their enabled instances.
+        return [u for u in self.user_units if "@." not in u] + [
+            u for u in self.user_enable if u not in self.user_units
+        ]
 
     # ---------------------------------------------------------------- the story
 
@@ -128,7 +132,6 @@ class Demo(Testbed):
             step("4/6 the new boot: fresh sandbox over the same emulated-kernel state")
             ok, boot, sandbox = self.boot_again(restore_step="5/6 ")
             with boot:
-                step("6/6 summary")
                 if keep:
                     self.keep_running(boot, sandbox)
             return 0 if ok else 1
@@ -144,6 +147,7 @@ class Demo(Testbed):
             record = self.wait_result(sandbox, timeout=60)
             self.show_participant(sandbox, "after the live-update boot")
             print(indent(self.ctl(sandbox, "history", "--limit", "3")))
+            step(f"{'6/6 ' if restore_step else ''}summary")
             ok = self.summary(sandbox, record)
         except BaseException:
             boot.close()
@@ -201,9 +205,7 @@ class Demo(Testbed):
             ]
             ok = ok and bool(verify["verified"])
         else:
-            for unit in self.user_units:
-                if "@." in unit:
-                    continue
+            for unit in self.watched_units():
                 shown = sandbox.systemctl(
                     "show", "--property=ActiveState", "--property=Result", unit, check=False
                 ).stdout.split()
@@ -346,7 +348,7 @@ def indent(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="luo-demo", description=__doc__)
-    parser.add_argument("--abi", choices=("session", "v3", "rfc-v2"), default="session")
+    parser.add_argument("--abi", choices=tuple(Abi), default=Abi.SESSION)
     parser.add_argument("--profile", choices=("6.19", "g6"), default=None)
     parser.add_argument("--size", type=int, default=8 << 20, help="bytes of workload data")
     parser.add_argument("--workdir", type=Path)

@@ -97,10 +97,6 @@ class GateError(LuoError):
         )
 
 
-class PhaseTimeout(LuoError):
-    """A phase did not complete within its configured timeout."""
-
-
 class NotAuthorized(LuoError):
     def __init__(self, action: str) -> None:
         super().__init__(f"not authorised for {action}")

@@ -28,8 +28,8 @@ from typing import Final, Self
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .client import CallError, call, connect, get_all
-from .dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
+from .client import CallError, call, connect, get_all, subscribe
+from .dbus.names import BUS_NAME, IFACE_MANAGER
 
 log = logging.getLogger("luo_agent.participant")
 
@@ -105,7 +105,7 @@ class Participant:
     @classmethod
     async def on_bus(cls, bus: MessageBus, session: str, *, owns_bus: bool = False) -> Participant:
         """The same on a connection of your own (left open by ``close`` unless ``owns_bus``)."""
-        await _add_match(bus)
+        await subscribe(bus, f",interface='{IFACE_MANAGER}',member='PhaseChanged'")
         props = await get_all(bus)
         self = cls(bus, session, str(props["Phase"]), str(props["CurrentUpdate"]), owns_bus)
         bus.add_message_handler(self._on_message)
@@ -236,23 +236,6 @@ class Participant:
                 self._wake.set()
         elif msg.member == "NameOwnerChanged" and msg.body[:1] == [BUS_NAME] and msg.body[2]:
             self._wake.set()  # a (re)started agent: it holds nothing of ours
-
-
-async def _add_match(bus: MessageBus) -> None:
-    for rule in (
-        f"type='signal',sender='{BUS_NAME}',interface='{IFACE_MANAGER}',path='{OBJECT_PATH}',"
-        "member='PhaseChanged'",
-        f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
-    ):
-        await call(
-            bus,
-            "AddMatch",
-            "s",
-            [rule],
-            interface="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            destination="org.freedesktop.DBus",
-        )
 
 
 # ------------------------------------------------------------------------------- the hook model

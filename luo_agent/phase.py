@@ -9,7 +9,9 @@ Phases (``design.md`` §3, refined)::
 
     idle -Prepare-> preparing -GateOk-> (preserve + kernel prepare) -PreparationDone-> prepared
     prepared -Execute-> freezing -GateOk-> (kernel freeze) -FreezeDone-> rebooting -> kexec
-    preparing | prepared | freezing  -Cancel | GateFailed | Timeout | *Failed->  cancelling
+    prepared -Coordinate-> coordinating (take a fleet slot) -SlotTaken-> freezing -> ...
+    preparing | prepared | coordinating | freezing
+        -Cancel | GateFailed | Timeout | *Failed->  cancelling
     cancelling -CancelDone-> idle
     rebooting -RebootFailed-> prepared       (kernel still prepared: retry Execute, or Cancel)
     rebooting -RebootFailedAfterFreeze-> cancelling   (rfc-v2 FROZEN: only cancel is left)
@@ -62,6 +64,7 @@ class Phase(StrEnum):
     IDLE = "idle"
     PREPARING = "preparing"  # prepare target running, then preservation + kernel prepare
     PREPARED = "prepared"  # everything preserved; waiting for Execute (or Cancel)
+    COORDINATING = "coordinating"  # taking a slot from the fleet's coordinator (docs/fleet.md)
     FREEZING = "freezing"  # freeze target running, then kernel freeze
     REBOOTING = "rebooting"  # kexec reboot issued; only a failure brings the agent back
     CANCELLING = "cancelling"  # kernel cancel + cancel target; stays here if they fail
@@ -86,7 +89,14 @@ class KernelState(StrEnum):
 
 
 PRE_REBOOT_PHASES: Final = frozenset(
-    {Phase.PREPARING, Phase.PREPARED, Phase.FREEZING, Phase.REBOOTING, Phase.CANCELLING}
+    {
+        Phase.PREPARING,
+        Phase.PREPARED,
+        Phase.COORDINATING,
+        Phase.FREEZING,
+        Phase.REBOOTING,
+        Phase.CANCELLING,
+    }
 )
 POST_REBOOT_PHASES: Final = frozenset(
     {Phase.UPDATED, Phase.RESTORING, Phase.RESTORED, Phase.FINISHING}
@@ -128,11 +138,14 @@ class PhaseSpec:
     # timeout in the configuration (``[timeouts]``) and its target ``liveupdate-<step>.target``.
     # Only these phases wait for work (a gate job, then the kernel) and so time out.
     step: str = ""
+    # False: the step waits for work of the agent's own (the fleet's coordinator), not for a
+    # target; it still has its marker and its timeout.
+    gated: bool = True
 
     @property
     def target(self) -> str | None:
         """The systemd target this phase starts; participants hook in with RequiredBy= + Before=."""
-        return f"liveupdate-{self.step}.target" if self.step else None
+        return f"liveupdate-{self.step}.target" if self.step and self.gated else None
 
 
 _K = KernelState
@@ -144,6 +157,9 @@ SPECS: Final[Mapping[Phase, PhaseSpec]] = MappingProxyType(
         Phase.IDLE: PhaseSpec(0, frozenset({_K.NORMAL}), _BEFORE_REBOOT),
         Phase.PREPARING: PhaseSpec(10, frozenset({_K.PREPARED}), _BEFORE_REBOOT, "prepare"),
         Phase.PREPARED: PhaseSpec(40, frozenset({_K.PREPARED})),
+        Phase.COORDINATING: PhaseSpec(
+            50, frozenset({_K.PREPARED}), frozenset(), "coordinate", gated=False
+        ),
         Phase.FREEZING: PhaseSpec(60, frozenset({_K.PREPARED, _K.FROZEN}), frozenset(), "freeze"),
         Phase.REBOOTING: PhaseSpec(80, frozenset({_K.PREPARED, _K.FROZEN}), frozenset()),
         Phase.CANCELLING: PhaseSpec(
@@ -170,6 +186,11 @@ class Prepare:
 @dataclass(frozen=True, slots=True)
 class Execute:
     """Freeze and kexec into the loaded kernel."""
+
+
+@dataclass(frozen=True, slots=True)
+class Coordinate:
+    """Execute in a fleet: take a slot from the coordinator first, then freeze and kexec."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +233,18 @@ class PreparationDone:
 
 @dataclass(frozen=True, slots=True)
 class PreparationFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTaken:
+    """The fleet's coordinator gave this host a slot (held until the new boot releases it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRefused:
+    """No slot: the coordinator is unreachable, halted, or answered something that cannot be."""
+
     reason: str
 
 
@@ -286,6 +319,7 @@ class Recovered:
 Event: TypeAlias = (
     Prepare
     | Execute
+    | Coordinate
     | Cancel
     | Restore
     | Finish
@@ -293,6 +327,8 @@ Event: TypeAlias = (
     | GateFailed
     | PreparationDone
     | PreparationFailed
+    | SlotTaken
+    | SlotRefused
     | FreezeDone
     | FreezeFailed
     | RebootFailed
@@ -308,6 +344,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = get_args(Event)
 FailureEvent: TypeAlias = (
     GateFailed
     | PreparationFailed
+    | SlotRefused
     | FreezeFailed
     | RebootFailed
     | RebootFailedAfterFreeze
@@ -349,6 +386,11 @@ class KernelPrepare:
 
 
 @dataclass(frozen=True, slots=True)
+class TakeSlot:
+    """Take a slot from the fleet's coordinator, waiting while every slot is taken."""
+
+
+@dataclass(frozen=True, slots=True)
 class KernelFreeze:
     """rfc-v2 EVENT_FREEZE; a barrier elsewhere (v3 freezes inside the reboot)."""
 
@@ -383,6 +425,7 @@ Effect: TypeAlias = (
     | PreserveRegistered
     | PreserveMetadata
     | KernelPrepare
+    | TakeSlot
     | KernelFreeze
     | KernelReboot
     | KernelCancel
@@ -466,6 +509,12 @@ TRANSITIONS: Final[Mapping[tuple[Phase, type[Event]], Rule]] = MappingProxyType(
         (Phase.PREPARING, Cancel): _CANCEL,
         (Phase.PREPARED, Execute): _gated(Phase.FREEZING),
         (Phase.PREPARED, Cancel): _CANCEL,
+        # The slot is taken while the kernel is only prepared: nothing irreversible yet.
+        (Phase.PREPARED, Coordinate): Transition(Phase.COORDINATING, (TakeSlot(),)),
+        (Phase.COORDINATING, SlotTaken): _gated(Phase.FREEZING),
+        (Phase.COORDINATING, SlotRefused): _CANCEL,
+        (Phase.COORDINATING, Timeout): _CANCEL,
+        (Phase.COORDINATING, Cancel): _CANCEL,
         (Phase.FREEZING, GateOk): Transition(Phase.FREEZING, (KernelFreeze(),)),
         (Phase.FREEZING, FreezeDone): Transition(Phase.REBOOTING, (KernelReboot(),)),
         (Phase.FREEZING, FreezeFailed): _CANCEL,

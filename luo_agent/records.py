@@ -68,6 +68,10 @@ class UpdateRecord:
     # Seconds from the freeze gate's job completing to the kexec reboot call: the agent's share of
     # the blackout (-1 until measured).
     blackout_critical: float = -1.0
+    # The fleet slot this update took before its freeze ("<host id> @ <coordinator>"), carried
+    # through the kexec, and when it was given back (0: not, or not yet; docs/fleet.md).
+    fleet_slot: str = ""
+    slot_released_at: float = 0.0
 
     def with_phase(
         self,

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
 PHASE_UNITS = [
     "luo-agent.service",
+    "luo-agent-stop-order.target",
     "liveupdate.service",
     "liveupdate-prepare.target",
     "liveupdate-freeze.target",

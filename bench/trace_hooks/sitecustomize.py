@@ -33,7 +33,7 @@ def _install() -> None:
     from luo_agent.agent.ledger import Ledger
     from luo_agent.agent.state import KernelThread
     from luo_agent.dbus.auth import Authorizer, Caller, current_sender
-    from luo_agent.dbus.publisher import Publisher
+    from luo_agent.dbus.manager import ManagerInterface
     from luo_agent.persist import RuntimeState
     from luo_agent.systemd import pystemd_calls
     from luo_agent.systemd.pystemd_gate import PystemdGate
@@ -94,14 +94,24 @@ def _install() -> None:
         return ended
 
     Ledger._save_phase = save_phase  # type: ignore[method-assign]
-    original_changed = Publisher.phase_changed
+    original_changed = ManagerInterface.phase_changed
 
-    def phase_changed(self: Publisher, record: Any, phase: ph.Phase) -> None:
+    def phase_changed(self: ManagerInterface, record: Any, phase: ph.Phase) -> None:
         original_changed(self, record, phase)
         mark(f"'{phase}' signalled")
 
-    Publisher.phase_changed = phase_changed  # type: ignore[method-assign]
-    around(Agent, "_prepare_target_queued", "job queued (loop)")
+    ManagerInterface.phase_changed = phase_changed  # type: ignore[method-assign]
+    original_run_target = PystemdGate.run_target
+
+    async def run_target(self: PystemdGate, target: str, queued: Any = None) -> Any:
+        def job_queued() -> None:
+            mark("job queued (loop)")
+            if queued is not None:
+                queued()
+
+        return await original_run_target(self, target, job_queued)
+
+    PystemdGate.run_target = run_target  # type: ignore[method-assign]
     around(PystemdGate, "run_target", "gate starts (loop)", "gate returned (loop)")
     around(Custody, "preserve_registered", "kernel step starts (loop)")
     around(Custody, "prepare", "", "kernel step done (loop)")

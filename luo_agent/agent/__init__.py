@@ -9,6 +9,7 @@
 * ``custody`` — the fds and the kexec image in the agent's hands, the kernel's steps, the kexec.
 * ``watchers`` — what others change behind the agent's back (kernel state, shutdown jobs).
 * ``startup`` — opening the kernel, the reboot strategy, recovery after a restart or a reboot.
+* ``fleet`` — this host's slot in the fleet: taken before the freeze, released after the update.
 
 The rooms import ``state`` and the layers below (``phase``, ``registry``, the adapters' ports,
 ``kexec_handover``); ``core`` alone imports the rooms.  Nothing here imports ``dbus`` or

@@ -23,12 +23,14 @@ from .. import phase as ph
 from ..config import Config
 from ..errors import Busy, LuoError, PhaseError
 from ..fdkind import check_preservable
+from ..fleet.port import Coordinator
 from ..kernel.backend import KernelBackend
 from ..persist import History, RuntimeState
 from ..records import UpdateRecord
 from ..registry import FdRegistry
 from ..systemd.gate import Gate, UnitStatus
 from .custody import CheckReport, Custody
+from .fleet import FleetSlot
 from .gates import Gates
 from .ledger import Ledger
 from .startup import Recovery, Startup
@@ -55,6 +57,7 @@ class Agent:
         history: History,
         status: Callable[[str], object] = lambda text: None,
         on_rebooted: Callable[[], None] = lambda: None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.config = config
         self._open_kernel = open_kernel
@@ -76,6 +79,17 @@ class Agent:
         self.watchers = Watchers(
             self.state, self._kernel_thread, self.listeners, self._post, self.submit
         )
+        self.fleet = FleetSlot(
+            self.state,
+            coordinator,
+            config.fleet,
+            state_directory=config.state_directory,
+            runtime_directory=config.runtime_directory,
+            history=history,
+            gate=lambda: self.gates.gate,
+            changed=self._fleet_changed,
+        )
+        self.listeners.append(self.fleet)
         # Requests that are one room's alone.
         self.preserve = self.custody.preserve
         self.unpreserve = self.custody.unpreserve
@@ -123,6 +137,7 @@ class Agent:
         )
         self.custody.strategy, self._recovery = strategy, recovery
         await self.submit(ph.Recovered(recovery.kernel_state, "; ".join(recovery.boot_notes)))
+        self.fleet.resume()
         await self.watchers.watch_shutdown(self.gate)
 
     async def resume(self) -> None:
@@ -164,6 +179,7 @@ class Agent:
         self._disarm()
         await self.gates.close()
         await self.watchers.close()
+        await self.fleet.close()
         if self._work is not None:
             self._work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -242,7 +258,7 @@ class Agent:
         inhibited = await self._shutdown_inhibitors()
         if inhibited:
             raise PhaseError(self.phase, "Execute while " + INHIBITED + "; ".join(inhibited))
-        await self.submit(ph.Execute())
+        await self.submit(ph.Coordinate() if self.fleet.enabled else ph.Execute())
 
     async def cancel(self, update_id: str = "") -> None:
         self.ledger.require(update_id)
@@ -352,6 +368,8 @@ class Agent:
                     outcome = await self.custody.preserve_metadata()
                 case ph.KernelPrepare():
                     outcome = await self.custody.prepare()
+                case ph.TakeSlot():
+                    outcome = await self.fleet.take()
                 case ph.KernelFreeze():
                     outcome = await self.custody.freeze()
                 case ph.KernelReboot():
@@ -372,6 +390,12 @@ class Agent:
         if any(problems):
             return ph.CancelFailed("; ".join(p for p in problems if p))
         return ph.CancelDone()
+
+    def _fleet_changed(self) -> None:
+        for listener in self.listeners:
+            notify = getattr(listener, "fleet_changed", None)  # optional in listeners
+            if notify is not None:
+                notify()
 
     async def _reboot(self) -> ph.Event | None:
         """The kexec; an outcome only if it failed."""

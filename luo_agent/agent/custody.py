@@ -32,7 +32,12 @@ from .state import (
 
 log = structlog.get_logger("luo_agent.agent")
 
-PRESERVED_PHASES = (ph.Phase.PREPARED, ph.Phase.FREEZING, ph.Phase.REBOOTING)
+PRESERVED_PHASES = (
+    ph.Phase.PREPARED,
+    ph.Phase.COORDINATING,
+    ph.Phase.FREEZING,
+    ph.Phase.REBOOTING,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +110,11 @@ class Custody:
             # record of what is loaded keep one order, whatever the loop does meanwhile.
             full = with_marker(base, self._state.update_id or "pending")
             kernel.load_kernel(own[0], own[1], full)
-            keep = self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED)
+            keep = self._state.phase in (
+                ph.Phase.PREPARING,
+                ph.Phase.PREPARED,
+                ph.Phase.COORDINATING,
+            )
             if not keep:
                 kernel.unload_kernel()
             self.image_in_kernel = keep
@@ -356,7 +365,7 @@ class Custody:
             announce()
             log.error("kexec_failed", error=str(exc), update_id=record.id)
             reason = f"kexec reboot failed: {exc}"
-            if self.abi == "rfc-v2":
+            if self._state.opened_kernel().capabilities.irreversible_freeze:
                 return ph.RebootFailedAfterFreeze(reason)
             return ph.RebootFailed(reason)
         announce()

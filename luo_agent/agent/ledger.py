@@ -29,11 +29,16 @@ ERROR_PREFIX: Final = "org.luoagent.LiveUpdate1.Error."
 # How long a held announcement waits for systemd to queue its gate's job: the request that
 # entered the phase is answered after the announcement, and must not wait on a slow PID 1.
 HOLD_LIMIT_SECONDS: Final = 0.1
+# Where the durable in-flight record is rewritten off the caller's path (at freezing it is written
+# before the freeze gate): once prepared, and once restoring in the live-update boot, so that a
+# boot that lost the update can tell when (docs/reliability.md).
+IN_FLIGHT_PHASES: Final = (ph.Phase.PREPARED, ph.Phase.RESTORING)
 # The record's error name for each failure event of the engine (any other: a kernel error).
 FAILURE_NAMES: Final = {
     "GateFailed": "ParticipantFailed",
     "Timeout": "TimedOut",
     "Recovered": "Aborted",
+    "SlotRefused": "CoordinatorError",
 }
 
 
@@ -184,7 +189,7 @@ class Ledger:
             )
         else:
             self._announce(new, previous)
-        if new is ph.Phase.PREPARED and new is not previous:
+        if new in IN_FLIGHT_PHASES and new is not previous:
             self._start_in_flight_write()  # after the signals: its thread would contend for the GIL
 
     def _save_phase(self, new: ph.Phase, previous: ph.Phase) -> UpdateRecord | None:

@@ -63,13 +63,13 @@ async def busy_backoff(
 # ------------------------------------------------------------------------ the reboot strategy
 
 
-def choose_reboot_strategy(config: Config, abi: str, version: str) -> RebootStrategy:
+def choose_reboot_strategy(config: Config, kernel: KernelBackend, version: str) -> RebootStrategy:
     """Resolve ``reboot_strategy`` (config.py): "auto" takes "systemd" only where it works; an
     explicit "systemd" that cannot work is reported, never replaced by "direct"."""
     wanted = config.reboot_strategy
     chosen, blocker = "direct", ""
     if wanted != "direct":
-        missing = _systemd_kexec_missing(config, abi, version)
+        missing = _systemd_kexec_missing(config, kernel, version)
         if wanted == "auto":
             chosen = "direct" if missing else "systemd"
         else:
@@ -79,12 +79,12 @@ def choose_reboot_strategy(config: Config, abi: str, version: str) -> RebootStra
     return RebootStrategy(chosen, blocker, warning)
 
 
-def _systemd_kexec_missing(config: Config, abi: str, version: str) -> str:
+def _systemd_kexec_missing(config: Config, kernel: KernelBackend, version: str) -> str:
     """Why PID 1 cannot carry this agent's update through an orderly kexec ("" if it can)."""
-    if abi != "session":
+    if not kernel.capabilities.pid1_can_carry:
         return (
-            f"reboot_strategy=systemd needs the session ABI: on {abi} the update lives in the "
-            "device fd, which must stay open through the reboot while PID 1 needs the device "
+            f"reboot_strategy=systemd needs the session ABI: on {kernel.abi} the update lives in "
+            "the device fd, which must stay open through the reboot while PID 1 needs the device "
             "at shutdown"
         )
     if config.systemd_user_mode:
@@ -128,16 +128,6 @@ class Recovery:
     boot_notes: tuple[str, ...] = ()
 
 
-def read_cmdline(kernel: KernelBackend) -> str:
-    syscalls = getattr(kernel, "syscalls", None)
-    target = syscalls.path("/proc/cmdline") if syscalls is not None else "/proc/cmdline"
-    try:
-        with open(target) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 class Startup:
     """Opens the kernel and picks up where this boot stands: sets the kernel and the update in
     hand (``AgentState``) and records the updates that ended while no agent was there."""
@@ -172,7 +162,7 @@ class Startup:
         for note in boot.notes:
             log.warning("kernel_boot_note", note=note)
         version = "" if config.systemd_user_mode else await _manager_version(gate)
-        strategy = choose_reboot_strategy(config, str(kernel.abi), version)
+        strategy = choose_reboot_strategy(config, kernel, version)
         return strategy, await self.recover(boot, self._ledger.load_current(), gate)
 
     async def recover(self, boot: BootState, previous: UpdateRecord | None, gate: Gate) -> Recovery:
@@ -189,7 +179,7 @@ class Startup:
         """
         kernel = self._state.opened_kernel()
         last = self._state.last
-        self._record_lost_update(kernel, boot, previous)
+        taken_over = self._record_lost_update(kernel, boot, previous)
         if previous is not None and last is not None and previous.id == last.id:
             # current.json could not be removed when the update ended (read-only /run): the
             # history already has the outcome.
@@ -203,7 +193,7 @@ class Startup:
             and (boot.incoming is None or boot.incoming.id == previous.id)
         )
         updated = boot.kernel_state is GlobalState.UPDATED
-        incoming = boot.incoming
+        incoming = boot.incoming or taken_over
         if incoming is None and updated and not same_boot:
             # rfc-v2/v3 restore the metadata only once: an agent that died after restoring it
             # and before saving this boot's record took it along.  The update as prepared, with
@@ -228,7 +218,7 @@ class Startup:
                 assert incoming is not None
                 record = incoming.with_phase(ph.Phase.UPDATED, new_boot=True)
                 self._state.record = replace(
-                    record, boot_count=record.boot_count + 1, kernel_cmdline=read_cmdline(kernel)
+                    record, boot_count=record.boot_count + 1, kernel_cmdline=kernel.command_line()
                 )
         elif boot.stale_prepared:
             if previous is not None:
@@ -294,27 +284,34 @@ class Startup:
 
     def _record_lost_update(
         self, kernel: KernelBackend, boot: BootState, previous: UpdateRecord | None
-    ) -> None:
+    ) -> UpdateRecord | None:
         """An update that was prepared (perhaps already kexec'd into) and that this boot knows
         nothing of: no handover came in, and /run (current.json) is empty, so the machine went
         through a reboot that was not the live update's (a crash of the new kernel, a power
-        cycle).  Recorded as lost, with what the agent last knew."""
+        cycle).  Recorded as lost, with what the agent last knew.  Returned instead when this is
+        the update's own live-update boot and the kernel still carries its files: the update
+        goes on from the in-flight record."""
         pending = self._history.load_in_flight()
         if pending is None:
-            return
-        if any(entry.get("id") == pending.id for entry in self._history.load()):
+            return None
+        if self._history.outcome(pending.id) is not None:
             with contextlib.suppress(PersistError):
                 self._history.clear_in_flight()  # recorded already; only the removal was lost
-            return
+            return None
         if previous is not None or boot.kernel_state is GlobalState.UPDATED:
-            return  # a restart in the same boot, or the kernel carries it: recovery has it
+            return None  # a restart in the same boot, or the kernel carries it: recovery has it
         if boot.incoming is not None and boot.incoming.id == pending.id:
-            return  # the live-update boot of that very update
-        if f"{CMDLINE_MARKER}{pending.id}" in read_cmdline(kernel).split():
-            # This is the update's own kexec'd kernel, yet its handover is gone: a kexec someone
-            # else asked for while the image was loaded (logind's auto-kexec of a plain reboot),
-            # or an agent that started earlier in this boot took it and died before keeping it
-            # (session ABI: between RETRIEVE_SESSION and the fd store).
+            return None  # the live-update boot of that very update
+        if f"{CMDLINE_MARKER}{pending.id}" in kernel.command_line().split():
+            # This is the update's own kexec'd kernel, yet its handover is gone: an agent that
+            # started earlier in this boot took it and died before keeping it (session ABI:
+            # between RETRIEVE_SESSION of the agent's session and the fd store), or a kexec
+            # someone else asked for while the image was loaded (logind's auto-kexec of a plain
+            # reboot).  In the first case the participants' sessions are still carried: take
+            # them by the names in-flight.json gives, and go on with the update.
+            if kernel.take_over_carried(pending):
+                log.warning("update_taken_from_in_flight_record", update_id=pending.id)
+                return pending
             lost = pending.ended(
                 "aborted",
                 ERROR_PREFIX + "Aborted",
@@ -325,12 +322,12 @@ class Startup:
                 "restore what was carried",
             )
         else:
-            after_kexec = pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING)
-            when = (
-                "after the kexec was issued (or on the way to it)"
-                if after_kexec
-                else "while the update was prepared"
-            )
+            if ph.is_post_reboot(ph.Phase(pending.phase)):
+                when = "in its live-update boot, before the update finished"
+            elif pending.phase in (ph.Phase.FREEZING, ph.Phase.REBOOTING):
+                when = "after the kexec was issued (or on the way to it)"
+            else:
+                when = "while the update was prepared"
             lost = pending.ended(
                 "lost-in-reboot",
                 ERROR_PREFIX + "HandoverLost",
@@ -340,3 +337,4 @@ class Startup:
             )
         log.error("update_lost", update_id=pending.id, phase=pending.phase, result=lost.result)
         self._ledger.finish_record(lost)
+        return None

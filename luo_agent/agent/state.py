@@ -24,7 +24,9 @@ UPDATE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CMDLINE_MARKER: Final = "luo_agent.update="
 
 # Phases in which the agent holds a prepared kernel: a NORMAL kernel there means the update is gone.
-HOLDS_PREPARED_KERNEL: Final = frozenset({ph.Phase.PREPARED, ph.Phase.FREEZING})
+HOLDS_PREPARED_KERNEL: Final = frozenset(
+    {ph.Phase.PREPARED, ph.Phase.COORDINATING, ph.Phase.FREEZING}
+)
 
 
 class AgentListener(Protocol):

@@ -120,7 +120,11 @@ class Watchers:
                 async for target in watch:
                     if self._state.phase is not ph.Phase.REBOOTING:  # there, the agent's own job
                         self._state.shutdown_queued = target
-                    if self._state.phase in (ph.Phase.PREPARING, ph.Phase.PREPARED):
+                    if self._state.phase in (
+                        ph.Phase.PREPARING,
+                        ph.Phase.PREPARED,
+                        ph.Phase.COORDINATING,
+                    ):
                         await self._cancel_for_shutdown(target)
                     else:
                         log.info("shutdown_job_seen", target=target, phase=str(self._state.phase))

@@ -10,7 +10,9 @@ update through the agent's signals; ``output`` prints the text and the JSON docu
 
 A client like any other: imports from the rest of luo_agent only ``client``, ``participant`` (the
 kit, for ``keep``) and ``dbus.names`` (and the version); never ``agent``, ``daemon``, the rest of
-``dbus/`` or the adapters.
+``dbus/`` or the adapters, except ``fleet``: ``liveupdatectl fleet`` asks the fleet's coordinator
+directly (``fleet/``, with the agent's ``[fleet]`` configuration and ``errors``), since it must
+work for a dead host's slot.
 """
 
 from .arguments import parser

@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from .. import __version__
+from .fleet import add_fleet_commands
 from .output import ExitCode
 
 
@@ -156,6 +157,10 @@ def parser() -> argparse.ArgumentParser:
     )
     s = command("history", "list past updates, oldest first")
     s.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    add_fleet_commands(
+        command("fleet", "the fleet's coordinator: status, release --force, halt, resume, set-max"),
+        [after],
+    )
     return p
 
 

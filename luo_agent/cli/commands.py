@@ -39,6 +39,11 @@ async def cmd_status(bus: MessageBus, args: argparse.Namespace, out: Output) -> 
         if last[0]:
             detail = f" ({last[3]})" if last[3] and last[3] != last[1] else ""
             print(f"Last update:    {last[0]}: {last[1]}{detail}")
+        state, host, coordinator, error = props.get("Fleet") or ("", "", "", "")
+        if coordinator:  # [fleet] is enabled
+            print(f"Fleet slot:     {state or 'none'} (host {host}, {coordinator})")
+            if error:
+                print(f"  last error: {error}")
         if props["Participants"]:
             print("Participants:   " + _participants_title(str(props["Phase"])))
         for unit, active, sub, result in props["Participants"]:

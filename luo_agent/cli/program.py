@@ -13,6 +13,7 @@ from ..client import CallError, bus_kind, connect
 from ..dbus.names import ERROR_PREFIX
 from .arguments import UsageError, check_arguments, parser
 from .commands import COMMANDS
+from .fleet import cmd_fleet
 from .output import ExitCode, Output
 
 ERROR_EXIT: Final[dict[str, ExitCode]] = {
@@ -67,6 +68,8 @@ async def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         out.error("liveupdatectl.InvalidArgument", str(exc), ExitCode.INVALID)
         return ExitCode.INVALID
+    if args.command == "fleet":  # the coordinator, not the agent: no bus
+        return await cmd_fleet(args, out)
     kind = bus_kind("session" if args.session_bus else None)
     try:
         bus = await connect(kind)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..client import call, get_all
-from ..dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
+from ..client import get_all, subscribe
+from ..dbus.names import BUS_NAME, IFACE_MANAGER
 from .output import ExitCode, Output
 
 
@@ -34,19 +34,7 @@ class Watcher:
         self.started = time.monotonic()
 
     async def subscribe(self) -> None:
-        for rule in (
-            f"type='signal',sender='{BUS_NAME}',interface='{IFACE_MANAGER}',path='{OBJECT_PATH}'",
-            f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
-        ):
-            await call(
-                self.bus,
-                "AddMatch",
-                "s",
-                [rule],
-                interface="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                destination="org.freedesktop.DBus",
-            )
+        await subscribe(self.bus, f",interface='{IFACE_MANAGER}'")
         self.bus.add_message_handler(self._on_message)
 
     def _on_message(self, msg: Message) -> None:
@@ -214,19 +202,7 @@ async def follow(bus: MessageBus, out: Output, until_finished: bool) -> ExitCode
                 out.line(f"{stamp()} participants (failures first):")
                 participants(changed["Participants"].value)
 
-    for rule in (
-        f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}'",
-        f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'",
-    ):
-        await call(
-            bus,
-            "AddMatch",
-            "s",
-            [rule],
-            interface="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            destination="org.freedesktop.DBus",
-        )
+    await subscribe(bus)
     bus.add_message_handler(on_message)
     props = await get_all(bus)
     out.line(

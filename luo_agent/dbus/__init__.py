@@ -2,8 +2,8 @@
 
 ``server`` connects, guards the fds every message carries and exports the ``manager``: the
 Manager interface, one thin method per request (check the arguments, authorise, delegate to the
-Agent).  ``update_objects`` are the per-update objects; ``publisher`` is the agent's listener that
-turns its changes into PropertiesChanged and the PhaseChanged/Finished signals.  ``arguments``
+Agent), and the agent's listener that turns its changes into PropertiesChanged and the
+PhaseChanged/Finished signals.  ``update_objects`` are the per-update objects.  ``arguments``
 checks what callers send, ``values`` builds what the API answers, ``fds`` says who closes each fd,
 ``auth`` identifies and authorises callers (polkit), ``errors`` maps domain errors to the error
 names once, ``bus`` is the connection and ``names`` the bus names, paths and interfaces.

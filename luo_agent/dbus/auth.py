@@ -21,7 +21,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..errors import NotAuthorized
-from .names import polkit_action
+from .names import POLKIT_VERBS, polkit_action
 
 log = structlog.get_logger(__name__)
 
@@ -97,9 +97,10 @@ class Authorizer:
         pid = int(creds["ProcessID"].value) if "ProcessID" in creds else -1
         return Caller(sender, uid, pid)
 
-    async def authorize(self, verb: str, details: dict[str, str] | None = None) -> Caller:
+    async def authorize(self, method: str, details: dict[str, str] | None = None) -> Caller:
+        """The caller of ``method``, if it may call it (``POLKIT_VERBS`` says what to ask)."""
         caller = await self.identify()
-        action = polkit_action(verb)
+        action = polkit_action(POLKIT_VERBS[method])
         if caller.uid == 0:
             return caller
         if self.mode == "same-user":

@@ -32,8 +32,8 @@ ERROR_NAMES: Final[tuple[tuple[type[e.LuoError], str], ...]] = (
     (e.WrongKernelState, error("KernelState")),
     (e.KernelError, error("KernelError")),
     (e.GateError, error("ParticipantFailed")),
-    (e.PhaseTimeout, error("TimedOut")),
     (e.HandoverCorrupt, error("HandoverCorrupt")),
+    (e.CoordinatorError, error("CoordinatorError")),
     (e.LuoError, error("Failed")),
 )
 

@@ -3,8 +3,8 @@
 Each method checks its arguments (``arguments``), authorises the caller, delegates to the Agent
 and translates errors once (``dbus_errors``).  Long work never happens inside a call: Prepare
 returns the update's object path at once; progress arrives as PhaseChanged/Finished signals and
-PropertiesChanged, emitted by the agent's listener (``publisher``) on this object and on the
-update's object (``update_objects``).
+PropertiesChanged: the interface is the agent's listener (``AgentListener``) and emits them on
+this object and on the update's object (``update_objects``).
 No ``from __future__ import annotations`` here: dbus-fast reads the annotations at run time.
 """
 
@@ -30,6 +30,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from .. import __version__
 from ..agent import Agent
 from ..errors import NotAuthorized
+from ..phase import Phase
 from ..records import UpdateRecord
 from .arguments import (
     check_session_name,
@@ -42,9 +43,9 @@ from .auth import Authorizer
 from .errors import dbus_errors
 from .fds import HandedOutFds, close_fds
 from .names import IFACE_MANAGER, update_path
-from .publisher import Publisher
 from .update_objects import UpdateInterface, UpdateObjects
 from .values import (
+    FleetSlotState,
     HistoryList,
     LastResult,
     Participants,
@@ -89,7 +90,8 @@ class ManagerInterface(ServiceInterface):
         self.auth = auth
         self.updates = UpdateObjects(bus, agent, auth)
         self.handed_out = HandedOutFds()
-        agent.listeners.append(Publisher(self))
+        self._ended_id = ""  # the update whose end (Finished) precedes the PhaseChanged to idle
+        agent.listeners.append(self)
         if agent.record is not None:
             self.updates.export(agent.record)
         if agent.last is not None:
@@ -140,7 +142,49 @@ class ManagerInterface(ServiceInterface):
     def last_result(self) -> LastResult:
         return result_summary(self.agent.last)
 
-    # ------------------------------------------------------------------ signals (``publisher``)
+    @dbus_property(name="Fleet", access=PropertyAccess.READ)
+    def fleet(self) -> FleetSlotState:
+        slot = self.agent.fleet
+        return [str(slot.slot_state), slot.host_id, slot.coordinator_text, slot.last_error]
+
+    # ------------------------------------------------ the agent's listener (``AgentListener``)
+    # Called on the loop; they only emit (and, when an update ends, close the fds ``Retrieve``
+    # handed out).
+
+    def phase_changed(self, record: UpdateRecord | None, phase: Phase) -> None:
+        if record is not None:
+            self.updates.export(record).update(record)
+        self.emit_properties_changed(
+            {
+                "Phase": str(phase),
+                "Progress": self.agent.progress,
+                "CurrentUpdate": record.id if record else "",
+                "CurrentUpdatePath": update_path(record.id) if record else "/",
+                "Participants": self.participants,
+                "KernelState": self.kernel_state,
+            }
+        )
+        # An ended update is no longer the agent's record, but idle is still its phase change.
+        ended, self._ended_id = self._ended_id, ""
+        self.PhaseChanged(record.id if record else ended if phase is Phase.IDLE else "", str(phase))
+
+    def update_finished(self, record: UpdateRecord) -> None:
+        self.updates.export(record).update(record)
+        self.handed_out.close_all()
+        self._ended_id = record.id
+        self.emit_properties_changed({"LastResult": self.last_result})
+        self.Finished(record.id, record.result, record.error_name, record.message)
+
+    def kernel_state_changed(self, value: str) -> None:
+        self.emit_properties_changed({"KernelState": value})
+
+    def fleet_changed(self) -> None:
+        self.emit_properties_changed({"Fleet": self.fleet})
+
+    def participants_changed(self) -> None:
+        self.emit_properties_changed({"Participants": self.participants})
+
+    # ------------------------------------------------------------------ signals
 
     @dbus_signal(name="PhaseChanged")
     def PhaseChanged(
@@ -174,7 +218,7 @@ class ManagerInterface(ServiceInterface):
     async def prepare(self, options: DBusDict) -> Started:
         with dbus_errors("Prepare"):
             update_id = requested_id(options)
-            caller = await self.auth.authorize("prepare", {"update_id": update_id})
+            caller = await self.auth.authorize("Prepare", {"update_id": update_id})
             parse_options(options, {"id": "s"})
             # The update's object is exported before this returns; its path is derived from the id,
             # so a caller that chose the id has subscribed to it before calling.
@@ -186,28 +230,28 @@ class ManagerInterface(ServiceInterface):
     async def execute(self, update_id: DBusStr) -> None:
         with dbus_errors("Execute"):
             check_update_id(update_id)
-            await self.auth.authorize("execute", {"update_id": update_id})
+            await self.auth.authorize("Execute", {"update_id": update_id})
             await self.agent.execute(update_id)
 
     @dbus_method(name="Cancel")
     async def cancel(self, update_id: DBusStr) -> None:
         with dbus_errors("Cancel"):
             check_update_id(update_id)
-            await self.auth.authorize("cancel", {"update_id": update_id})
+            await self.auth.authorize("Cancel", {"update_id": update_id})
             await self.agent.cancel(update_id)
 
     @dbus_method(name="Restore")
     async def restore(self, update_id: DBusStr) -> None:
         with dbus_errors("Restore"):
             check_update_id(update_id)
-            await self.auth.authorize("finish", {"update_id": update_id})
+            await self.auth.authorize("Restore", {"update_id": update_id})
             await self.agent.restore(update_id)
 
     @dbus_method(name="Finish")
     async def finish(self, update_id: DBusStr) -> None:
         with dbus_errors("Finish"):
             check_update_id(update_id)
-            await self.auth.authorize("finish", {"update_id": update_id})
+            await self.auth.authorize("Finish", {"update_id": update_id})
             await self.agent.finish(update_id)
 
     @dbus_method(name="LoadKernel")
@@ -216,7 +260,7 @@ class ManagerInterface(ServiceInterface):
     ) -> DBusStr:
         try:
             with dbus_errors("LoadKernel"):
-                await self.auth.authorize("load-kernel", {"cmdline": cmdline[:256]})
+                await self.auth.authorize("LoadKernel", {"cmdline": cmdline[:256]})
                 opts = parse_options(options, {"no-initrd": "b"})
                 initrd_fd = -1 if opts.get("no-initrd") else initrd
                 return await self.agent.load_kernel(kernel, initrd_fd, cmdline)
@@ -230,7 +274,7 @@ class ManagerInterface(ServiceInterface):
         try:
             with dbus_errors("Preserve"):
                 check_session_name(session)
-                caller = await self.auth.authorize("preserve", {"session": session})
+                caller = await self.auth.authorize("Preserve", {"session": session})
                 opts = parse_options(options, {"depends-on": "a(st)"})
                 depends = [(check_session_name(s), int(t)) for s, t in opts.get("depends-on", [])]
                 self.agent.preserve(fd, session, token, depends, owner=f"uid={caller.uid}")
@@ -241,7 +285,7 @@ class ManagerInterface(ServiceInterface):
     async def unpreserve(self, session: DBusStr, token: DBusUInt64) -> None:
         with dbus_errors("Unpreserve"):
             check_session_name(session)
-            caller = await self.auth.authorize("preserve", {"session": session})
+            caller = await self.auth.authorize("Unpreserve", {"session": session})
             registry = self.agent.registry
             if (
                 caller.uid != 0
@@ -261,7 +305,7 @@ class ManagerInterface(ServiceInterface):
             if caller.uid != 0 and owner != f"uid={caller.uid}":
                 # Someone else's memory: only with the retrieve action.
                 try:
-                    await self.auth.authorize("retrieve", {"session": session})
+                    await self.auth.authorize("Retrieve", {"session": session})
                 except NotAuthorized:
                     what = f"the fd {shown(session)}/{token}"
                     why = (

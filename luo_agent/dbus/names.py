@@ -3,6 +3,8 @@ the name, the interfaces, the object paths and the error names all end in the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final
 
 API_VERSION: Final = 1
@@ -13,6 +15,24 @@ IFACE_MANAGER: Final = f"{BUS_NAME}.Manager"
 IFACE_UPDATE: Final = f"{BUS_NAME}.Update"
 ERROR_PREFIX: Final = f"{BUS_NAME}.Error"
 POLKIT_PREFIX: Final = f"org.luoagent.liveupdate{API_VERSION}"
+
+
+# The polkit verb (action ``org.luoagent.liveupdate1.<verb>``) each method that changes something
+# asks about, on the Manager and the Update objects; every other method is open.  Read by the
+# Manager (``Authorizer.authorize``), tests/security/test_policy_files.py and docs/security.md.
+POLKIT_VERBS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "Prepare": "prepare",
+        "Execute": "execute",
+        "Cancel": "cancel",
+        "Restore": "finish",
+        "Finish": "finish",
+        "LoadKernel": "load-kernel",
+        "Preserve": "preserve",
+        "Unpreserve": "preserve",
+        "Retrieve": "retrieve",
+    }
+)
 
 
 def error(name: str) -> str:

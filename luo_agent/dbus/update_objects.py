@@ -68,7 +68,7 @@ class UpdateInterface(ServiceInterface):
     @dbus_method(name="Cancel")
     async def cancel(self) -> None:
         with dbus_errors("Update.Cancel"):
-            await self._auth.authorize("cancel", {"update_id": self.record.id})
+            await self._auth.authorize("Cancel", {"update_id": self.record.id})
             await self._agent.cancel(self.record.id)
 
     def announce(self) -> None:

@@ -14,6 +14,7 @@ Timings = Annotated[list[list[Any]], DBusSignature("a(sdd)")]
 Sessions = Annotated[list[list[Any]], DBusSignature("a(stss)")]
 HistoryList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 LastResult = Annotated[list[str], DBusSignature("(ssss)")]
+FleetSlotState = Annotated[list[str], DBusSignature("(ssss)")]
 Started = Annotated[tuple[str, str], DBusSignature("so")]
 
 
@@ -43,5 +44,7 @@ def history_entry(record: UpdateRecord) -> dict[str, Variant]:
         "abi": Variant("s", record.abi),
         "boots": Variant("u", record.boot_count),
         "blackout-critical": Variant("d", record.blackout_critical),
+        "fleet-slot": Variant("s", record.fleet_slot),
+        "slot-released-at": Variant("d", record.slot_released_at),
         "timings": Variant("a(sdd)", phase_timings(record)),
     }

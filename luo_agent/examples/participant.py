@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..client import CallError
+from ..client import CallError, get_property
 from ..participant import Participant, notify, run_hooks
 from ..persist import write_atomic
 
 SESSION = "example"
 TOKEN = 1
+CHUNK = 4 << 20
 
 
 @dataclass
@@ -46,15 +47,19 @@ class Workload:
 
     def create(self) -> None:
         self.memfd = os.memfd_create("luo-example-data", os.MFD_CLOEXEC)
-        data = secrets.token_bytes(self.size)
-        os.write(self.memfd, data)
+        # In chunks: a memfd of hundreds of MiB never has a copy of itself beside it.
+        for offset in range(0, self.size, CHUNK):
+            os.pwrite(self.memfd, secrets.token_bytes(min(CHUNK, self.size - offset)), offset)
         # A non-trivial file position: the kernel carries it too.
         os.lseek(self.memfd, self.size // 3, os.SEEK_SET)
 
     def describe(self) -> dict[str, Any]:
         size = os.fstat(self.memfd).st_size
-        digest = hashlib.sha256(os.pread(self.memfd, size, 0)).hexdigest()
-        return {"size": size, "pos": os.lseek(self.memfd, 0, os.SEEK_CUR), "sha256": digest}
+        digest = hashlib.sha256()
+        for offset in range(0, size, CHUNK):
+            digest.update(os.pread(self.memfd, min(CHUNK, size - offset), offset))
+        pos = os.lseek(self.memfd, 0, os.SEEK_CUR)
+        return {"size": size, "pos": pos, "sha256": digest.hexdigest()}
 
     async def preserve(self) -> str:
         if self.memfd < 0:
@@ -105,12 +110,22 @@ class Workload:
 
 async def serve(args: argparse.Namespace) -> int:
     workload = Workload(Path(args.state_dir), args.size, args.bus)
+    last_id, last_result, last_message = "", "", ""
     try:
         async with await Participant.connect(SESSION, args.bus) as agent:
             live_update_boot = agent.live_update_boot
+            last_id, last_result, _, last_message = await get_property(agent.bus, "LastResult")
     except Exception:  # no agent: an ordinary boot as far as this workload can tell
         live_update_boot = False
     if not live_update_boot:
+        if last_result == "lost-in-reboot" and workload.expected_file.exists():
+            # What it handed in was not carried: say so once, and start afresh.
+            workload.expected_file.rename(workload.expected_file.with_suffix(".lost.json"))
+            print(
+                f"luo-example: started without the state it preserved: update {last_id} was "
+                f"lost in the reboot ({last_message})",
+                flush=True,
+            )
         workload.create()
         print(f"luo-example: fresh data, {workload.describe()}", flush=True)
     else:

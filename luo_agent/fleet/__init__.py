@@ -7,10 +7,6 @@ from typing import Final
 
 from ..config import FleetConfig
 from ..errors import ConfigError
-from .etcd import EtcdCoordinator, EtcdGateway
-from .fleetlock import FleetLockCoordinator
-from .http import tls_context
-from .identity import host_id_from_machine_id
 from .port import Acquired, Coordinator, FleetStatus, Semaphore
 
 __all__ = ["Acquired", "Coordinator", "FleetStatus", "Semaphore", "make_coordinator"]
@@ -20,6 +16,12 @@ GROUP_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def make_coordinator(config: FleetConfig, source: str = "[fleet]") -> Coordinator:
     """The configured coordinator (``ConfigError`` naming the key if the configuration is wrong)."""
+    # The adapters load here, not with the package: every agent start imports fleet.port.
+    from .etcd import EtcdCoordinator, EtcdGateway
+    from .fleetlock import FleetLockCoordinator
+    from .http import tls_context
+    from .identity import host_id_from_machine_id
+
     for key, name in (("fleet.group", config.group), ("fleet.zone", config.zone)):
         if name and not GROUP_RE.match(name):
             raise ConfigError(source, key, f"{name!r}: letters, digits, '_', '.', '-' (1-64)")

@@ -26,13 +26,29 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 from ..records import METADATA_CAPACITY, UpdateRecord, decode_metadata, encode_metadata
 from .device import Abi, GlobalState
+from .syscalls import Syscalls
 
 AGENT_SESSION: Final = "luo-agent"  # the agent's own session on the session ABI
 METADATA_TOKEN: Final = 0  # token of the metadata memfd in the agent's session / the v3 global list
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the agent must know of an ABI generation, declared by its backend (design.md §2), so
+    that nothing outside ``kernel/`` branches on the ABI's name."""
+
+    # A kexec that fails after the freeze leaves only cancel (rfc-v2's FROZEN is not undone by
+    # a retried reboot); elsewhere the kernel is still prepared and Execute may be retried.
+    irreversible_freeze: bool
+    # The update lives in session fds that PID 1's fd store can carry through an orderly kexec
+    # (reboot_strategy=systemd); the state-machine ABIs keep it in the device fd instead.
+    pid1_can_carry: bool
+    # The kernel may publish its global state in /sys/kernel/liveupdate/state.
+    sysfs_state: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +126,7 @@ class NoCustody:
 
 class KernelBackend(Protocol):
     abi: Abi
+    capabilities: ClassVar[Capabilities]
 
     def start(self) -> BootState: ...
 
@@ -143,6 +160,14 @@ class KernelBackend(Protocol):
         """Take over the kernel tokens of an update found in ``current.json`` after a restart."""
         ...
 
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        """This is ``record``'s live-update boot, but the agent's own handover is gone (an agent
+        of this boot took it and died before keeping it): take the carried files that
+        ``record`` (the durable in-flight copy) names.  False when none is carried, and where
+        the handover cannot be lost that way (the state-machine ABIs keep it in the kernel's
+        global state)."""
+        ...
+
     def retrieve(self, session: str, token: int) -> int: ...
 
     def finish(self) -> list[str]:
@@ -160,6 +185,11 @@ class KernelBackend(Protocol):
         ...
 
     def describe_state(self) -> str: ...
+
+    def command_line(self) -> str:
+        """The running kernel's command line (``/proc/cmdline`` of the real or emulated machine;
+        "" if unreadable): the agent's ``luo_agent.update=`` marker says which update booted it."""
+        ...
 
     def close(self) -> None: ...
 
@@ -186,9 +216,18 @@ def read_metadata(fd: int) -> UpdateRecord:
 
 
 class MetadataMemfd:
-    """Mixin of every backend: the agent's metadata memfd, rewritten in place until the kexec."""
+    """Mixin of every backend: the agent's metadata memfd, rewritten in place until the kexec,
+    and the running kernel's command line."""
 
+    syscalls: Syscalls
     _meta_fd: int = -1
+
+    def command_line(self) -> str:
+        try:
+            with open(self.syscalls.path("/proc/cmdline")) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
 
     def update_metadata(self, record: UpdateRecord) -> None:
         # The memfd stays writable after preservation; the kernel carries its bytes at the kexec.

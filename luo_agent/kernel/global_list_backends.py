@@ -7,6 +7,7 @@ import contextlib
 import errno
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import HandoverCorrupt, KernelError, NoSuchSession, Unsupported
 from ..persist import write_atomic
@@ -14,6 +15,7 @@ from ..records import UpdateRecord
 from .backend import (
     METADATA_TOKEN,
     BootState,
+    Capabilities,
     MetadataMemfd,
     PreserveItem,
     new_metadata_memfd,
@@ -144,6 +146,9 @@ class GlobalListBackend(MetadataMemfd):
         self.kernel_tokens = {(p.session, p.token): p.kernel_token for p in record.preserved}
         self.meta_kernel_token = self._metadata_token_on_boot()
 
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        return False  # the handover is the kernel's global state: recovery takes it from there
+
     def retrieve(self, session: str, token: int) -> int:
         kernel_token = self.kernel_tokens.get((session, token))
         if kernel_token is None:
@@ -171,6 +176,9 @@ class V3Backend(GlobalListBackend):
     file, so the kernel itself aborts the update if the agent dies."""
 
     abi = Abi.V3
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=False, pid1_can_carry=False, sysfs_state=True
+    )
 
     def __init__(self, syscalls: Syscalls) -> None:
         super().__init__(syscalls)
@@ -213,6 +221,9 @@ class RfcV2Backend(GlobalListBackend):
     cannot be known in advance: it is kept in the state directory (fsync'd) for the next boot."""
 
     abi = Abi.RFC_V2
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=True, pid1_can_carry=False, sysfs_state=True
+    )
 
     def __init__(self, syscalls: Syscalls, state_directory: Path) -> None:
         super().__init__(syscalls)

@@ -8,6 +8,7 @@ import errno
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..errors import DeviceBusy, HandoverCorrupt, KernelError, NoSuchSession, WrongKernelState
 from ..records import UpdateRecord
@@ -15,6 +16,7 @@ from .backend import (
     AGENT_SESSION,
     METADATA_TOKEN,
     BootState,
+    Capabilities,
     FdCustody,
     MetadataMemfd,
     NoCustody,
@@ -37,6 +39,9 @@ class SessionBackend(MetadataMemfd):
 
     syscalls: Syscalls
     abi: Abi = Abi.SESSION
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        irreversible_freeze=False, pid1_can_carry=True, sysfs_state=False
+    )
     outgoing: dict[str, LuoSession] = field(default_factory=dict)
     incoming: dict[str, LuoSession] = field(default_factory=dict)
     # Where incoming sessions outlive a crash of the agent (closing one finishes it).
@@ -172,6 +177,20 @@ class SessionBackend(MetadataMemfd):
     def adopt(self, record: UpdateRecord) -> None:
         # Outgoing sessions die with the process that held them: nothing to take over.
         pass
+
+    def take_over_carried(self, record: UpdateRecord) -> bool:
+        # The agent's own session went with the agent that retrieved it (the kernel finished it,
+        # the metadata memfd with it); the participants' sessions are still in the kernel,
+        # under the names the in-flight record gives (tokens are the kernel's own here).  None
+        # found: nothing was carried (someone else's kexec while the image was loaded).
+        found = False
+        with self._device() as dev:
+            for name in dict.fromkeys(p.session for p in record.preserved):
+                if name not in self.incoming:
+                    with contextlib.suppress(NoSuchSession):
+                        self._hold_incoming(name, dev.retrieve_session(name))
+                        found = True
+        return found
 
     def retrieve(self, session: str, token: int) -> int:
         held = self.incoming.get(session)

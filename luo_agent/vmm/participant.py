@@ -530,7 +530,10 @@ async def serve(settings: Settings) -> int:
         print("luo-vm: live-update boot, the guest waits for the restore phase", flush=True)
     else:
         await vm.boot()
-        print(f"luo-vm: guest {settings.name} started (QEMU {vm.qemu and vm.qemu.version})")
+        print(
+            f"luo-vm: guest {settings.name} started (QEMU {vm.qemu and vm.qemu.version})",
+            flush=True,
+        )
     settings.control_socket.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(vm.handle, path=str(settings.control_socket))
     stopping = asyncio.Event()

@@ -16,13 +16,14 @@ import pytest
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
 from luo_agent.errors import Busy, InvalidArgument, PhaseError
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-ABIS = ["session", "v3", "rfc-v2"]
+ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 PREPARE = ph.SPECS[ph.Phase.PREPARING].target
 CANCEL = ph.SPECS[ph.Phase.CANCELLING].target
 RESTORE = ph.SPECS[ph.Phase.RESTORING].target
@@ -107,7 +108,7 @@ async def test_failing_prepare_participant_cancels(host: Host) -> None:
         assert gate.started == [PREPARE, CANCEL]
         assert host.kernel_files() == 0  # nothing left preserved in the kernel
         assert len(agent.registry) == 0
-        if host.abi != "session":
+        if host.abi != Abi.SESSION:
             assert host.machine.inspect()["state"] == "normal"
 
 
@@ -215,10 +216,10 @@ async def test_reboot_failure_keeps_the_update_prepared(host: Host) -> None:
         await until(agent, lambda: agent.phase is ph.Phase.PREPARED)
         host.machine.inject_fault("reboot", errno.EAGAIN)
         await agent.execute()
-        expected = ph.Phase.IDLE if host.abi == "rfc-v2" else ph.Phase.PREPARED
+        expected = ph.Phase.IDLE if host.abi == Abi.RFC_V2 else ph.Phase.PREPARED
         await until(agent, lambda: agent.phase is expected)
         assert host.machine.running
-        if host.abi == "rfc-v2":
+        if host.abi == Abi.RFC_V2:
             # FROZEN before the reboot: only cancel is left, and it ran.
             assert agent.last is not None and agent.last.result == "failed"
         else:
@@ -262,7 +263,7 @@ async def test_restart_in_the_same_boot_reports_the_aborted_update(host: Host) -
         assert agent.last.id == "upd-8"
         assert agent.last.result in ("aborted", "failed")
         assert host.kernel_files() == 0
-        if host.abi != "session":
+        if host.abi != Abi.SESSION:
             assert host.machine.inspect()["state"] == "normal"
 
 

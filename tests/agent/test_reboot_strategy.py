@@ -24,6 +24,7 @@ from luo_agent.config import AbiChoice, Config, RebootStrategy, parse_config
 from luo_agent.daemon import kernel_factory
 from luo_agent.errors import ConfigError, GateError, PhaseError, Unsupported
 from luo_agent.kernel.backend import FdCustody, NoCustody
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.kernel.session import SessionDevice
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
@@ -127,10 +128,10 @@ def _host(tmp_path: Path, abi: AbiChoice, profile: str | None = None) -> Iterato
 
 @pytest.fixture(params=["6.19", "g6"])
 def session_host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
-    yield from _host(tmp_path, "session", request.param)
+    yield from _host(tmp_path, Abi.SESSION, request.param)
 
 
-@pytest.fixture(params=["v3", "rfc-v2"])
+@pytest.fixture(params=[Abi.V3, Abi.RFC_V2])
 def state_machine_host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
     yield from _host(tmp_path, request.param)
 
@@ -405,12 +406,12 @@ async def test_state_machine_abis_cannot_use_the_systemd_strategy(
 @pytest.mark.parametrize(
     ("abi", "version", "user_mode", "expected"),
     [
-        ("session", "261", False, "systemd"),
-        ("session", "263.1-2", False, "systemd"),
-        ("session", "262", True, "direct"),
-        ("session", "257.9-1~deb13u1", False, "direct"),
-        ("session", "", False, "direct"),
-        ("v3", "262", False, "direct"),
+        (Abi.SESSION, "261", False, "systemd"),
+        (Abi.SESSION, "263.1-2", False, "systemd"),
+        (Abi.SESSION, "262", True, "direct"),
+        (Abi.SESSION, "257.9-1~deb13u1", False, "direct"),
+        (Abi.SESSION, "", False, "direct"),
+        (Abi.V3, "262", False, "direct"),
     ],
 )
 async def test_auto_picks_systemd_only_where_it_works(
@@ -437,7 +438,7 @@ async def test_auto_picks_systemd_only_where_it_works(
 async def test_direct_strategy_under_a_carrying_pid1_is_a_warning(
     tmp_path: Path, strategy: RebootStrategy, version: str, user_mode: bool, warned: bool
 ) -> None:
-    for host in _host(tmp_path, "session"):
+    for host in _host(tmp_path, Abi.SESSION):
         gate = FakeGate(version=version)
         async with host.agent(gate, strategy, NoCustody(), user_mode=user_mode) as agent:
             warnings = (await agent.check()).warnings

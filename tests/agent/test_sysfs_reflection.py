@@ -27,6 +27,7 @@ from luo_agent.config import Config
 from luo_agent.daemon import feed_kernel_state, kernel_factory, kernel_state_file
 from luo_agent.dbus.names import IFACE_MANAGER, OBJECT_PATH
 from luo_agent.dbus.server import serve
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.persist import History, RuntimeState
 from luo_agent.records import UpdateRecord
@@ -72,7 +73,7 @@ class Recorder:
 
 @pytest.fixture
 def machine(tmp_path: Path) -> Iterator[EmulatedMachine]:
-    with EmulatedMachine(tmp_path / "machine", "rfc-v2") as emulated:
+    with EmulatedMachine(tmp_path / "machine", Abi.RFC_V2) as emulated:
         emulated.boot()
         yield emulated
 
@@ -112,7 +113,7 @@ async def running_agent(tmp_path: Path, machine: EmulatedMachine) -> AsyncIterat
     """The Agent plus the daemon's sysfs watcher task, as daemon.run wires them."""
     cfg = Config(state_directory=tmp_path / "state", runtime_directory=tmp_path / "run")
     cfg = dataclasses.replace(
-        cfg, kernel=dataclasses.replace(cfg.kernel, abi="rfc-v2", emulate_root=machine.root)
+        cfg, kernel=dataclasses.replace(cfg.kernel, abi=Abi.RFC_V2, emulate_root=machine.root)
     )
     syscalls = EmulatedSyscalls(machine.root)
     agent = Agent(

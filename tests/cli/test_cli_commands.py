@@ -18,6 +18,7 @@ import pytest
 
 from luo_agent.cli import SCHEMA, ExitCode
 from luo_agent.dbus.names import error
+from luo_agent.kernel.device import Abi
 from luo_agent.systemd.gate import UnitStatus
 from tests.cli import schema
 from tests.dbus.harness import AgentHost, SignalLog, client_bus, disconnect
@@ -115,7 +116,7 @@ async def test_status_check_sessions_history_on_an_idle_agent(host: AgentHost) -
     status = run.result["status"]
     assert (status["Phase"], status["KernelAbi"], status["CurrentUpdate"]) == (
         "idle",
-        "session",
+        Abi.SESSION,
         "",
     )
 
@@ -141,7 +142,7 @@ async def test_status_check_sessions_history_on_an_idle_agent(host: AgentHost) -
 # ------------------------------------------------------------------------ a whole update
 
 
-@pytest.mark.parametrize("host", ["session", "v3", "rfc-v2"], indirect=True)
+@pytest.mark.parametrize("host", [Abi.SESSION, Abi.V3, Abi.RFC_V2], indirect=True)
 async def test_update_wait_streams_each_phase_once_then_retrieve_after_the_kexec(
     host: AgentHost, tmp_path: Path
 ) -> None:

@@ -27,7 +27,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from luo_agent.agent import Agent
-from luo_agent.client import call, connect
+from luo_agent.client import add_match, connect
 from luo_agent.config import Config, KernelConfig, Timeouts
 from luo_agent.daemon import kernel_factory, make_syscalls
 from luo_agent.dbus.manager import ManagerInterface
@@ -189,15 +189,7 @@ class SignalLog:
         bus.add_message_handler(self._on_message)
 
     async def match(self, rule: str) -> None:
-        await call(
-            self.bus,
-            "AddMatch",
-            "s",
-            [rule],
-            interface="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            destination="org.freedesktop.DBus",
-        )
+        await add_match(self.bus, rule)
 
     async def match_manager(self) -> None:
         await self.match(f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}'")

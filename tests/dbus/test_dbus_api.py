@@ -14,10 +14,11 @@ from dbus_fast.aio import MessageBus
 
 from luo_agent.client import CallError, call, get_all, get_property
 from luo_agent.dbus.names import IFACE_UPDATE, error, update_path
+from luo_agent.kernel.device import Abi
 from luo_agent.systemd.gate import UnitStatus
 from tests.dbus.harness import AgentHost, SignalLog, client_bus, disconnect, plain
 
-ALL_ABIS = ["session", "v3", "rfc-v2"]
+ALL_ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 PREPARE_TARGET = "liveupdate-prepare.target"
 
 
@@ -80,11 +81,11 @@ async def test_check_properties_and_empty_lists(client: MessageBus) -> None:
     values = {k: v.value for k, v in report.items()}
     assert values["ready"] is False
     assert any("LoadKernel" in b for b in values["blockers"])
-    assert (values["abi"], values["phase"], values["kernel-loaded"]) == ("session", "idle", False)
+    assert (values["abi"], values["phase"], values["kernel-loaded"]) == (Abi.SESSION, "idle", False)
     assert values["preserved"] == 0
     props = await get_all(client)
     assert props["Phase"] == "idle"
-    assert props["KernelAbi"] == "session"
+    assert props["KernelAbi"] == Abi.SESSION
     assert props["CurrentUpdate"] == "" and props["CurrentUpdatePath"] == "/"
     assert props["Progress"] == 0 and props["KernelLoaded"] is False
     assert plain(props["LastResult"]) == ["", "", "", ""]
@@ -257,7 +258,7 @@ async def test_update_object_cancel_and_participant_failure(host: AgentHost) -> 
 async def test_phase_timeout_is_reported_as_timed_out(
     bus_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    host = AgentHost(tmp_path, "session", timeouts={"prepare": 0.3})
+    host = AgentHost(tmp_path, Abi.SESSION, timeouts={"prepare": 0.3})
     await host.boot()
     host.gate.hanging.add(PREPARE_TARGET)
     bus = await client_bus()

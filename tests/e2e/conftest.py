@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from luo_agent.sandbox import missing_requirements
 from luo_agent.testbed import Testbed
 
 SANDBOX_UNAVAILABLE = missing_requirements()
-ABIS = ("session", "v3", "rfc-v2")
+ABIS = (Abi.SESSION, Abi.V3, Abi.RFC_V2)
 # Small enough to keep a whole update well under a second of copying, large enough to span pages.
 DATA_SIZE = 256 << 10
 

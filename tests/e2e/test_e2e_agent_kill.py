@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from luo_agent.testbed import Testbed
 
 from .conftest import needs_sandbox
@@ -38,7 +39,7 @@ def test_sigkill_while_prepared_aborts_and_is_reported(testbed: Testbed) -> None
         prepared = ctl_json(testbed, box, "prepare", "--id", update_id, "--wait")
         assert prepared["phase"] == "prepared", prepared
         view = machine.inspect()
-        if testbed.abi == "session":
+        if testbed.abi == Abi.SESSION:
             assert len(view["outgoing_sessions"]) >= 2  # the example's and the agent's metadata
         else:
             assert view["state"] == "prepared" and len(view["files"]) >= 2
@@ -53,20 +54,20 @@ def test_sigkill_while_prepared_aborts_and_is_reported(testbed: Testbed) -> None
             return None if snapshot["device_open"] else snapshot
 
         match testbed.abi:
-            case "session":
+            case Abi.SESSION:
                 # The outgoing sessions died with the process that held them.
                 gone = wait_until(
                     "the outgoing sessions to close",
                     lambda: not machine.inspect()["outgoing_sessions"],
                 )
                 assert gone
-            case "v3":
+            case Abi.V3:
                 # Closing the device dropped every outgoing file; the state is still PREPARED
                 # until an agent cancels it.
                 wait_until(
                     "the preserved files to be dropped", lambda: not machine.inspect()["files"]
                 )
-            case "rfc-v2":
+            case Abi.RFC_V2:
                 # rfc-v2 keeps everything on close: the stale PREPARED waits for the next agent.
                 dead = wait_until("the device to be released", released)
                 assert dead["state"] == "prepared" and len(dead["files"]) >= 2, dead
@@ -86,7 +87,7 @@ def test_sigkill_while_prepared_aborts_and_is_reported(testbed: Testbed) -> None
         # Whatever the ABI, the kernel is back to normal with nothing preserved.
         view = machine.inspect()
         assert kernel_is_clean(view), view
-        assert view["device_open"] == (testbed.abi != "session")
+        assert view["device_open"] == (testbed.abi != Abi.SESSION)
         assert view["liveupdate_count"] == 0
         # And a new update may start (the id of the aborted one stays used).
         again = ctl_json(testbed, box, "prepare", "--id", f"{update_id}-again", "--wait")

@@ -14,6 +14,7 @@ from pathlib import Path
 from luo_agent.agent import Agent
 from luo_agent.config import Config
 from luo_agent.daemon import kernel_factory
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.persist import History, RuntimeState
 from tests.fakes.gate import FakeGate
@@ -71,13 +72,13 @@ class Host:
     def kernel_files(self) -> int:
         """Files the emulated kernel holds for the next kexec."""
         info = self.machine.inspect()
-        if self.abi == "session":
+        if self.abi == Abi.SESSION:
             return sum(len(s["files"]) for s in info["outgoing_sessions"])
         return len(info["files"])
 
     def kernel_state(self) -> str:
         info = self.machine.inspect()
-        if self.abi == "session":
+        if self.abi == Abi.SESSION:
             return "prepared" if info["outgoing_sessions"] else "normal"
         return str(info["state"])
 

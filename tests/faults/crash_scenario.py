@@ -38,7 +38,7 @@ from luo_agent.agent import Agent
 from luo_agent.daemon import kernel_factory
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.log import configure_logging
-from luo_agent.persist import History, RuntimeState
+from luo_agent.persist import History, RuntimeState, write_atomic
 from tests.fakes.agent_host import Host, until
 from tests.fakes.gate import FakeGate
 
@@ -129,7 +129,9 @@ def participant(agent: Agent, work: Path, expected: str) -> Any:
             os.close(fd)
         if digest != expected:
             raise RuntimeError(f"restored bytes differ: {digest}")
-        confirmed.write_text(digest)
+        # Whole or not at all: the agent's threads (the in-flight write at restoring) may be
+        # killed while this hook, in the same process, writes.
+        write_atomic(confirmed, digest.encode())
 
     return restore
 

@@ -25,12 +25,13 @@ from dbus_fast.aio import MessageBus
 
 from luo_agent.client import CallError, call
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER
+from luo_agent.kernel.device import Abi
 from luo_agent.sandbox import Sandbox, missing_requirements
 from luo_agent.testbed import REPO, Testbed
 
 T = TypeVar("T")
 
-ABIS = ("session", "v3", "rfc-v2")
+ABIS = (Abi.SESSION, Abi.V3, Abi.RFC_V2)
 PHASES = ("prepare", "freeze", "cancel", "restore", "finish")
 AGENT = "luo-agent.service"
 SANDBOX_UNAVAILABLE = missing_requirements()
@@ -133,7 +134,7 @@ class FaultBed:
     def kernel_clean(self) -> bool:
         """Nothing held for an outgoing update and nothing carried left unfinished."""
         view = self.machine.inspect()
-        if view["generation"] == "session":
+        if view["generation"] == Abi.SESSION:
             return not view["outgoing_sessions"] and not view["incoming_sessions"]
         return bool(view["state"] == "normal" and not view["files"])
 

@@ -15,6 +15,7 @@ from dbus_fast.aio import MessageBus
 
 from luo_agent.client import CallError, call
 from luo_agent.dbus.names import BUS_NAME, ERROR_PREFIX, IFACE_MANAGER, OBJECT_PATH
+from luo_agent.kernel.device import Abi
 
 from .conftest import needs_sandbox
 from .harness import (
@@ -100,7 +101,7 @@ async def test_clients_that_vanish_leave_the_agent_consistent(bed: FaultBed) -> 
             assert await ab.prop("KernelLoaded") is True
             assert await ab.prop("CurrentUpdate") == update_id
             view = bed.machine.inspect()
-            if bed.abi == "session":
+            if bed.abi == Abi.SESSION:
                 carried = {s["name"]: s for s in view["outgoing_sessions"]}
                 assert [f["size"] for f in carried["gone"]["files"]] == [len(data)], view
             else:

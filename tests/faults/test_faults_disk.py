@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.testbed import REPO
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=["session", "v3", "rfc-v2"])
+@pytest.fixture(params=[Abi.SESSION, Abi.V3, Abi.RFC_V2])
 def machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmulatedMachine]:
     m = EmulatedMachine(tmp_path / "machine", str(request.param))
     m.boot()
@@ -66,7 +67,7 @@ def test_unwritable_state_never_corrupts_and_recovers(
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     during, after = out["during"], out["after"]
-    if machine.abi == "rfc-v2":
+    if machine.abi == Abi.RFC_V2:
         # The kernel-made metadata token must reach the state directory before the kexec:
         # without it the next boot could not find the update, so prepare refuses.
         assert during["result"] == "failed", during

@@ -15,13 +15,14 @@ import pytest
 
 from luo_agent import phase as ph
 from luo_agent.errors import DeviceBusy
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 from luo_agent.persist import History
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-ABIS = ["session", "v3", "rfc-v2"]
+ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 CANCEL = ph.SPECS[ph.Phase.CANCELLING].target
 
 
@@ -101,7 +102,7 @@ async def test_failed_kexec_returns_to_a_consistent_state(host: Host, how: str) 
         else:  # the image vanished behind the agent's back (kexec -u)
             host.machine.syscalls.kexec_file_load(-1, -1, "", KEXEC_FILE_UNLOAD)
         await agent.execute(f"kexec-{how}")
-        if host.abi == "rfc-v2":
+        if host.abi == Abi.RFC_V2:
             # FROZEN cannot go back to PREPARED: the only way out is cancel.
             await until(agent, lambda: agent.phase is ph.Phase.IDLE)
             (entry,) = history(host)

@@ -14,6 +14,7 @@ backend, with the real Agent in this process on the emulated kernel and the reco
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -22,13 +23,14 @@ from pathlib import Path
 import pytest
 
 from luo_agent import phase as ph
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
 from tests.fakes.agent_host import Host, memfd_with, until
 from tests.fakes.gate import FakeGate
 
-ABIS = ["session", "v3", "rfc-v2"]
+ABIS = [Abi.SESSION, Abi.V3, Abi.RFC_V2]
 RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 DATA = b"participant state " * 1000
 
@@ -130,6 +132,31 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
     async with host.agent(FakeGate()):
         pass
     assert [e["id"] for e in history(host)] == ["upd-crash"]
+
+
+async def test_a_power_cut_during_restore_is_recorded_as_lost_in_the_live_update_boot(
+    host: Host,
+) -> None:
+    await kexec_with_one_fd(host, "upd-cut")
+    host.machine.boot()
+    in_flight = History(host.tmp / "state").in_flight_path
+    async with host.agent(FakeGate(hanging={RESTORE})) as agent:
+        await agent.resume()
+        await until(agent, lambda: agent.phase is ph.Phase.RESTORING)
+    # The live-update boot's agent made its durable record say so (its stop waited for the
+    # write); then the power goes, with the restore gate still running.
+    assert json.loads(in_flight.read_bytes())["phase"] == "restoring"
+    host.machine.poweroff()
+    shutil.rmtree(host.tmp / "run")
+    host.machine.boot()
+    async with host.agent(FakeGate()) as agent:
+        assert agent.phase is ph.Phase.IDLE
+    (entry,) = history(host)
+    assert (entry["id"], entry["result"]) == ("upd-cut", "lost-in-reboot"), entry
+    message = str(entry["message"])
+    assert "in its live-update boot" in message and "phase restoring" in message, message
+    assert entry["boot_count"] == 1, entry
+    assert not in_flight.exists()
 
 
 async def test_an_agent_killed_while_cancelling_is_recorded_cancelled(host: Host) -> None:

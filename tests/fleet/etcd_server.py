@@ -44,6 +44,7 @@ class Member:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     extra: tuple[str, ...] = ()
+    cwd: Path | None = None  # where relative paths (unix://NAME:0 sockets) land
 
     def start(self, initial_cluster: str, state: str = "new") -> None:
         assert ETCD is not None
@@ -67,6 +68,7 @@ class Member:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=self.cwd,
             )
 
     def kill(self) -> None:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,9 +23,10 @@ from luo_agent.errors import (
     RolloutHalted,
 )
 from luo_agent.fleet.etcd import HALT_KEY, SEMAPHORE_KEY, EtcdCoordinator, EtcdGateway
+from luo_agent.fleet.http import tls_context
 from luo_agent.fleet.port import Acquired
 
-from .etcd_server import Cluster, free_port
+from .etcd_server import Cluster, Member, free_port
 
 
 def coordinator(
@@ -98,13 +105,14 @@ async def test_everyone_asking_at_once_never_exceeds_the_slots(etcd: Cluster, gr
         holding.add(name)
         most = max(most, len(holding))
         # What etcd says agrees with who thinks it holds a slot.
-        assert set(stored(etcd, group)["holders"]) >= {name}  # type: ignore[arg-type]
-        await asyncio.sleep(0.05)
+        assert name in (await me.status()).semaphores[0].holders
+        await asyncio.sleep(0.1)
         holding.discard(name)
         await me.release()
 
     await asyncio.gather(*(host(f"host{i}") for i in range(6)))
-    assert most == 2
+    # Every host had its turn, never more than two at once (how many overlapped is up to timing).
+    assert 1 <= most <= 2
     assert stored(etcd, group)["holders"] == []
 
 
@@ -220,3 +228,85 @@ async def test_etcd_users_and_root_only_password_file(tmp_path: Path, group: str
         assert json.loads(value) == {"total_slots": 1, "holders": ["h0"]}
     finally:
         cluster.stop()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    p = {n: directory / n for n in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key",
+                                    "client.pem", "ext.cnf")}  # fmt: skip
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", str(p["ca.key"]), "-out", str(p["ca.pem"]))  # fmt: skip
+    p["ext.cnf"].write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for who in ("server", "client"):
+        csr = directory / f"{who}.csr"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+                 "-keyout", str(p[f"{who}.key"]), "-out", str(csr))  # fmt: skip
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(p["ca.pem"]), "-CAkey",
+                 str(p["ca.key"]), "-CAcreateserial", "-days", "2", "-extfile", str(p["ext.cnf"]),
+                 "-out", str(p[f"{who}.pem"]))  # fmt: skip
+        os.chmod(p[f"{who}.key"], 0o600)
+    return p
+
+
+def wait_healthy(url: str, context: ssl.SSLContext) -> None:
+    for _ in range(300):  # bounded: etcd answers within seconds
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(url + "/health", timeout=2, context=context).close()
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+async def test_tls_with_a_client_certificate(tmp_path: Path, group: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl")
+    pki = make_pki(tmp_path)
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    member = Member(
+        "tls",
+        tmp_path / "data",
+        url,
+        f"http://127.0.0.1:{free_port()}",
+        tmp_path / "etcd.log",
+        extra=(
+            f"--cert-file={pki['server.pem']}",
+            f"--key-file={pki['server.key']}",
+            "--client-cert-auth",
+            f"--trusted-ca-file={pki['ca.pem']}",
+        ),
+    )
+    member.start(f"tls={member.peer_url}")
+    try:
+        context = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        context.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        await asyncio.to_thread(wait_healthy, url, context)
+        with_cert = EtcdCoordinator(
+            EtcdGateway(
+                [url], tls=tls_context(pki["ca.pem"], pki["client.pem"], pki["client.key"])
+            ),
+            host_id="h0",
+            group=group,
+            slots=1,
+        )
+        assert await with_cert.acquire() is Acquired.HELD
+        assert (await with_cert.status()).semaphores[0].holders == ("h0",)
+        # Without the client certificate the server refuses the handshake.
+        without = EtcdCoordinator(
+            EtcdGateway([url], tls=tls_context(pki["ca.pem"], None, None)),
+            host_id="h1",
+            group=group,
+            slots=1,
+        )
+        with pytest.raises(CoordinatorUnavailable):
+            await without.acquire()
+        # A key others may read is refused before any connection.
+        os.chmod(pki["client.key"], 0o644)
+        with pytest.raises(ConfigError, match="no group or other access"):
+            tls_context(pki["ca.pem"], pki["client.pem"], pki["client.key"])
+    finally:
+        member.kill()

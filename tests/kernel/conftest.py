@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.syscalls import DEVICE_PATH, RealSyscalls
 from tests.kernel.luo_raw import Target, probe_generation
 
 # (id, abi, profile) of every emulated target.
 EMULATED: dict[str, list[tuple[str, str, str | None]]] = {
-    "rfc-v2": [("emu-rfc-v2", "rfc-v2", None)],
-    "v3": [("emu-v3", "v3", None)],
-    "session": [("emu-6.19", "session", "6.19"), ("emu-g6", "session", "g6")],
+    Abi.RFC_V2: [("emu-rfc-v2", Abi.RFC_V2, None)],
+    Abi.V3: [("emu-v3", Abi.V3, None)],
+    Abi.SESSION: [("emu-6.19", Abi.SESSION, "6.19"), ("emu-g6", Abi.SESSION, "g6")],
 }
 
 _real_generation: tuple[str, str | None] | str | None = None
@@ -38,7 +39,7 @@ def _detect_real() -> tuple[str, str | None] | str:
             _real_generation = "real-kernel tests need root"
         elif env := os.environ.get("LUO_REAL_ABI"):
             abi, _, profile = env.partition(":")
-            if abi == "session" and not profile:
+            if abi == Abi.SESSION and not profile:
                 # The GET_NAME probe tells 6.19 from G6 (Linux 7.2, the reference kernel).
                 probed = probe_generation(RealSyscalls())
                 profile = (probed[1] if isinstance(probed, tuple) else None) or "g6"
@@ -91,34 +92,34 @@ def _target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         yield from _emulated_target(tmp_path, tid, abi, profile)
 
 
-@pytest.fixture(params=_params("session"))
+@pytest.fixture(params=_params(Abi.SESSION))
 def session_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     """G5 (6.19) and G6 session kernels, emulated and real."""
     yield from _target(request, tmp_path)
 
 
-@pytest.fixture(params=_params("v3"))
+@pytest.fixture(params=_params(Abi.V3))
 def v3_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     yield from _target(request, tmp_path)
 
 
-@pytest.fixture(params=_params("rfc-v2"))
+@pytest.fixture(params=_params(Abi.RFC_V2))
 def rfc_v2_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     yield from _target(request, tmp_path)
 
 
 # Emulated only: tests that kexec (a real kexec would end the test run).
-@pytest.fixture(params=_params("session", with_real=False))
+@pytest.fixture(params=_params(Abi.SESSION, with_real=False))
 def session_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     yield from _target(request, tmp_path)
 
 
-@pytest.fixture(params=_params("v3", with_real=False))
+@pytest.fixture(params=_params(Abi.V3, with_real=False))
 def v3_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     yield from _target(request, tmp_path)
 
 
-@pytest.fixture(params=_params("rfc-v2", with_real=False))
+@pytest.fixture(params=_params(Abi.RFC_V2, with_real=False))
 def rfc_v2_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     yield from _target(request, tmp_path)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.syscalls import DEVICE_PATH, SYSFS_STATE_PATH, Syscalls
 from luo_agent.kernel.uapi import rfc_v2, session, v3
 
@@ -27,7 +28,7 @@ class Target:
     """One kernel under test: an emulated generation/profile or the real device."""
 
     id: str
-    abi: str  # "rfc-v2" | "v3" | "session"
+    abi: Abi
     profile: str | None  # "6.19" | "g6" for session, else None
     sc: Syscalls
     machine: Any = None  # EmulatedMachine, None for the real kernel
@@ -236,12 +237,12 @@ def probe_generation(sc: Syscalls) -> tuple[str, str | None] | str:
     try:
         e3 = _probe_errno(sc, dev, v3.LIVEUPDATE_IOCTL_GET_STATE, struct.pack("<II", 8, 0))
         if e3 == 0:
-            return ("v3", None)
+            return (Abi.V3, None)
         if e3 == errno.ENOTTY:
             eg1 = _probe_errno(
                 sc, dev, rfc_v2.LIVEUPDATE_IOCTL_FD_PRESERVE, struct.pack("<iIQ", -1, 0, 0)
             )
-            return ("rfc-v2", None) if eg1 == errno.EBADF else "G2 kernel (no backend)"
+            return (Abi.RFC_V2, None) if eg1 == errno.EBADF else "G2 kernel (no backend)"
         e4 = _probe_errno(
             sc, dev, session.LIVEUPDATE_IOCTL_CREATE_SESSION, struct.pack("<II", 8, 0)
         )
@@ -264,7 +265,7 @@ def probe_generation(sc: Syscalls) -> tuple[str, str | None] | str:
             e7 = _probe_errno(sc, sess, session.LIVEUPDATE_SESSION_GET_NAME, bytes(buf))
         finally:
             sc.close(sess)
-        return ("session", "g6" if e7 == 0 else "6.19")
+        return (Abi.SESSION, "g6" if e7 == 0 else "6.19")
     finally:
         sc.close(dev)
 

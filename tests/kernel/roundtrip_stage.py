@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedSyscalls
 from luo_agent.kernel.syscalls import DEVICE_PATH
 from luo_agent.kernel.uapi import rfc_v2, v3
@@ -40,13 +41,13 @@ def stage1(root: str, abi: str, image: str) -> dict[str, object]:
     os.lseek(kept, POSITION, os.SEEK_SET)
     lost = raw.memfd(os.urandom(4096), "never-retrieved")
     out = measure(kept)
-    if abi == "session":
+    if abi == Abi.SESSION:
         sess = raw.create_session(sc, dev, "vm-1")  # held open until the reboot
         raw.preserve_fd(sc, sess, kept, 7)
         raw.preserve_fd(sc, sess, lost, 8)
         sc.close(dev)  # like the selftests: only session fds matter
         out |= {"token": 7, "other_token": 8}
-    elif abi == "v3":
+    elif abi == Abi.V3:
         raw.v3_preserve(sc, dev, kept, 7)
         raw.v3_preserve(sc, dev, lost, 8)
         raw.v3_set_event(sc, dev, v3.liveupdate_event.LIVEUPDATE_PREPARE)
@@ -66,14 +67,14 @@ def stage1(root: str, abi: str, image: str) -> dict[str, object]:
 def stage2(root: str, abi: str, token: int, other: int) -> dict[str, object]:
     sc = EmulatedSyscalls(root)
     dev = sc.open(sc.path(DEVICE_PATH), os.O_RDWR | os.O_CLOEXEC)
-    if abi == "session":
+    if abi == Abi.SESSION:
         inc = raw.retrieve_session(sc, dev, "vm-1")
         fd = raw.retrieve_fd(sc, inc, token)
         out = measure(fd)
         raw.finish(sc, inc)
         other_errno = raw.errno_of(raw.retrieve_fd, sc, inc, other)
         sc.close(inc)
-    elif abi == "v3":
+    elif abi == Abi.V3:
         fd = raw.v3_restore(sc, dev, token)
         out = measure(fd)
         raw.v3_set_event(sc, dev, v3.liveupdate_event.LIVEUPDATE_FINISH)

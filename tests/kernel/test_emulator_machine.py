@@ -26,12 +26,13 @@ import pytest
 
 import luo_agent
 from luo_agent.errors import HandoverCorrupt
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.kernel.emulator.handover import HEADER
 from luo_agent.kernel.syscalls import DEVICE_PATH, KEXEC_FILE_UNLOAD, SYSFS_STATE_PATH
 from luo_agent.kernel.uapi import rfc_v2, session, v3
 
-GENERATIONS = [("rfc-v2", None), ("v3", None), ("session", "6.19"), ("session", "g6")]
+GENERATIONS = [(Abi.RFC_V2, None), (Abi.V3, None), (Abi.SESSION, "6.19"), (Abi.SESSION, "g6")]
 REPO = str(Path(luo_agent.__file__).resolve().parents[1])
 
 
@@ -155,7 +156,7 @@ def test_boot_poweroff_cycle(make_machine: MakeMachine, abi: str, profile: str |
     machine.boot()
     assert machine.running
     assert Path(sc.path("/proc/cmdline")).read_text() == "luo_emu liveupdate=1\n"
-    assert Path(sc.path(SYSFS_STATE_PATH)).exists() == (abi != "session")
+    assert Path(sc.path(SYSFS_STATE_PATH)).exists() == (abi != Abi.SESSION)
     with pytest.raises(RuntimeError, match="already running"):
         machine.boot()
     dev = open_dev(sc)
@@ -174,9 +175,9 @@ def test_boot_poweroff_cycle(make_machine: MakeMachine, abi: str, profile: str |
 
 
 def test_machine_json_reused_without_abi(make_machine: MakeMachine, tmp_path: Path) -> None:
-    make_machine("session", "g6")
+    make_machine(Abi.SESSION, "g6")
     again = EmulatedMachine(tmp_path / "root")
-    assert (again.abi, again.profile) == ("session", "g6")
+    assert (again.abi, again.profile) == (Abi.SESSION, "g6")
     with pytest.raises(ValueError, match="no abi recorded"):
         EmulatedMachine(tmp_path / "elsewhere")
 
@@ -184,7 +185,7 @@ def test_machine_json_reused_without_abi(make_machine: MakeMachine, tmp_path: Pa
 def test_session_kexec_carries_sessions_in_order(
     make_machine: MakeMachine, kernel_image: int
 ) -> None:
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -221,7 +222,7 @@ def test_session_kexec_carries_sessions_in_order(
 
 
 def test_session_frozen_size_is_carried(make_machine: MakeMachine, kernel_image: int) -> None:
-    machine = make_machine("session", "g6")
+    machine = make_machine(Abi.SESSION, "g6")
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -246,7 +247,7 @@ def test_session_frozen_size_is_carried(make_machine: MakeMachine, kernel_image:
 def test_v3_kexec_normal_carries_nothing_prepared_carries(
     make_machine: MakeMachine, kernel_image: int
 ) -> None:
-    machine = make_machine("v3")
+    machine = make_machine(Abi.V3)
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -277,7 +278,7 @@ def test_v3_kexec_normal_carries_nothing_prepared_carries(
 
 
 def test_rfc_v2_sysfs_and_kexec_from_frozen(make_machine: MakeMachine, kernel_image: int) -> None:
-    machine = make_machine("rfc-v2")
+    machine = make_machine(Abi.RFC_V2)
     machine.boot()
     sc = machine.syscalls
     dev, other = open_dev(sc), open_dev(sc)  # not exclusive
@@ -318,7 +319,7 @@ def test_threads_sharing_one_device_fd_each_get_their_own_reply(
 ) -> None:
     """As with the kernel, an ioctl's reply reaches the thread that asked: the agent's loop reads
     the state on the fd its kernel thread preserves through."""
-    machine = make_machine("rfc-v2")
+    machine = make_machine(Abi.RFC_V2)
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -354,7 +355,7 @@ def test_threads_sharing_one_device_fd_each_get_their_own_reply(
 def test_kexec_file_load_rules(
     make_machine: MakeMachine, tmp_path: Path, kernel_image: int
 ) -> None:
-    machine = make_machine("v3")
+    machine = make_machine(Abi.V3)
     machine.boot()
     sc = machine.syscalls
 
@@ -384,7 +385,7 @@ def test_kexec_file_load_rules(
 
 # --- fault injection ----------------------------------------------------------------------------
 def test_injected_reboot_failure_rolls_back(make_machine: MakeMachine, kernel_image: int) -> None:
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -413,7 +414,7 @@ def test_injected_reboot_failure_rolls_back(make_machine: MakeMachine, kernel_im
 
 
 def test_inject_fault_on_ioctl_and_open(make_machine: MakeMachine) -> None:
-    machine = make_machine("v3")
+    machine = make_machine(Abi.V3)
     machine.boot()
     sc = machine.syscalls
     machine.inject_fault("open", errno.EIO)
@@ -445,7 +446,7 @@ def _leave_image(machine: EmulatedMachine, kernel_image: int) -> bytes:
     sc = machine.syscalls
     dev = open_dev(sc)
     m = memfd_with(b"precious")
-    if machine.abi == "v3":
+    if machine.abi == Abi.V3:
         v3_preserve(sc, dev, m, 1)
         v3_event(sc, dev, v3.liveupdate_event.LIVEUPDATE_PREPARE)
     else:
@@ -475,7 +476,7 @@ def test_corrupt_image_panics_state_machine_kernel(
     kernel_image: int,
     kind: str,
 ) -> None:
-    machine = make_machine("v3")
+    machine = make_machine(Abi.V3)
     machine.boot()
     image = _leave_image(machine, kernel_image)
     Path(machine.layout.handover).write_bytes(_corruptions(image)[kind])
@@ -494,7 +495,7 @@ def test_corrupt_image_panics_state_machine_kernel(
 def test_corrupt_image_session_kernel_open_eio(
     make_machine: MakeMachine, kernel_image: int, kind: str
 ) -> None:
-    machine = make_machine("session", "g6")
+    machine = make_machine(Abi.SESSION, "g6")
     machine.boot()
     image = _leave_image(machine, kernel_image)
     Path(machine.layout.handover).write_bytes(_corruptions(image)[kind])
@@ -511,10 +512,10 @@ def test_image_for_another_generation_is_refused(
     kernel_image: int,
     tmp_path: Path,
 ) -> None:
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     image = _leave_image(machine, kernel_image)
-    v3_machine = EmulatedMachine(tmp_path / "v3root", "v3")
+    v3_machine = EmulatedMachine(tmp_path / "v3root", Abi.V3)
     Path(v3_machine.layout.handover).write_bytes(image)
     with v3_machine, pytest.raises(HandoverCorrupt, match="generation"):
         v3_machine.boot()
@@ -523,7 +524,7 @@ def test_image_for_another_generation_is_refused(
 def test_stale_temp_image_is_ignored_and_removed(
     make_machine: MakeMachine, kernel_image: int
 ) -> None:
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     image = _leave_image(machine, kernel_image)
     layout = machine.layout
@@ -548,7 +549,7 @@ def test_server_killed_while_writing_image_leaves_no_image(
 ) -> None:
     """SIGKILL the kernel server while it streams a large image: whatever is on disk, the next
     boot never accepts a partial image."""
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -607,7 +608,7 @@ def _wait_for_file(path: Path) -> None:
 
 # --- fds and close semantics --------------------------------------------------------------------
 def test_every_returned_fd_is_cloexec(make_machine: MakeMachine, kernel_image: int) -> None:
-    machine = make_machine("session", "g6")
+    machine = make_machine(Abi.SESSION, "g6")
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -629,7 +630,7 @@ def test_every_returned_fd_is_cloexec(make_machine: MakeMachine, kernel_image: i
 
 
 def test_ioctl_on_foreign_fd_is_enotty(make_machine: MakeMachine, tmp_path: Path) -> None:
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     sc = machine.syscalls
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -649,7 +650,7 @@ def test_ioctl_on_foreign_fd_is_enotty(make_machine: MakeMachine, tmp_path: Path
 
 
 def test_exclusive_reopen_right_after_close(make_machine: MakeMachine) -> None:
-    machine = make_machine("v3")
+    machine = make_machine(Abi.V3)
     machine.boot()
     sc = machine.syscalls
     for _ in range(50):  # close() must take effect before the next open, as in the kernel
@@ -666,7 +667,7 @@ CHILD = textwrap.dedent("""
     dev = sc.open(sc.path("/dev/liveupdate"), os.O_RDWR)
     m = os.memfd_create("child")
     os.write(m, b"child data")
-    if sys.argv[2] == "v3":
+    if sys.argv[2] == "global-list":
         sc.ioctl(dev, 0xBA00, bytearray(struct.pack("<IiQ", 16, m, 42)))
     else:
         buf = bytearray(72); struct.pack_into("<I", buf, 0, 72); buf[8:13] = b"child"
@@ -678,14 +679,14 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize(("abi", "profile"), [("v3", None), ("session", "6.19")])
+@pytest.mark.parametrize(("abi", "profile"), [(Abi.V3, None), (Abi.SESSION, "6.19")])
 def test_process_death_closes_its_files(
     make_machine: MakeMachine, abi: str, profile: str | None
 ) -> None:
     machine = make_machine(abi, profile)
     machine.boot()
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(machine.root), abi],
+        [sys.executable, "-c", CHILD, str(machine.root), "global-list" if abi == Abi.V3 else ""],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": REPO},
     )
@@ -693,7 +694,7 @@ def test_process_death_closes_its_files(
         assert child.stdout is not None
         assert child.stdout.readline() == b"ready\n"
         snap = machine.inspect()
-        if abi == "v3":
+        if abi == Abi.V3:
             assert [f["token"] for f in snap["files"]] == [42]
         else:
             assert [s["tokens"] for s in snap["outgoing_sessions"]] == [[42]]
@@ -707,7 +708,7 @@ def test_process_death_closes_its_files(
             child.stdout.close()
     snap = machine.inspect()
     assert snap["device_open"] is False
-    if abi == "v3":
+    if abi == Abi.V3:
         assert snap["files"] == []  # close of the device dropped every preserved file
         assert snap["state"] == "normal"
     else:
@@ -716,7 +717,7 @@ def test_process_death_closes_its_files(
 
 
 def test_inspect_snapshot_shape(make_machine: MakeMachine, kernel_image: int) -> None:
-    machine = make_machine("session", "6.19")
+    machine = make_machine(Abi.SESSION, "6.19")
     machine.boot()
     sc = machine.syscalls
     dev = open_dev(sc)
@@ -725,7 +726,7 @@ def test_inspect_snapshot_shape(make_machine: MakeMachine, kernel_image: int) ->
     preserve(sc, sess, m, 9)
     sc.kexec_file_load(kernel_image, -1, "c", 0)
     snap = machine.inspect()
-    assert snap["generation"] == "session" and snap["profile"] == "6.19"
+    assert snap["generation"] == Abi.SESSION and snap["profile"] == "6.19"
     (out,) = snap["outgoing_sessions"]
     assert out["name"] == "shape" and out["tokens"] == [9]
     assert out["files"] == [{"token": 9, "size": 5, "frozen_size": 5, "pos": 2, "retrieved": False}]
@@ -736,7 +737,7 @@ def test_inspect_snapshot_shape(make_machine: MakeMachine, kernel_image: int) ->
 
 
 def test_cli_status_and_inspect(make_machine: MakeMachine) -> None:
-    machine = make_machine("v3")
+    machine = make_machine(Abi.V3)
     env = {**os.environ, "PYTHONPATH": REPO}
     cli = [sys.executable, "-m", "luo_agent.kernel.emulator"]
     root = ["--root", str(machine.root)]

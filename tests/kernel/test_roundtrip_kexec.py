@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from tests.kernel.luo_raw import Target
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def run_stage(*args: str) -> dict[str, Any]:
     return result
 
 
-@pytest.fixture(params=["rfc-v2", "v3", "session:6.19", "session:g6"])
+@pytest.fixture(params=[Abi.RFC_V2, Abi.V3, "session:6.19", "session:g6"])
 def machine_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     from luo_agent.kernel.emulator import EmulatedMachine
 
@@ -60,7 +61,7 @@ def test_roundtrip_in_two_processes(machine_target: Target, kexec_image: Path) -
     assert Path(t.sc.path("/proc/cmdline")).read_text() == "luo_emu liveupdate=1 roundtrip\n"
 
     carried = t.machine.inspect()
-    if t.abi == "session":
+    if t.abi == Abi.SESSION:
         [incoming] = carried["incoming_sessions"]
         carried_tokens = [f["token"] for f in incoming["files"]]
     else:
@@ -75,7 +76,7 @@ def test_roundtrip_in_two_processes(machine_target: Target, kexec_image: Path) -
         before["pos"],
     )
     assert after["cloexec"] is True
-    if t.abi == "session":
+    if t.abi == Abi.SESSION:
         assert after["other_errno"] == "ENOENT"
     else:
         # After FINISH the state is NORMAL; the emulator checks the state before the token and
@@ -83,7 +84,7 @@ def test_roundtrip_in_two_processes(machine_target: Target, kexec_image: Path) -
         assert after["other_errno"] == "EBUSY"
     snapshot = t.machine.inspect()
     assert snapshot["liveupdate_count"] == 1
-    if t.abi == "session":
+    if t.abi == Abi.SESSION:
         # finished and closed: the incoming session and its unretrieved file are gone
         assert snapshot["incoming_sessions"] == [], snapshot
     else:

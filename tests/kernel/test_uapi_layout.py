@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.uapi import (
     _IO,
     _IOC_DIR,
@@ -358,7 +359,8 @@ def test_0xBA43_collision(session_target: Target) -> None:
 
 
 @pytest.mark.parametrize(
-    ("abi", "profile"), [("rfc-v2", None), ("v3", None), ("session", "6.19"), ("session", "g6")]
+    ("abi", "profile"),
+    [(Abi.RFC_V2, None), (Abi.V3, None), (Abi.SESSION, "6.19"), (Abi.SESSION, "g6")],
 )
 def test_section12_probe_order_identifies_each_emulated_generation(
     tmp_path: Path, abi: str, profile: str | None

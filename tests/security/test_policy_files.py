@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from luo_agent.dbus import manager
-from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, IFACE_UPDATE, POLKIT_PREFIX
+from luo_agent.dbus import manager, update_objects
+from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, IFACE_UPDATE, POLKIT_PREFIX, POLKIT_VERBS
 
 REPO = Path(__file__).resolve().parents[2]
 BUS_POLICY = REPO / "policy" / f"{BUS_NAME}.conf"
@@ -68,8 +68,7 @@ def test_only_root_owns_the_name() -> None:
 
 
 def test_every_polkit_action_the_agent_asks_about_is_declared_closed() -> None:
-    source = inspect.getsource(manager)
-    asked = set(re.findall(r'authorize\(\s*"([a-z-]+)"', source))
+    asked = set(POLKIT_VERBS.values())
     assert asked >= {
         "prepare",
         "execute",
@@ -83,12 +82,38 @@ def test_every_polkit_action_the_agent_asks_about_is_declared_closed() -> None:
         action.get("id"): {d.tag: d.text for d in action.find("defaults") or ()}
         for action in ET.parse(POLKIT_POLICY).getroot().iter("action")
     }
+    # Nothing declared that the agent never asks about.
+    assert set(actions) == {f"{POLKIT_PREFIX}.{verb}" for verb in asked}
     for verb in asked:
         defaults = actions[f"{POLKIT_PREFIX}.{verb}"]
         # Remote and inactive sessions never; a local active admin only after authenticating.
         assert defaults["allow_any"] == "no", verb
         assert defaults["allow_inactive"] == "no", verb
         assert defaults["allow_active"] in ("auth_admin", "auth_admin_keep"), verb
+
+
+def test_the_manager_authorizes_the_methods_of_the_table() -> None:
+    source = inspect.getsource(manager) + inspect.getsource(update_objects)
+    authorized = set(re.findall(r'authorize\(\s*"([A-Za-z]+)"', source))
+    assert authorized == set(POLKIT_VERBS)
+    exported = exported_methods(manager.ManagerInterface) | exported_methods(
+        update_objects.UpdateInterface
+    )
+    assert set(POLKIT_VERBS) <= exported
+
+
+def test_the_security_doc_names_the_verbs_of_the_table() -> None:
+    """docs/security.md's table of methods: each method's polkit action is its verb here."""
+    documented: dict[str, str] = {}
+    for line in (REPO / "docs" / "security.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        verb = re.search(r"`([a-z-]+)`", cells[2])
+        for method in re.findall(r"`(?:Update\.)?([A-Za-z]+)`", cells[0]):
+            documented[method] = verb.group(1) if verb else ""
+    for method, verb in POLKIT_VERBS.items():
+        assert documented.get(method) == verb, method
 
 
 def unit_directives() -> dict[str, list[str]]:

@@ -32,7 +32,8 @@ def test_outcome_ok_only_when_done() -> None:
     [
         (JobResult.DONE, (FAILED,), ()),
         (JobResult.DEPENDENCY, (OK_ONESHOT, FAILED, ACTIVE), (FAILED,)),
-        (JobResult.DEPENDENCY, (HANGING, FAILED), (HANGING, FAILED)),
+        # the failed unit first, then the one still running (failures_first)
+        (JobResult.DEPENDENCY, (HANGING, FAILED), (FAILED, HANGING)),
         # nothing failed or hangs (e.g. a Requisite= never started): name the inactive ones
         (JobResult.DEPENDENCY, (ACTIVE, NEVER_STARTED), (NEVER_STARTED,)),
         (JobResult.ASSERT, (), ()),

@@ -10,6 +10,7 @@ import pytest
 
 from luo_agent.config import Config, Timeouts, load_config, parse_config
 from luo_agent.errors import ConfigError, InvalidArgument
+from luo_agent.kernel.device import Abi
 from luo_agent.phase import TIMED_STEPS
 
 
@@ -27,7 +28,7 @@ def test_every_section_overrides(tmp_path: Path) -> None:
     config = load_config(
         write(
             tmp_path,
-            """
+            f"""
 bus = "session"
 systemd_user_mode = true
 state_directory = "/srv/luo"
@@ -36,7 +37,7 @@ auto_finish = false
 prepare = 5
 freeze = 0.5
 [kernel]
-abi = "v3"
+abi = "{Abi.V3}"
 emulate_root = "/tmp/machine"
 busy_retry_seconds = 2
 [limits]
@@ -51,7 +52,7 @@ max_sessions = 3
         0.5,
         120.0,
     )
-    assert config.kernel.abi == "v3" and str(config.kernel.emulate_root) == "/tmp/machine"
+    assert config.kernel.abi is Abi.V3 and str(config.kernel.emulate_root) == "/tmp/machine"
     assert config.kernel.busy_retry_seconds == 2.0
     assert config.limits.max_sessions == 3 and config.limits.max_fds_total == 1024
 
@@ -96,6 +97,7 @@ def test_timeouts_defaults_and_lookup_by_step() -> None:
     timeouts = Timeouts()
     assert {step: timeouts.seconds(step) for step in TIMED_STEPS} == {
         "prepare": 300.0,
+        "coordinate": 1800.0,
         "freeze": 60.0,
         "cancel": 120.0,
         "restore": 300.0,

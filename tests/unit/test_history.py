@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from luo_agent import persist
+from luo_agent.kernel.device import Abi
 from luo_agent.persist import History
 from luo_agent.records import UpdateRecord
 
 
 def ended(update_id: str, result: str = "success") -> UpdateRecord:
-    return UpdateRecord(id=update_id, abi="session").ended(result, "", f"{update_id} done")
+    return UpdateRecord(id=update_id, abi=Abi.SESSION).ended(result, "", f"{update_id} done")
 
 
 def test_rotated_updates_stay_findable_in_the_archive(

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +18,28 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports anywhere in its body, relative imports resolved."""
+def _import_statements(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """Each import of ``path`` anywhere in its body as (module, names), relative ones resolved."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            for alias in node.names:
+                yield alias.name, []
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            yield base, [alias.name for alias in node.names]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere in its body, relative imports resolved."""
+    found: set[str] = set()
+    for base, names in _import_statements(path):
+        found.add(base)
+        found.update(f"{base}.{name}" for name in names)
     return found
 
 
@@ -97,6 +105,10 @@ def test_only_pystemd_calls_imports_pystemd() -> None:
                 "luo_agent.participant",
                 "luo_agent.dbus.names",
                 "luo_agent.__version__",
+                # liveupdatectl fleet: the coordinator itself, with the agent's [fleet].
+                "luo_agent.fleet",
+                "luo_agent.config.load_config",
+                "luo_agent.errors",
             ),
         ),
         (
@@ -199,3 +211,36 @@ def test_the_daemon_never_imports_the_tools_beside_it() -> None:
         if _within(name, beside)
     }
     assert not wrong
+
+
+def _edges(path: Path) -> set[str]:
+    """The modules of luo_agent that ``path`` imports anywhere (``TYPE_CHECKING`` blocks and
+    functions included): ``from x import y`` is an edge to ``x.y`` when that is a module."""
+    module = _module_name(path)
+    found: set[str] = set()
+    for base, names in _import_statements(path):
+        if not names:
+            found.add(base)
+        for name in names:
+            found.add(f"{base}.{name}" if f"{base}.{name}" in MODULES else base)
+    return {name for name in found if name in MODULES and name != module}
+
+
+def test_no_import_cycle_not_even_for_type_checking() -> None:
+    graph = {_module_name(p): _edges(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycles.append([*path[path.index(node) :], node])
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)

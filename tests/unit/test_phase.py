@@ -24,6 +24,7 @@ from luo_agent.phase import (
     Cancel,
     CancelDone,
     CancelFailed,
+    Coordinate,
     Effect,
     Event,
     Execute,
@@ -52,8 +53,11 @@ from luo_agent.phase import (
     ReportFailure,
     Request,
     Restore,
+    SlotRefused,
+    SlotTaken,
     StartTarget,
     Step,
+    TakeSlot,
     Timeout,
     describe,
     is_post_reboot,
@@ -87,6 +91,11 @@ EXPECTED: dict[tuple[Phase, type[Event]], tuple[Phase, tuple[Effect, ...]]] = {
     (P.PREPARING, Cancel): (P.CANCELLING, CANCEL_EFFECTS),
     (P.PREPARED, Execute): (P.FREEZING, (StartTarget(FREEZE_T),)),
     (P.PREPARED, Cancel): (P.CANCELLING, CANCEL_EFFECTS),
+    (P.PREPARED, Coordinate): (P.COORDINATING, (TakeSlot(),)),
+    (P.COORDINATING, SlotTaken): (P.FREEZING, (StartTarget(FREEZE_T),)),
+    (P.COORDINATING, SlotRefused): (P.CANCELLING, CANCEL_EFFECTS),
+    (P.COORDINATING, Timeout): (P.CANCELLING, CANCEL_EFFECTS),
+    (P.COORDINATING, Cancel): (P.CANCELLING, CANCEL_EFFECTS),
     (P.FREEZING, GateOk): (P.FREEZING, (KernelFreeze(),)),
     (P.FREEZING, FreezeDone): (P.REBOOTING, (KernelReboot(),)),
     (P.FREEZING, FreezeFailed): (P.CANCELLING, CANCEL_EFFECTS),
@@ -114,15 +123,18 @@ EXPECTED: dict[tuple[Phase, type[Event]], tuple[Phase, tuple[Effect, ...]]] = {
 FAILURES = (
     GateFailed,
     PreparationFailed,
+    SlotRefused,
     FreezeFailed,
     RebootFailed,
     RebootFailedAfterFreeze,
     CancelFailed,
     FinishFailed,
+    TakeSlot,
     Timeout,
 )
 FAILURE_WITH_REASON = (
     PreparationFailed,
+    SlotRefused,
     FreezeFailed,
     RebootFailed,
     RebootFailedAfterFreeze,
@@ -279,12 +291,15 @@ def test_every_phase_has_a_complete_row() -> None:
         assert spec.allows <= set(Request), phase
     assert {p: SPECS[p].step for p in Phase if SPECS[p].step} == {
         P.PREPARING: "prepare",
+        P.COORDINATING: "coordinate",
         P.FREEZING: "freeze",
         P.CANCELLING: "cancel",
         P.RESTORING: "restore",
         P.FINISHING: "finish",
     }
-    assert TIMED_STEPS == ("prepare", "freeze", "cancel", "restore", "finish")
+    assert TIMED_STEPS == ("prepare", "coordinate", "freeze", "cancel", "restore", "finish")
+    # Every step has a target, but the coordinator's: its work is the agent's own.
+    assert [p for p in Phase if SPECS[p].step and SPECS[p].target is None] == [P.COORDINATING]
 
 
 def test_every_phase_with_a_timeout_can_time_out() -> None:
@@ -297,6 +312,7 @@ def test_phase_groups() -> None:
     assert [p for p in Phase if is_pre_reboot(p)] == [
         P.PREPARING,
         P.PREPARED,
+        P.COORDINATING,
         P.FREEZING,
         P.REBOOTING,
         P.CANCELLING,
@@ -432,8 +448,8 @@ def test_describe_renders_every_rule() -> None:
 
 
 def test_effect_and_event_types_are_frozen_values() -> None:
-    assert len(set(EVENT_TYPES)) == len(EVENT_TYPES) == 19
-    assert len(set(EFFECT_TYPES)) == len(EFFECT_TYPES) == 9
+    assert len(set(EVENT_TYPES)) == len(EVENT_TYPES) == 22
+    assert len(set(EFFECT_TYPES)) == len(EFFECT_TYPES) == 10
     assert KernelPrepare() == KernelPrepare()
     assert hash(StartTarget(FREEZE_T)) == hash(StartTarget(FREEZE_T))
     with pytest.raises(AttributeError):
@@ -470,7 +486,8 @@ def accepted_events(phase: Phase) -> list[Event]:
 FORWARD: dict[Phase, list[Event]] = {
     P.IDLE: [Prepare(), Recovered(KernelState.UPDATED)],
     P.PREPARING: [GateOk(PREPARE_T), PreparationDone()],
-    P.PREPARED: [Execute()],
+    P.PREPARED: [Execute(), Coordinate()],
+    P.COORDINATING: [SlotTaken()],
     P.FREEZING: [GateOk(FREEZE_T), FreezeDone()],
     P.REBOOTING: [RebootFailed("EAGAIN"), RebootFailedAfterFreeze("EAGAIN")],
     P.CANCELLING: [CancelDone()],
@@ -495,6 +512,7 @@ KERNEL_WORK = {
     KernelPrepare: P.PREPARING,
     PreserveRegistered: P.PREPARING,
     PreserveMetadata: P.PREPARING,
+    TakeSlot: P.COORDINATING,
     KernelFreeze: P.FREEZING,
     KernelReboot: P.REBOOTING,
     KernelCancel: P.CANCELLING,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from luo_agent.errors import LuoError
-from luo_agent.kernel.device import GlobalEvent
+from luo_agent.kernel.device import Abi, GlobalEvent
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.rfc_v2 import RfcV2Device
 from luo_agent.kernel.v3 import V3Device
@@ -241,14 +241,14 @@ async def test_inotify_ends_when_the_directory_goes(tmp_path: Path) -> None:
             assert [value async for value in states] == []
 
 
-@pytest.mark.parametrize("abi", ["v3", "rfc-v2"])
+@pytest.mark.parametrize("abi", [Abi.V3, Abi.RFC_V2])
 async def test_emulated_machine_every_transition_in_order(abi: str, tmp_path: Path) -> None:
     image = tmp_path / "vmlinuz"
     image.write_bytes(b"kernel" * 64)
     with EmulatedMachine(tmp_path / "machine", abi) as machine:
         machine.boot()
         sc = machine.syscalls
-        device: RfcV2Device | V3Device = RfcV2Device(sc) if abi == "rfc-v2" else V3Device(sc)
+        device: RfcV2Device | V3Device = RfcV2Device(sc) if abi == Abi.RFC_V2 else V3Device(sc)
         device.open()
 
         def event(name: GlobalEvent) -> None:
@@ -272,7 +272,7 @@ async def test_emulated_machine_every_transition_in_order(abi: str, tmp_path: Pa
             assert await next_state() == "normal"
             event(GlobalEvent.PREPARE)
             assert await next_state() == "prepared"
-            if abi == "rfc-v2":
+            if abi == Abi.RFC_V2:
                 event(GlobalEvent.FREEZE)
                 assert await next_state() == "frozen"
             kernel_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
@@ -286,7 +286,7 @@ async def test_emulated_machine_every_transition_in_order(abi: str, tmp_path: Pa
             await asyncio.to_thread(machine.wait_down)
             await asyncio.to_thread(machine.boot)
             assert await next_state() == "updated"
-            device = RfcV2Device(sc) if abi == "rfc-v2" else V3Device(sc)
+            device = RfcV2Device(sc) if abi == Abi.RFC_V2 else V3Device(sc)
             device.open()
             event(GlobalEvent.FINISH)
             assert await next_state() == "normal"

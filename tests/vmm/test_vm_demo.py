@@ -6,19 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from .conftest import needs_sandbox_and_qemu
 
-from luo_agent.sandbox import missing_requirements
-
-from .conftest import needs_qemu
-
-SANDBOX_UNAVAILABLE = missing_requirements()
-pytestmark = [
-    pytest.mark.systemd,
-    pytest.mark.root,
-    needs_qemu,
-    pytest.mark.skipif(SANDBOX_UNAVAILABLE is not None, reason=f"{SANDBOX_UNAVAILABLE}"),
-]
+pytestmark = needs_sandbox_and_qemu
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from luo_agent.sandbox import Sandbox, missing_requirements
+from luo_agent.sandbox import Sandbox
 from luo_agent.testbed import Testbed
 from tests.e2e.liveupdate_flow import (
     ctl_json,
@@ -33,15 +33,9 @@ from tests.e2e.liveupdate_flow import (
     wait_update_ended,
 )
 
-from .conftest import needs_qemu
+from .conftest import needs_sandbox_and_qemu
 
-SANDBOX_UNAVAILABLE = missing_requirements()
-pytestmark = [
-    pytest.mark.systemd,
-    pytest.mark.root,
-    needs_qemu,
-    pytest.mark.skipif(SANDBOX_UNAVAILABLE is not None, reason=f"{SANDBOX_UNAVAILABLE}"),
-]
+pytestmark = needs_sandbox_and_qemu
 
 NAME = "guest"
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -93,6 +87,12 @@ def ticks_past(bed: Testbed, box: Sandbox, ticks: int) -> dict[str, Any]:
         f"the guest to count past {ticks}",
         lambda: (s := vm_status(bed, box)) and s.get("ticks", -1) > ticks and s,
     )
+
+
+def hook_after(phase: str, command: str, description: str) -> str:
+    """A hook of ``phase`` that runs after the VM's own."""
+    unit = participant(f"liveupdate-{phase}.target", command, description)
+    return unit.replace("[Unit]\n", f"[Unit]\nAfter=luo-vm-{phase}@{NAME}.service\n")
 
 
 def update(bed: Testbed, box: Sandbox, update_id: str) -> dict[str, Any]:
@@ -151,9 +151,7 @@ def test_the_guest_survives_the_update(bed: Testbed) -> None:
 def test_a_cancelled_update_resumes_the_same_guest(bed: Testbed) -> None:
     """A freeze hook after the VM's fails: the guest was stopped and saved, the update is
     cancelled, and the cancel hook resumes the very same QEMU."""
-    failing = participant(
-        "liveupdate-freeze.target", "/bin/sh -c 'exit 3'", "vm test: a freeze hook that fails"
-    ).replace("[Unit]\n", f"[Unit]\nAfter=luo-vm-freeze@{NAME}.service\n")
+    failing = hook_after("freeze", "/bin/sh -c 'exit 3'", "vm test: a freeze hook that fails")
     with contextlib.ExitStack() as first_boot:
         box = boot(bed, first_boot, {"vm-failing-freeze.service": failing})
         before = ticks_past(bed, box, 20)
@@ -178,9 +176,7 @@ def test_a_cancelled_update_resumes_the_same_guest(bed: Testbed) -> None:
 
 
 def test_qemu_killed_during_prepare_cancels_and_leaves_nothing(bed: Testbed) -> None:
-    slow = participant(
-        "liveupdate-prepare.target", "/bin/sleep 3", "vm test: a slow prepare hook"
-    ).replace("[Unit]\n", f"[Unit]\nAfter=luo-vm-prepare@{NAME}.service\n")
+    slow = hook_after("prepare", "/bin/sleep 3", "vm test: a slow prepare hook")
     with contextlib.ExitStack() as first_boot:
         box = boot(bed, first_boot, {"vm-slow-prepare.service": slow})
         before = ticks_past(bed, box, 10)

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from luo_agent.errors import HandoverCorrupt
+from luo_agent.kernel.device import Abi
 
 from .machine import EmulatedMachine
 
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, type=Path, help="the emulated machine's directory")
     p.add_argument(
         "--abi",
-        choices=("rfc-v2", "v3", "session"),
+        choices=tuple(Abi),
         help="the kernel's LUO ABI, recorded at the first boot (default: the recorded one)",
     )
     p.add_argument(

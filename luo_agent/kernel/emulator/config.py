@@ -6,9 +6,10 @@ import json
 import os
 from typing import Any, Final
 
+from ..device import Abi
 from .protocol import Layout
 
-ABIS: Final = ("rfc-v2", "v3", "session")
+ABIS: Final = tuple(Abi)
 
 
 def read_config(layout: Layout) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import struct
 from typing import Any, Final
 
 from luo_agent.errors import HandoverCorrupt
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.uapi import _IOC_TYPE, LIVEUPDATE_IOCTL_TYPE
 from luo_agent.kernel.uapi import rfc_v2 as uapi
 
@@ -47,7 +48,7 @@ _EVENTS: Final = {
 
 
 class RfcV2Kernel(StateMachineKernel):
-    generation = "rfc-v2"
+    generation = Abi.RFC_V2
     STATE_NUMBERS = {
         State.NORMAL: uapi.liveupdate_state.LIVEUPDATE_STATE_NORMAL,
         State.PREPARED: uapi.liveupdate_state.LIVEUPDATE_STATE_PREPARED,

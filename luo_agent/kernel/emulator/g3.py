@@ -8,6 +8,7 @@ import logging
 import struct
 from typing import Any, Final
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.uapi import IoctlOp
 from luo_agent.kernel.uapi import v3 as uapi
 
@@ -26,7 +27,7 @@ _EVENTS: Final = {
 
 
 class V3Kernel(StateMachineKernel):
-    generation = "v3"
+    generation = Abi.V3
     STATE_NUMBERS = {
         State.NORMAL: uapi.liveupdate_state.LIVEUPDATE_STATE_NORMAL,
         State.PREPARED: uapi.liveupdate_state.LIVEUPDATE_STATE_PREPARED,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from luo_agent.errors import HandoverCorrupt
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.uapi import IoctlOp
 from luo_agent.kernel.uapi import session as uapi
 
@@ -83,7 +84,7 @@ def _strncmp_matches(stored: bytes, raw: bytes) -> bool:
 
 
 class SessionKernel(GenerationKernel):
-    generation = "session"
+    generation = Abi.SESSION
 
     def __init__(self, host: Host, profile: str | None) -> None:
         super().__init__(host, profile or "6.19")

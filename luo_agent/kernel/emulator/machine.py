@@ -15,6 +15,7 @@ from typing import Any
 
 from luo_agent.errors import HandoverCorrupt
 
+from ..device import Abi
 from .client import EmulatedSyscalls
 from .config import ABIS, read_config, write_config
 from .protocol import Layout, connect_seqpacket
@@ -48,7 +49,7 @@ class EmulatedMachine:
         if abi is not None:
             if abi not in ABIS:
                 raise ValueError(f"unknown abi {abi!r} (want one of {ABIS})")
-            if abi == "session":
+            if abi == Abi.SESSION:
                 profile = profile or config.get("profile") or "6.19"
                 if profile not in ("6.19", "g6"):
                     raise ValueError(f"unknown session profile {profile!r}")
