@@ -4,7 +4,7 @@ instead of ending).  The agent keeps no image in the kernel while
 idle, so the reboot is an ordinary one, and the new boot's agent comes up idle with no record, no
 session left and no failed unit.  The same boots show PID 1's fd store rules that
 ``tests/fakes/pid1.py`` models, and the shutdown's journal (forwarded to the console) shows the
-agent stopped before the bus (``After=dbus.service``).
+agent stopped before the bus (``luo-agent-stop-order.target`` between them).
 
 The prepared and freezing cases (``PLAIN_REBOOT``, four boots) are covered on the emulated tier
 (``tests/agent/test_reboot_strategy.py``); run by hand in the lab they need an unloaded host."""
@@ -69,7 +69,7 @@ def _check(run: UpdateRun) -> str:
     full = "Cannot store more fds than FileDescriptorStoreMax=3, closing remaining."
     assert full in run.text("fdstore.1.log"), why
 
-    # The shutdown stopped the agent before the bus (After=dbus.service).
+    # The shutdown stopped the agent before the bus (luo-agent-stop-order.target between them).
     assert stop_order(consoles[1]) == ["agent", "bus"], why
     return why
 
