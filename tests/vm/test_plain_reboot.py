@@ -1,37 +1,28 @@
-"""An operator's plain ``systemctl reboot`` with the agent idle after LoadKernel, on systemd 262
-(the sid root): one VM of two boots (``lab/plain_reboot.py``, ``IDLE_REBOOT``; the VM reboots
-instead of ending).  The agent keeps no image in the kernel while
-idle, so the reboot is an ordinary one, and the new boot's agent comes up idle with no record, no
-session left and no failed unit.  The same boots show PID 1's fd store rules that
-``tests/fakes/pid1.py`` models, and the shutdown's journal (forwarded to the console) shows the
-agent stopped before the bus (``luo-agent-stop-order.target`` between them).
+"""An operator's plain ``systemctl reboot`` at each phase of an update on systemd 262 (the sid
+root): one VM of four boots (``lab/plain_reboot.py``, ``PLAIN_REBOOT``; the VM reboots instead
+of ending).  Boot 1 reboots with the agent idle after ``load-kernel``, boot 2 with an update
+prepared (after a logind block inhibitor made ``check`` and ``execute`` refuse), boot 3 with one
+freezing; boot 4 records what is left.  Each following boot must show what
+``docs/operator-guide.md`` says: the history true, no session left, no failed unit.  The same
+boots show PID 1's fd store rules that ``tests/fakes/pid1.py`` models, and the shutdowns'
+journal (forwarded to the console) shows the agent stopped before the bus
+(``luo-agent-stop-order.target`` between them).
 
-The prepared and freezing cases (``PLAIN_REBOOT``, four boots) are covered on the emulated tier
-(``tests/agent/test_reboot_strategy.py``); run by hand in the lab they need an unloaded host."""
+systemd 252 (this machine's root) takes the same job by hand: ``LUO_LAB_SYSTEMD=252`` runs this
+test on it instead (there ``systemctl reboot`` never kexecs)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lab.build import KernelBuild
-from lab.liveupdate import (
-    SESSIONS,
-    Host,
-    UpdateRun,
-    new_run_dir,
-    run_scenario,
-    sid_host,
-)
-from lab.plain_reboot import IDLE_REBOOT, boot_sections, stop_order
+from lab.liveupdate import BOOKWORM, SESSIONS, UpdateRun, new_run_dir, run_scenario, sid_host
+from lab.plain_reboot import PLAIN_REBOOT, boot_sections, stop_order
 
 RELEASED = {"retrieve": "ENOENT", "create": "ok"}
 MARKER = "luo_agent.update="
-
-
-def _run(lab_kernel: KernelBuild, name: str, host: Host) -> UpdateRun:
-    return run_scenario(
-        lab_kernel.bzimage, IDLE_REBOOT, new_run_dir(name), host=host, strategy="auto"
-    )
+RESTARTING = "reboot: Restarting system"
 
 
 def _history(run: UpdateRun, boot: int) -> list[dict[str, Any]]:
@@ -39,43 +30,68 @@ def _history(run: UpdateRun, boot: int) -> list[dict[str, Any]]:
     return list(document["history"]) if document else []
 
 
-def _check(run: UpdateRun) -> str:
-    """What any systemd must show; returns the run's context for messages."""
+def test_a_plain_reboot_idle_prepared_and_freezing(lab_kernel: KernelBuild) -> None:
+    on_252 = os.environ.get("LUO_LAB_SYSTEMD") == "252"
+    host = BOOKWORM if on_252 else sid_host()
+    run = run_scenario(
+        lab_kernel.bzimage,
+        PLAIN_REBOOT,
+        new_run_dir(f"plain-reboot-{host.name}"),
+        host=host,
+        strategy="auto",
+    )
     why = f"{run.describe()}\n" + "\n".join(
         f"--- boot {b}: job\n{run.vm.job_log(b)[-1500:]}\n--- journal\n"
         f"{run.text(f'journal.{b}.log')[-2500:]}"
-        for b in (1, 2)
+        for b in (1, 2, 3, 4)
     )
-    assert run.vm.ok and run.vm.boots == 2, why
-    for boot in (1, 2):
+    assert run.vm.ok and run.vm.boots == 4, why
+    consoles = boot_sections(run.vm.serial_log.read_text(errors="replace"))
+    for boot in (1, 2, 3, 4):
         failed = run.text(f"failed.{boot}.txt").strip()
         assert failed == "", f"boot {boot}: failed units {failed}\n{why}"
         probe = run.json(f"probe.{boot}.json")
         assert probe == {name: RELEASED for name in SESSIONS}, f"boot {boot}: {probe}\n{why}"
         status = run.json(f"status.{boot}.json")["status"]
         assert status["Phase"] == "idle", f"boot {boot}: {status}\n{why}"
-        assert _history(run, boot) == [], why
+    for boot in (1, 2, 3):
+        # Every shutdown stopped the agent before the bus.
+        assert stop_order(consoles[boot]) == ["agent", "bus"], f"boot {boot}\n{why}"
 
-    # Idle after LoadKernel: no image in the kernel, so the reboot is an ordinary one (the
-    # kernel says "Restarting system", not "Starting new kernel"; no marker in boot 2).
+    # Boot 1, idle after load-kernel: no image in the kernel, so an ordinary reboot (the kernel
+    # says "Restarting system", no marker in boot 2) and nothing recorded.
     assert run.text("kexec_loaded.1.idle").strip() == "0", why
-    consoles = boot_sections(run.vm.serial_log.read_text(errors="replace"))
-    assert "reboot: Restarting system" in consoles[1], why
+    assert RESTARTING in consoles[1], why
     assert MARKER not in run.text("cmdline.2"), why
+    assert _history(run, 2) == [], why
+
+    # Boot 2, prepared: the image is loaded under the update's marker; a block inhibitor of
+    # shutdown is named by check and refuses execute; then the reboot cancels the update.
+    assert run.text("kexec_loaded.2.prepared").strip() == "1", why
+    assert "lab-firmware" in run.text("check.inhibited.txt"), why
+    assert run.text("execute.inhibited.rc").strip() not in ("", "0"), why
+    assert run.json("probe.prepared.json") != {n: RELEASED for n in SESSIONS}, why
+    prepared = _history(run, 3)
+    assert [u["result"] for u in prepared] == ["cancelled"], why
+    assert "was queued by someone else" in prepared[-1]["message"], why
+    if on_252:
+        assert RESTARTING in consoles[2] and MARKER not in run.text("cmdline.3"), why
+    else:
+        # 262's logind turns the reboot into a kexec into the loaded image (its marker).
+        assert RESTARTING not in consoles[2] and MARKER in run.text("cmdline.3"), why
+
+    # Boot 3, freezing (a freeze hook waits): too late to cancel; the agent is stopped on the
+    # way down, the kernel drops the update with its handles.
+    assert run.text("kexec_loaded.3.freezing").strip() == "1", why
+    frozen = _history(run, 4)
+    assert [u["result"] for u in frozen] == ["cancelled", "aborted"], why
+    assert "stopped in phase freezing" in frozen[-1]["message"], why
 
     # PID 1's store rules (tests/fakes/pid1.py models them): the same open file pushed twice is
     # stored once, and three fds with room for two keep two, with a warning.
     assert run.text("fdstore.1.count").strip() == "3", why
     full = "Cannot store more fds than FileDescriptorStoreMax=3, closing remaining."
     assert full in run.text("fdstore.1.log"), why
-
-    # The shutdown stopped the agent before the bus (luo-agent-stop-order.target between them).
-    assert stop_order(consoles[1]) == ["agent", "bus"], why
-    return why
-
-
-def test_a_plain_reboot_of_an_idle_agent_on_systemd_262(lab_kernel: KernelBuild) -> None:
-    run = _run(lab_kernel, "plain-reboot-idle-262", sid_host())
-    why = _check(run)
-    # The manager's counter is KExecCount (the mapping's key is kexecsCount, src/core/luo.c).
-    assert "KExecCount=0" in run.text("manager.2.txt").split(), why
+    if not on_252:
+        # The manager's counter is KExecCount (the mapping's key is kexecsCount, src/core/luo.c).
+        assert "KExecCount=0" in run.text("manager.2.txt").split(), why
