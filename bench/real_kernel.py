@@ -178,8 +178,22 @@ def scenarios(program: Path) -> list[Scenario]:
     units = {name: text.format(program=program) for name, text in PARTICIPANT_UNITS.items()}
     bare = {"lab-cpart-bare.service": BARE_UNIT.format(program=program)}
     chosen = [
-        Scenario("bare-c", _bare_job(program), 600.0, bare, False, "lab-cpart-bare.service"),
-        Scenario("agent-c", _agent_c_job, 600.0, units, False, "lab-cpart-restore.service"),
+        Scenario(
+            "bare-c",
+            _bare_job(program),
+            600.0,
+            bare,
+            example=False,
+            participant_unit="lab-cpart-bare.service",
+        ),
+        Scenario(
+            "agent-c",
+            _agent_c_job,
+            600.0,
+            units,
+            example=False,
+            participant_unit="lab-cpart-restore.service",
+        ),
     ]
     after_bus = _agent_unit_after_the_bus()
     if after_bus is not None:
@@ -190,8 +204,8 @@ def scenarios(program: Path) -> list[Scenario]:
                 _agent_c_job,
                 600.0,
                 overridden,
-                False,
-                "lab-cpart-restore.service",
+                example=False,
+                participant_unit="lab-cpart-restore.service",
             )
         )
     return [*chosen, SCENARIOS["whole-update"]]

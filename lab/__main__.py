@@ -89,6 +89,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for line in summary_lines(run) + guest_lines(run):
             print(f"    {line}")
         return 0 if guest_ok(run) else 1
+    if args.scenario == "fleet-slot":
+        from . import fleet_slot
+
+        run = fleet_slot.run(kernel.bzimage, run_dir, echo=echo, timeout=args.timeout)
+        print("==> summary (also in summary.json):")
+        for line in summary_lines(run) + fleet_slot.summary_lines(run):
+            print(f"    {line}")
+        return _verdict(True, fleet_slot.checks(run))
     run = run_scenario(kernel.bzimage, args.scenario, run_dir, echo=echo, timeout=args.timeout)
     if args.scenario == "whole-update":
         journal = run.text("journal.1.log") + run.text("journal.2.log")
@@ -96,13 +104,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for line in journal.splitlines():
             if ("luo-agent[" in line and "phase_changed" in line) or "luo-example:" in line:
                 print(f"    {line}")
-    if args.scenario == "fleet-slot":
-        from .liveupdate import fleet_key_values
-
-        print(f"==> this host's fleet id: {run.text('host-id').strip() or '?'}")
-        print("==> every value of airlock's key, oldest first:")
-        for value in fleet_key_values(run):
-            print(f"    {value}")
     print("==> summary (also in summary.json):")
     for line in summary_lines(run):
         print(f"    {line}")

@@ -32,7 +32,6 @@ retrieve and to create each session with the raw ioctls of ``tests/kernel/luo_ra
 from __future__ import annotations
 
 import argparse
-import base64
 import errno
 import hashlib
 import json
@@ -43,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -225,11 +224,13 @@ ready() {{
 """
 
 
-def whole_update_job(kernel: Path) -> str:
+def whole_update_job(kernel: Path, *, before_update: str = "", after_update: str = "") -> str:
+    """``before_update``: shell text of the first boot once the agent is up; ``after_update``:
+    of the new boot once the update ended."""
     return f"""\
 if [ "$LAB_BOOT" = 1 ]; then
     ready
-    liveupdatectl --json status > "$out/status.before.json"
+{before_update}    liveupdatectl --json status > "$out/status.before.json"
     liveupdatectl load-kernel {kernel} --reuse-cmdline || exit 12
     liveupdatectl check || exit 13
     # Everything up to the kexec (the journal of this boot is gone afterwards).
@@ -249,7 +250,7 @@ fi
 mark clock "$(date +%s.%N)"
 cat /proc/cmdline > "$out/cmdline.$LAB_BOOT"
 lab wait-ended --timeout 240 > "$out/status.after.json" || {{ save_journal; exit 20; }}
-liveupdatectl --json history --limit 5 > "$out/history.json"
+{after_update}liveupdatectl --json history --limit 5 > "$out/history.json"
 lab probe {" ".join(SESSIONS)} > "$out/probe.agent-running.json"
 systemctl stop luo-agent.service
 lab probe {" ".join(SESSIONS)} > "$out/probe.agent-stopped.json"
@@ -411,6 +412,9 @@ class Scenario:
     # down by every other process on the host).
     timeout: float
     extra_units: dict[str, str] = field(default_factory=dict)
+    # The rest by name only: a positional one once went to the wrong field (a unit name became
+    # set-up shell text, the set-up failed before its end mark and skewed a benchmark).
+    _: KW_ONLY
     # The example participant (Python) is enabled; without it, ``extra_units`` bring their own.
     example: bool = True
     # More set-up shell text for every boot (``systemd_setup``), e.g. a participant's config.
@@ -419,85 +423,35 @@ class Scenario:
     participant_unit: str = "luo-example-restore.service"
     # An ordinary reboot boots the VM again (else it ends the VM): lab/vm.py's ``reboots``.
     reboots: bool = False
+    # A disk with a page cache at DISK_MOUNT (see there).
+    disk: bool = False
 
 
-# The fleet slot on the real kernel (docs/fleet.md): the VM has no TCP/IP, so etcd listens on unix
-# sockets only (etcd names a unix://NAME:0 listener's socket NAME:0 in its working directory), its
-# data on the run directory, which the kexec keeps.  The agent's unit is unchanged: /run is
-# visible to it and a unix socket needs no network.
-FLEET_ETCD_UNIT = """\
-[Unit]
-Description=lab: etcd for the fleet slot, its data kept across the kexec
-[Service]
-EnvironmentFile=/etc/lab.env
-RuntimeDirectory=lab-etcd
-WorkingDirectory=/run/lab-etcd
-ExecStart=/bin/sh -c 'exec /usr/bin/etcd --name lab --data-dir "$LAB_RUN/etcd-data" \\
-    --listen-client-urls unix://etcd.sock:0 --advertise-client-urls unix://etcd.sock:0 \\
-    --listen-peer-urls unix://peer.sock:0 --initial-advertise-peer-urls unix://peer.sock:0 \\
-    --initial-cluster lab=unix://peer.sock:0 --logger=zap --log-level=warn'
-[Install]
-WantedBy=multi-user.target
-"""
-FLEET_SOCKET = "/run/lab-etcd/etcd.sock:0"
-FLEET_KEY = "com.coreos.airlock/groups/lab/v1/semaphore"
-FLEET_SETUP = f"""cat >> "$root/etc/luo-agent/config.toml" <<'TOML'
-[fleet]
-enabled = true
-endpoints = ["unix://{FLEET_SOCKET}"]
-group = "lab"
-retry_interval = 1.0
-release_retry_max = 5.0
-TOML
+# The run directory exported a second time and mounted with the guest's page cache (9p
+# ``cache=mmap``): a disk that survives the kexec as the run directory does, on which what was
+# written and fsync'd reaches the host and the rest is lost with the boot.  For programs that map
+# their files shared (etcd's bbolt): the run directory's own mount has no guest cache, and there
+# the kernel refuses a shared mapping of a file open for writing (EINVAL).  A virtio-9p channel
+# takes one mount only, hence a second export of the same directory.
+DISK_TAG = "labdisk"
+DISK_MOUNT = "/var/lib/lab-disk"
+DISK_SETUP = f"""mkdir -p "$root{DISK_MOUNT}"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap {DISK_TAG} "$root{DISK_MOUNT}"
 """
 
 
-# After the update ended in the new boot: wait for the release, then read every revision of
-# airlock's key through etcd's gateway (the take in the first boot, the release in the second).
-FLEET_CHECK = r"""n=0
-until liveupdatectl --json status | grep -q '"Fleet": \["",'; do
-    n=$((n + 1)); if [ $n -gt 120 ]; then save_journal; exit 21; fi; sleep 1
-done
-key=$(printf %s KEY | base64 -w0)
-ask() { curl -s --unix-socket SOCKET -X POST "http://localhost/v3/kv/range" -d "$1"; }
-last=$(ask '{"key":"'"$key"'"}' | sed 's/.*"revision":"\([0-9]*\)".*/\1/')
-for rev in $(seq 1 "$last"); do
-    ask '{"key":"'"$key"'","revision":"'"$rev"'"}'; echo
-done > "$out/fleet-key.jsonl"
-"$PY" -c 'from luo_agent.fleet.identity import host_id_from_machine_id as h; print(h())' \
-    > "$out/host-id"
-"""
-
-
-def fleet_slot_job(kernel: Path) -> str:
-    check = FLEET_CHECK.replace("KEY", FLEET_KEY).replace("SOCKET", FLEET_SOCKET)
-    history = "liveupdatectl --json history --limit 5"
-    return whole_update_job(kernel).replace(history, check + history, 1)
-
-
-def fleet_key_values(run: UpdateRun) -> list[dict[str, Any]]:
-    """Each distinct value airlock's key had, oldest first (from ``fleet-key.jsonl``)."""
-    values: list[dict[str, Any]] = []
-    for line in run.text("fleet-key.jsonl").splitlines():
-        kvs = json.loads(line).get("kvs") if line.strip() else None
-        if kvs:
-            value = json.loads(base64.b64decode(kvs[0]["value"]))
-            if not values or values[-1] != value:
-                values.append(value)
-    return values
+def disk_share(run_dir: Path) -> list[str]:
+    """QEMU arguments exporting ``run_dir`` for DISK_MOUNT."""
+    return [
+        *("-fsdev", f"local,id={DISK_TAG},path={run_dir.resolve()},security_model=none"),
+        *("-device", f"virtio-9p-pci,fsdev={DISK_TAG},mount_tag={DISK_TAG}"),
+    ]
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("whole-update", whole_update_job, 600.0),
-        Scenario(
-            "fleet-slot",
-            fleet_slot_job,
-            720.0,
-            {"lab-etcd.service": FLEET_ETCD_UNIT},
-            setup=FLEET_SETUP,
-        ),
         Scenario(
             "failing-participant",
             failing_participant_job,
@@ -637,8 +591,16 @@ def run_scenario(
         ),
     )
     job = head + spec.job(Path(host.seen(kernel)))
-    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example, spec.setup)
-    vm = Vm(kernel, mode="systemd", root=host.root, echo=echo, reboots=spec.reboots)
+    more = (DISK_SETUP if spec.disk else "") + spec.setup
+    setup = systemd_setup(host.install(), spec.extra_units, strategy, spec.example, more)
+    vm = Vm(
+        kernel,
+        mode="systemd",
+        root=host.root,
+        echo=echo,
+        qemu_args=disk_share(run_dir) if spec.disk else [],
+        reboots=spec.reboots,
+    )
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(spec.name, result, {})
     run.summary = summarize(run, spec.participant_unit)

@@ -131,24 +131,21 @@ def ensure_sid_root(root: Path | None = None) -> SidRoot:
 
 def install_project_hook(checkout: Path = REPO, config: str = "") -> str:
     """Shell text for ``Vm.run(systemd_setup=...)``: lays the project out in the new root ($1) as
-    the Debian package does, with the code taken from the checkout (visible at /run/host)."""
+    the Debian package does, with the code taken from the checkout (visible at /run/host): the
+    package's own file list (packaging/debian/luo-agent.install), and the agent's unit enabled
+    by its [Install] section as the package's postinst does."""
     host = f"/run/host{checkout}"
     site = f'$(echo "$1"{PRIVATE_ENV}/lib/python3*/site-packages)'
-    lines = [
-        "set -e",
-        f'echo "{host}" > {site}/luo-agent-checkout.pth',
-        f'install -m 0755 {checkout}/packaging/debian/wrappers/luo-agent "$1/usr/bin/luo-agent"',
-        f"install -m 0755 {checkout}/packaging/debian/wrappers/liveupdatectl "
-        '"$1/usr/bin/liveupdatectl"',
-        f"cp {checkout}/units/luo-agent.service {checkout}/units/liveupdate.service "
-        f'{checkout}/units/liveupdate-*.target "$1/lib/systemd/system/"',
-        f'cp {checkout}/policy/org.luoagent.LiveUpdate1.conf "$1/usr/share/dbus-1/system.d/"',
-        'mkdir -p "$1/usr/share/polkit-1/actions" "$1/usr/share/dbus-1/system-services"',
-        f'cp {checkout}/policy/org.luoagent.liveupdate1.policy "$1/usr/share/polkit-1/actions/"',
-        f"cp {checkout}/packaging/dbus/org.luoagent.LiveUpdate1.service "
-        '"$1/usr/share/dbus-1/system-services/"',
-        "ln -sf /lib/systemd/system/luo-agent.service "
-        '"$1/etc/systemd/system/multi-user.target.wants/luo-agent.service"',
+    lines = ["set -e", f'echo "{host}" > {site}/luo-agent-checkout.pth']
+    listing = (checkout / "packaging" / "debian" / "luo-agent.install").read_text()
+    for entry in listing.splitlines():
+        if entry.strip() and not entry.startswith("#"):
+            source, destination = entry.split()
+            lines.append(
+                f'mkdir -p "$1/{destination}" && cp {checkout}/{source} "$1/{destination}/"'
+            )
+    lines += [
+        'chroot "$1" systemctl enable luo-agent.service',
         'mkdir -p "$1/etc/luo-agent"',
     ]
     if config:

@@ -54,8 +54,13 @@ class Endpoint:
         if parts.scheme == "unix":
             path = parts.netloc + parts.path if parts.netloc else parts.path
             if not path.startswith("/"):
+                # etcd 3.4 takes only unix://NAME:PORT and creates the socket file NAME:PORT in
+                # its working directory: the URL copied from its flags does not say where.
                 raise ConfigError(
-                    "-", "fleet.endpoints", f"{url!r}: unix:// needs an absolute path"
+                    "-",
+                    "fleet.endpoints",
+                    f"{url!r}: unix:// needs an absolute path (etcd's unix://{path} is the "
+                    f"file {path!r} in etcd's working directory: unix:///that/directory/{path})",
                 )
             return cls(url, "localhost", 0, False, path, "")
         if parts.scheme not in ("http", "https") or not parts.hostname:

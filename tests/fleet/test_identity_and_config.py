@@ -68,6 +68,10 @@ def test_make_coordinator_checks_what_it_is_given(tmp_path: Path) -> None:
         make_coordinator(FleetConfig(endpoints=("ftp://x",), machine_id_file=machine_id))
     with pytest.raises(ConfigError, match=r"fleet\.password_file"):
         make_coordinator(FleetConfig(username="u", machine_id_file=machine_id))
+    # etcd's own flag (--listen-client-urls unix://etcd.sock:0) names a file in its working
+    # directory: the agent wants the absolute path and says so.
+    with pytest.raises(ConfigError, match=r"unix:///that/directory/etcd\.sock:0"):
+        make_coordinator(FleetConfig(endpoints=("unix://etcd.sock:0",), machine_id_file=machine_id))
     key = tmp_path / "client.key"
     key.write_text("not a key")
     os.chmod(key, 0o640)
