@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         choices=("blackout", "phase", "dbus", "daemon", "real-kernel", "vm", "vm-real-kernel"),
         help="run only these parts (repeatable); real-kernel (minutes of VM time), vm (a QEMU "
-        "guest up to 2 GiB, ~12 GiB of memory at its peak) and vm-real-kernel only on request",
+        "guest up to 2 GiB, ~6 GiB of memory at its peak) and vm-real-kernel only on request",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

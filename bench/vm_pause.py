@@ -8,13 +8,13 @@ the participant records it (one host clock on this tier).  The baseline is the s
 the same guest, migrated without ``x-ignore-shared``: its RAM goes through the device-state stream
 (a state memfd as large as the RAM) instead of staying in a preserved RAM memfd.
 
-What this tier adds that a real kernel does not: the emulated kexec copies every preserved memfd
-into its handover image and back into a new memfd (``docs/emulator.md``); a real kernel hands the
-pages over in place.  The copy grows with RAM in both modes, so the figure also reports the VMM's
-own share of the pause (save, QEMU start, load, cont), the agent's ``rebooting`` phase (its kexec
-call to the new boot's agent finding the update: the emulator writing every carried byte into
-its fsync'd, hashed handover image and reading it back into new memfds, the sandbox's reboot, the
-agent's start) and the rest (the freeze and restore gates around the VMM's work).
+The emulated kexec hands the preserved RAM, state and metadata memfds over in place, as a real
+kernel does (``docs/emulator.md``: a keeper process holds them, no byte is copied).  What this
+tier adds that a real kernel does not is its "reboot": the sandbox's systemd manager stopped and
+a new one started with the agent and ``luo-vm@``.  The figure reports the VMM's own share of the
+pause (save, QEMU start, load, cont), the agent's ``rebooting`` phase (its kexec call to the new
+boot's agent finding the update) and the rest (the freeze and restore gates around the VMM's
+work), and a trace of each pause step by step (``pause_trace``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ NAME = "bench"
 SIZES_MIB = (64, 512, 2048)
 QUICK_SIZES_MIB = (64, 512)
 QEMU = "/usr/bin/qemu-system-x86_64"
-# The 2 GiB baseline holds the RAM several times at once (the guest's, the state memfd, the
-# emulator's image and its copies back): skip a point that would not fit.
-MEMORY_PER_RAM = 6
+# The copy-RAM baseline holds the RAM three times at once (the guest's, the state memfd, the new
+# QEMU's): skip a point that would not fit.
+MEMORY_PER_RAM = 3
 
 
 def _mem_available() -> int:
@@ -74,6 +74,7 @@ def one_update(workdir: Path, guest: Path, ram_mib: int, copy_ram: bool) -> dict
         f"copy_ram = {'true' if copy_ram else 'false'}\n"
     )
     hooks, service = bed.vm_units(NAME)
+    marks: dict[str, float] = {}
     bed.machine.boot()
     try:
         with contextlib.ExitStack() as first_boot:
@@ -92,9 +93,13 @@ def one_update(workdir: Path, guest: Path, ram_mib: int, copy_ram: bool) -> dict
             if result.get("phase") != "rebooting":
                 raise RuntimeError(f"the update did not reach the kexec: {result}")
             bed.machine.wait_down(timeout=600)
+            marks["machine_down"] = time.time()
+        marks["old_boot_stopped"] = time.time()
         bed.machine.boot(timeout=600)
+        marks["machine_booted"] = time.time()
         with contextlib.ExitStack() as second_boot:
             box = bed.boot_sandbox(second_boot, enable=hooks, start=["luo-agent.service", service])
+            marks["units_started"] = time.time()
             report_file = bed.vm_state / NAME / "last-restore.json"
             _wait("the restore", report_file.exists, 600)
 
@@ -111,7 +116,33 @@ def one_update(workdir: Path, guest: Path, ram_mib: int, copy_ram: bool) -> dict
             report["phases"] = {t[0]: t[2] for t in entry["timings"]}
     finally:
         bed.machine.poweroff()
+    report["trace"] = pause_trace(report, marks)
     return report
+
+
+def pause_trace(report: dict[str, Any], marks: dict[str, float]) -> dict[str, float]:
+    """Where the pause went, step by step on the host's one clock (seconds): from ``stop`` to
+    the state saved (freeze hook), to the emulated machine down (the freeze gate's end, the
+    agent's kexec call, the emulator's handover), the old boot's sandbox stopped, the machine
+    booted, the new boot's units started (systemd manager, agent, ``luo-vm@``), the restore hook
+    at work, QEMU started, the state loaded, ``cont`` returned."""
+    loaded_at = report["running_at"] - report["resume_seconds"]
+    points = [
+        ("saved", report["stopped_at"] + report["save_seconds"]),
+        ("machine down", marks["machine_down"]),
+        ("old boot stopped", marks["old_boot_stopped"]),
+        ("machine booted", marks["machine_booted"]),
+        ("units started", marks["units_started"]),
+        ("restore hook", report["restore_started_at"]),
+        ("QEMU started", loaded_at - report["load_seconds"]),
+        ("loaded", loaded_at),
+        ("running", report["running_at"]),
+    ]
+    trace, last = {}, report["stopped_at"]
+    for name, at in points:
+        trace[name] = round(at - last, 6)
+        last = at
+    return trace
 
 
 def vmm_share(report: dict[str, Any]) -> float:
@@ -149,9 +180,12 @@ def run(quick: bool) -> dict[str, Any]:
                 point["phases"] = report["phases"]
                 results["points"].append(point)
                 reboot = report["phases"]["rebooting"]
+                point["trace"] = report["trace"]
                 print(f"  {ram:>5}M {mode:<12} {fmt(pause):>9} {fmt(share):>10} {fmt(reboot):>10} "
                       f"{fmt(pause - share - reboot):>9} {report['state_bytes']:>11}",
                       flush=True)  # fmt: skip
+                steps = ", ".join(f"{k} +{fmt(v)}" for k, v in report["trace"].items())
+                print(f"  {'':>6} {'':<12} stop → {steps}", flush=True)
     _ratios(results)
     return results
 

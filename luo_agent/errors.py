@@ -5,6 +5,21 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """What an ended update's record says went wrong (``UpdateRecord.error_name``), in the
+    domain's words; the D-Bus adapter alone names it ``org.luoagent.LiveUpdate1.Error.<code>``."""
+
+    KERNEL_ERROR = "KernelError"
+    PARTICIPANT_FAILED = "ParticipantFailed"
+    TIMED_OUT = "TimedOut"
+    COORDINATOR_ERROR = "CoordinatorError"
+    ABORTED = "Aborted"
+    CANCELLED = "Cancelled"
+    FINISHED_WITH_LOSSES = "FinishedWithLosses"
+    HANDOVER_LOST = "HandoverLost"
 
 
 class LuoError(Exception):
@@ -75,12 +90,23 @@ class UpdateEnded(LuoError):
     """A Prepare named an update that has ended: an id names one update for ever."""
 
     def __init__(self, update_id: str, result: str, error_name: str, message: str) -> None:
-        why = f" ({error_name}: {message})" if error_name else f" ({message})" if message else ""
-        super().__init__(
-            f"update {update_id!r} has ended: {result or 'unknown'}{why}; an id names one "
-            "update for ever, choose a new one"
+        self.update_id, self.result, self.error_name, self.message = (
+            update_id,
+            result,
+            error_name,
+            message,
         )
-        self.update_id, self.result, self.error_name = update_id, result, error_name
+        super().__init__(self.text(error_name))
+
+    def text(self, error: str) -> str:
+        """The refusal, naming the update's error as ``error`` (its code, or a boundary's name
+        for it)."""
+        message = self.message
+        why = f" ({error}: {message})" if error else f" ({message})" if message else ""
+        return (
+            f"update {self.update_id!r} has ended: {self.result or 'unknown'}{why}; an id names "
+            "one update for ever, choose a new one"
+        )
 
 
 class GateError(LuoError):

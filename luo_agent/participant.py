@@ -8,7 +8,8 @@
 ``memfd``/``keep`` hand the fd to the agent now (while it is idle) and again whenever the agent
 has let go of it: after a cancelled update, an agent restart, and once the update that carried it
 has finished in the new boot.  ``run_hooks`` lets one program serve every phase hook of the full
-hook model.  ``docs/participants.md`` is the guide.  Only the public D-Bus API is used
+hook model; ``command_handler`` and ``ask`` connect such hooks to a long-running workload through
+its control socket.  ``docs/participants.md`` is the guide.  Only the public D-Bus API is used
 (``luo_agent.client``); the agent itself never imports this module.
 """
 
@@ -267,3 +268,53 @@ def run_hooks(hooks: Mapping[str, Hook], argv: Sequence[str] | None = None) -> i
 
 async def _awaited(result: Awaitable[object]) -> None:
     await result
+
+
+# ---------------------------------------------------------------- a workload's control socket
+
+Command = Callable[[], Awaitable[str]]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def command_handler(commands: Mapping[str, Command], tag: str) -> Handler:
+    """The workload's side of its hooks, for ``asyncio.start_unix_server``: one line in (a command
+    name), one line out: ``ok TEXT`` (what the command returned) or ``error TEXT`` (what it
+    raised; the hook then fails its gate).  Commands run one at a time; each answer is logged on
+    stdout as ``TAG: COMMAND: ANSWER``."""
+    lock = asyncio.Lock()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command = (await reader.readline()).decode().strip()
+        action = commands.get(command)
+        try:
+            if action is None:
+                answer = f"error unknown command {command!r}"
+            else:
+                async with lock:
+                    answer = "ok " + await action()
+        except CallError as exc:
+            answer = f"error {exc.name}: {exc.text}"
+        except Exception as exc:  # reported to the hook, which fails its gate
+            answer = f"error {exc or type(exc).__name__}"
+        print(f"{tag}: {command}: {answer}", flush=True)
+        writer.write(answer.encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    return handle
+
+
+async def ask(path: str | os.PathLike[str], command: str) -> str:
+    """A hook's side: send ``command`` to the workload listening on ``path``; the text of its
+    ``ok`` answer, else RuntimeError with its ``error`` text (OSError: nothing listens)."""
+    reader, writer = await asyncio.open_unix_connection(os.fspath(path))
+    try:
+        writer.write(command.encode() + b"\n")
+        await writer.drain()
+        answer = (await reader.readline()).decode().strip()
+    finally:
+        writer.close()
+    if not answer.startswith("ok"):
+        raise RuntimeError(answer.removeprefix("error ") or "the workload did not answer")
+    return answer.removeprefix("ok").strip()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import LuoError
-from .records import UpdateRecord
+from .records import UpdateRecord, error_code
 
 HISTORY_LIMIT = 200
 # What the archive keeps of an update rotated out of the history: enough to refuse its id with
@@ -206,4 +206,7 @@ class History:
 
 
 def _outcome(entry: dict[str, Any]) -> dict[str, Any]:
-    return {key: entry[key] for key in OUTCOME_KEYS if key in entry}
+    outcome: dict[str, Any] = {key: entry[key] for key in OUTCOME_KEYS if key in entry}
+    if "error_name" in outcome:
+        outcome["error_name"] = error_code(outcome["error_name"])
+    return outcome

@@ -59,7 +59,7 @@ class UpdateRecord:
     started_at: float = field(default_factory=time.time)
     phase: str = "idle"
     result: str = ""  # "", "success", "failed", "cancelled", "aborted"
-    error_name: str = ""
+    error_name: str = ""  # an ``ErrorCode`` ("" for none); the D-Bus adapter adds the bus's prefix
     message: str = ""
     timings: tuple[PhaseTiming, ...] = ()
     preserved: tuple[PreservedFd, ...] = ()
@@ -126,9 +126,18 @@ class UpdateRecord:
                 for p in data.get("preserved", ())
             )
             fields = {k: v for k, v in data.items() if k not in ("timings", "preserved")}
+            if "error_name" in fields:
+                fields["error_name"] = error_code(fields["error_name"])
             return cls(**fields, timings=timings, preserved=preserved)
         except (TypeError, KeyError, ValueError) as exc:
             raise ValueError(f"malformed update record: {exc}") from None
+
+
+def error_code(stored: str) -> str:
+    """The ``ErrorCode`` a record's ``error_name`` holds.  Records written before the agent stored
+    codes (until 2026-12) hold the bus's name, ``org.luoagent.LiveUpdate1.Error.<code>``: a code
+    has no dot, so the name's last component is the code."""
+    return str(stored).rpartition(".")[2]
 
 
 _FIELD_NAMES: Final = tuple(f.name for f in fields(UpdateRecord))

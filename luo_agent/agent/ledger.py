@@ -16,7 +16,7 @@ from typing import Final
 import structlog
 
 from .. import phase as ph
-from ..errors import Busy, InvalidArgument, UpdateEnded
+from ..errors import Busy, ErrorCode, InvalidArgument, UpdateEnded
 from ..persist import History, PersistError, RuntimeState
 from ..records import UpdateRecord
 from .state import UPDATE_ID_RE, AgentListener, AgentState, new_update_id
@@ -25,7 +25,6 @@ log = structlog.get_logger("luo_agent.agent")
 
 # How many unconfirmed fds a finished-with-losses record names (the rest are counted).
 MAX_NAMED_FDS: Final = 20
-ERROR_PREFIX: Final = "org.luoagent.LiveUpdate1.Error."
 # How long a held announcement waits for systemd to queue its gate's job: the request that
 # entered the phase is answered after the announcement, and must not wait on a slow PID 1.
 HOLD_LIMIT_SECONDS: Final = 0.1
@@ -33,12 +32,12 @@ HOLD_LIMIT_SECONDS: Final = 0.1
 # before the freeze gate): once prepared, and once restoring in the live-update boot, so that a
 # boot that lost the update can tell when (docs/reliability.md).
 IN_FLIGHT_PHASES: Final = (ph.Phase.PREPARED, ph.Phase.RESTORING)
-# The record's error name for each failure event of the engine (any other: a kernel error).
-FAILURE_NAMES: Final = {
-    "GateFailed": "ParticipantFailed",
-    "Timeout": "TimedOut",
-    "Recovered": "Aborted",
-    "SlotRefused": "CoordinatorError",
+# The record's error for each failure event of the engine (any other: a kernel error).
+FAILURE_CODES: Final = {
+    "GateFailed": ErrorCode.PARTICIPANT_FAILED,
+    "Timeout": ErrorCode.TIMED_OUT,
+    "Recovered": ErrorCode.ABORTED,
+    "SlotRefused": ErrorCode.COORDINATOR_ERROR,
 }
 
 
@@ -283,22 +282,20 @@ class Ledger:
             self._state.record,
             # Found prepared at start-up: the update of an agent that died.
             result="aborted" if failure.event == "Recovered" else "failed",
-            error_name=ERROR_PREFIX + FAILURE_NAMES.get(failure.event, "KernelError"),
+            error_name=FAILURE_CODES.get(failure.event, ErrorCode.KERNEL_ERROR),
             message=recorded,
         )
 
     def abort(self, why: str) -> None:
         """The update in hand is over without its phases' say (the agent stops)."""
         if self._state.record is not None:
-            self.finish_record(self._state.record.ended("aborted", ERROR_PREFIX + "Aborted", why))
+            self.finish_record(self._state.record.ended("aborted", ErrorCode.ABORTED, why))
 
     def _ended(self, record: UpdateRecord, previous: ph.Phase) -> UpdateRecord:
         if previous is ph.Phase.CANCELLING:
             if record.result in ("failed", "aborted"):
                 return record.ended(record.result, record.error_name, record.message)
-            return record.ended(
-                "cancelled", ERROR_PREFIX + "Cancelled", record.message or "cancelled"
-            )
+            return record.ended("cancelled", ErrorCode.CANCELLED, record.message or "cancelled")
         if previous is ph.Phase.FINISHING:
             return finished(record)
         return record.ended(record.result or "success")
@@ -341,7 +338,7 @@ def finished(record: UpdateRecord) -> UpdateRecord:
         listed += f" and {len(fds) - MAX_NAMED_FDS} more"
     return record.ended(
         "finished-with-losses",
-        ERROR_PREFIX + "FinishedWithLosses",
+        ErrorCode.FINISHED_WITH_LOSSES,
         f"finished without every participant confirming its restore ({why}); the kernel "
         f"discarded whatever was not retrieved of: {listed or 'no fds'}",
     )

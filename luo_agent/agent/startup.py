@@ -16,14 +16,14 @@ import structlog
 
 from .. import phase as ph
 from ..config import Config
-from ..errors import DeviceBusy, LuoError
+from ..errors import DeviceBusy, ErrorCode, LuoError
 from ..kernel.backend import BootState, KernelBackend
 from ..kernel.device import GlobalState
 from ..kexec_handover import SYSTEMD_CARRIES_FD_STORES, direct_strategy_warning, systemd_major
 from ..persist import PersistError
 from ..records import UpdateRecord
 from ..systemd.gate import Gate
-from .ledger import ERROR_PREFIX, Ledger, finished
+from .ledger import Ledger, finished
 from .state import CMDLINE_MARKER, AgentState, KernelThread, RebootStrategy, new_update_id
 
 log = structlog.get_logger("luo_agent.agent")
@@ -276,7 +276,7 @@ class Startup:
         self._ledger.finish_record(
             previous.ended(
                 "aborted",
-                ERROR_PREFIX + "Aborted",
+                ErrorCode.ABORTED,
                 f"the agent stopped in phase {was}; the kernel finished the carried files"
                 " and unretrieved data is lost",
             )
@@ -314,7 +314,7 @@ class Startup:
                 return pending
             lost = pending.ended(
                 "aborted",
-                ERROR_PREFIX + "Aborted",
+                ErrorCode.ABORTED,
                 "this boot runs the update's kernel, but the agent's handover was not found: "
                 "either someone else's kexec (a reboot or kexec asked for while the update was "
                 f"{pending.phase}: the agent's handles closed as it stopped, nothing was carried) "
@@ -330,7 +330,7 @@ class Startup:
                 when = "while the update was prepared"
             lost = pending.ended(
                 "lost-in-reboot",
-                ERROR_PREFIX + "HandoverLost",
+                ErrorCode.HANDOVER_LOST,
                 f"the machine booted without this update's live-update handover: it went down "
                 f"{when}, last seen in phase {pending.phase} (a kernel crash or a power cycle); "
                 "the carried data is lost",

@@ -12,7 +12,7 @@ import structlog
 from dbus_fast import DBusError
 
 from .. import errors as e
-from .names import error
+from .names import error, recorded_error
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +51,9 @@ def error_name(exc: BaseException) -> str:
 def to_dbus_error(exc: BaseException) -> DBusError:
     if isinstance(exc, e.LuoError):
         text = str(exc)
-        if isinstance(exc, e.KernelError):
+        if isinstance(exc, e.UpdateEnded):
+            text = exc.text(recorded_error(exc.error_name))
+        elif isinstance(exc, e.KernelError):
             # Callers script on the errno, not on the text.
             text = f"{text} [errno={exc.errno}]"
         return DBusError(error_name(exc), text)

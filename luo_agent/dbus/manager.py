@@ -42,7 +42,7 @@ from .arguments import (
 from .auth import Authorizer
 from .errors import dbus_errors
 from .fds import HandedOutFds, close_fds
-from .names import IFACE_MANAGER, update_path
+from .names import IFACE_MANAGER, recorded_error, update_path
 from .update_objects import UpdateInterface, UpdateObjects
 from .values import (
     FleetSlotState,
@@ -173,7 +173,7 @@ class ManagerInterface(ServiceInterface):
         self.handed_out.close_all()
         self._ended_id = record.id
         self.emit_properties_changed({"LastResult": self.last_result})
-        self.Finished(record.id, record.result, record.error_name, record.message)
+        self.Finished(record.id, record.result, recorded_error(record.error_name), record.message)
 
     def kernel_state_changed(self, value: str) -> None:
         self.emit_properties_changed({"KernelState": value})

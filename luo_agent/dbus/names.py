@@ -39,6 +39,11 @@ def error(name: str) -> str:
     return f"{ERROR_PREFIX}.{name}"
 
 
+def recorded_error(code: str) -> str:
+    """The bus's name of an update record's ``ErrorCode`` ("" for none)."""
+    return error(code) if code else ""
+
+
 def update_path(update_id: str) -> str:
     """Object path of one update.  Ids are restricted to [A-Za-z0-9_-] (checked at the boundary);
     '-' is escaped as systemd does for unit paths so the path stays valid."""

@@ -16,7 +16,7 @@ from ..phase import SPECS, Phase
 from ..records import UpdateRecord
 from .auth import Authorizer
 from .errors import dbus_errors
-from .names import IFACE_UPDATE, update_path
+from .names import IFACE_UPDATE, recorded_error, update_path
 from .values import Timings, phase_timings
 
 KEEP_UPDATE_OBJECTS = 16
@@ -55,7 +55,7 @@ class UpdateInterface(ServiceInterface):
 
     @dbus_property(name="ErrorName", access=PropertyAccess.READ)
     def error_name(self) -> DBusStr:
-        return self.record.error_name
+        return recorded_error(self.record.error_name)
 
     @dbus_property(name="ErrorMessage", access=PropertyAccess.READ)
     def error_message(self) -> DBusStr:
@@ -79,7 +79,7 @@ class UpdateInterface(ServiceInterface):
                 "Progress": self.progress,
                 "StartedBy": self.record.started_by,
                 "Result": self.record.result,
-                "ErrorName": self.record.error_name,
+                "ErrorName": recorded_error(self.record.error_name),
                 "ErrorMessage": self.record.message,
                 "Timings": phase_timings(self.record),
             }
@@ -92,7 +92,7 @@ class UpdateInterface(ServiceInterface):
             for name, value, before in (
                 ("Phase", record.phase, old.phase),
                 ("Result", record.result, old.result),
-                ("ErrorName", record.error_name, old.error_name),
+                ("ErrorName", recorded_error(record.error_name), recorded_error(old.error_name)),
                 ("ErrorMessage", record.message, old.message),
             )
             if value != before

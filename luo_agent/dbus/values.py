@@ -8,6 +8,7 @@ from dbus_fast import Variant
 from dbus_fast.annotations import DBusSignature
 
 from ..records import UpdateRecord
+from .names import recorded_error
 
 Participants = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 Timings = Annotated[list[list[Any]], DBusSignature("a(sdd)")]
@@ -29,7 +30,7 @@ def result_summary(record: UpdateRecord | None) -> list[str]:
     """``(ssss)``: id, result, error name and message of the last update ended ('' for none)."""
     if record is None:
         return ["", "", "", ""]
-    return [record.id, record.result, record.error_name, record.message]
+    return [record.id, record.result, recorded_error(record.error_name), record.message]
 
 
 def history_entry(record: UpdateRecord) -> dict[str, Variant]:
@@ -37,7 +38,7 @@ def history_entry(record: UpdateRecord) -> dict[str, Variant]:
     return {
         "id": Variant("s", record.id),
         "result": Variant("s", record.result),
-        "error-name": Variant("s", record.error_name),
+        "error-name": Variant("s", recorded_error(record.error_name)),
         "message": Variant("s", record.message),
         "started-by": Variant("s", record.started_by),
         "started-at": Variant("d", record.started_at),

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..client import CallError, get_property
-from ..participant import Participant, notify, run_hooks
+from ..client import get_property
+from ..participant import Participant, ask, command_handler, notify, run_hooks
 from ..persist import write_atomic
 
 SESSION = "example"
@@ -88,25 +88,6 @@ class Workload:
             raise RuntimeError(f"data mismatch after live update: expected {expected}, got {got}")
         return f"verified {got['size']} bytes sha256={got['sha256'][:16]} pos={got['pos']}"
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        command = (await reader.readline()).decode().strip()
-        try:
-            match command:
-                case "preserve":
-                    answer = "ok " + await self.preserve()
-                case "restore":
-                    answer = "ok " + await self.restore()
-                case _:
-                    answer = f"error unknown command {command!r}"
-        except CallError as exc:
-            answer = f"error {exc.name}: {exc.text}"
-        except Exception as exc:  # reported to the hook, which fails the phase
-            answer = f"error {exc}"
-        print(f"luo-example: {command}: {answer}", flush=True)
-        writer.write(answer.encode() + b"\n")
-        await writer.drain()
-        writer.close()
-
 
 async def serve(args: argparse.Namespace) -> int:
     workload = Workload(Path(args.state_dir), args.size, args.bus)
@@ -133,24 +114,14 @@ async def serve(args: argparse.Namespace) -> int:
     sock = Path(args.runtime_dir) / "control.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
     sock.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(workload.handle, path=str(sock))
+    commands = {"preserve": workload.preserve, "restore": workload.restore}
+    server = await asyncio.start_unix_server(
+        command_handler(commands, "luo-example"), path=str(sock)
+    )
     notify("READY=1")
     async with server:
         await server.serve_forever()
     return 0
-
-
-async def ask(args: argparse.Namespace, command: str) -> None:
-    """A hook: ask the workload to act; its "error ..." answer fails the hook (and the gate)."""
-    sock = Path(args.runtime_dir) / "control.sock"
-    reader, writer = await asyncio.open_unix_connection(str(sock))
-    writer.write(command.encode() + b"\n")
-    await writer.drain()
-    answer = (await reader.readline()).decode().strip()
-    writer.close()
-    print(answer, flush=True)
-    if not answer.startswith("ok"):
-        raise RuntimeError(answer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return asyncio.run(serve(args))
-    hooks = {"prepare": lambda: ask(args, "preserve"), "restore": lambda: ask(args, "restore")}
+    sock = Path(args.runtime_dir) / "control.sock"
+
+    async def hook(command: str) -> None:
+        print(await ask(sock, command), flush=True)
+
+    hooks = {"prepare": lambda: hook("preserve"), "restore": lambda: hook("restore")}
     return run_hooks(hooks, [parser.prog, args.command])
 
 

@@ -28,12 +28,21 @@ import signal
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..client import CallError
-from ..participant import PHASES, Participant, error_is, notify, run_hooks
+from ..participant import (
+    PHASES,
+    Command,
+    Participant,
+    ask,
+    command_handler,
+    error_is,
+    notify,
+    run_hooks,
+)
 from ..persist import write_atomic
 from . import qemu as driver
 from .guest import ram_sha256, read_counter
@@ -56,22 +65,20 @@ def session_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """``/etc/luo-vm/NAME.toml`` (docs/vm-participant.md)."""
+    """``/etc/luo-vm/NAME.toml`` (docs/vm-participant.md): the guest (``vm``, the same on both
+    sides of an update) and how this service carries it."""
 
-    name: str
-    ram_bytes: int
-    kernel: str
-    qemu: str = "qemu-system-x86_64"
-    machine: str = "pc"
-    args: tuple[str, ...] = ()
+    vm: driver.VmConfig
+    state_dir: str
+    runtime_dir: str
     copy_ram: bool = False
     verify_ram: bool = False
-    state_dir: str = ""
-    runtime_dir: str = ""
     bus: str | None = None
 
     @classmethod
-    def load(cls, name: str, path: Path, **overrides: Any) -> Settings:
+    def load(
+        cls, name: str, path: Path, *, state_dir: str, runtime_dir: str, bus: str | None = None
+    ) -> Settings:
         raw = tomllib.loads(path.read_text()) if path.exists() else {}
         known = {"ram", "kernel", "qemu", "machine", "args", "copy_ram", "verify_ram"}
         unknown = set(raw) - known
@@ -79,39 +86,27 @@ class Settings:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         if "kernel" not in raw:
             raise ValueError(f"{path}: 'kernel' (the guest image QEMU boots) is required")
-        settings = cls(
+        vm = driver.VmConfig(
             name=name,
             ram_bytes=_size(raw.get("ram", "64M")),
             kernel=str(raw["kernel"]),
-            qemu=str(raw.get("qemu", cls.qemu)),
-            machine=str(raw.get("machine", cls.machine)),
-            args=tuple(str(a) for a in raw.get("args", ())),
+            qemu=str(raw.get("qemu", driver.VmConfig.qemu)),
+            machine=str(raw.get("machine", driver.VmConfig.machine)),
+            serial_log=str(Path(state_dir) / "serial.log"),
+            extra_args=tuple(str(a) for a in raw.get("args", ())),
+        )
+        return cls(
+            vm,
+            state_dir,
+            runtime_dir,
             copy_ram=bool(raw.get("copy_ram", False)),
             verify_ram=bool(raw.get("verify_ram", False)),
-        )
-        return _replace(settings, **overrides)
-
-    @property
-    def vm(self) -> driver.VmConfig:
-        return driver.VmConfig(
-            name=self.name,
-            ram_bytes=self.ram_bytes,
-            kernel=self.kernel,
-            qemu=self.qemu,
-            machine=self.machine,
-            serial_log=str(Path(self.state_dir) / "serial.log"),
-            extra_args=self.args,
+            bus=bus,
         )
 
     @property
     def control_socket(self) -> Path:
         return Path(self.runtime_dir) / "control.sock"
-
-
-def _replace(settings: Settings, **overrides: Any) -> Settings:
-    fields = asdict(settings) | {k: v for k, v in overrides.items() if v is not None}
-    fields["args"] = tuple(fields["args"])
-    return Settings(**fields)
 
 
 def _size(value: object) -> int:
@@ -151,7 +146,6 @@ class Vm:
     restore_started: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)  # the last restore's report
     _expected_exit: bool = False
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     died: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -160,7 +154,7 @@ class Vm:
 
     @property
     def session(self) -> str:
-        return session_name(self.settings.name)
+        return session_name(self.settings.vm.name)
 
     @property
     def result_file(self) -> Path:
@@ -170,7 +164,7 @@ class Vm:
 
     async def boot(self) -> None:
         """An ordinary boot: fresh RAM, QEMU boots the guest, the RAM is handed in early."""
-        self.ram_fd = driver.ram_memfd(self.settings.name, self.settings.ram_bytes)
+        self.ram_fd = driver.ram_memfd(self.settings.vm.name, self.settings.vm.ram_bytes)
         async with asyncio.timeout(QEMU_START_TIMEOUT):
             self._watch(await driver.start(self.settings.vm, self.ram_fd, self.qmp_path))
         with contextlib.suppress(CallError, OSError):  # no agent yet: prepare hands it in
@@ -210,13 +204,13 @@ class Vm:
         if self.handover is not None:  # a prepare again without a cancel in between
             self.handover.close()
             self.handover = None
-        refusal = _cannot_load(self.settings.qemu, vm.version, vm.machine)
+        refusal = _cannot_load(self.settings.vm.qemu, vm.version, vm.machine)
         if refusal:
             raise RuntimeError(f"refused before the kexec: {refusal}")
-        capacity = STATE_CAPACITY + (self.settings.ram_bytes if self.settings.copy_ram else 0)
+        capacity = STATE_CAPACITY + (self.settings.vm.ram_bytes if self.settings.copy_ram else 0)
         handover = Handover(
-            _memfd(f"luo-vm-state-{self.settings.name}", capacity),
-            _memfd(f"luo-vm-metadata-{self.settings.name}", METADATA_CAPACITY),
+            _memfd(f"luo-vm-state-{self.settings.vm.name}", capacity),
+            _memfd(f"luo-vm-metadata-{self.settings.vm.name}", METADATA_CAPACITY),
         )
         try:
             agent = await self.connected()
@@ -232,7 +226,7 @@ class Vm:
             handover.close()
             raise
         self.handover = handover
-        return f"RAM ({self.settings.ram_bytes} bytes), state and metadata handed in"
+        return f"RAM ({self.settings.vm.ram_bytes} bytes), state and metadata handed in"
 
     async def freeze(self) -> str:
         vm = self._running_qemu()
@@ -247,12 +241,12 @@ class Vm:
         saved_at = time.time()
         record = {
             "format": FORMAT,
-            "name": self.settings.name,
-            "qemu": self.settings.qemu,
+            "name": self.settings.vm.name,
+            "qemu": self.settings.vm.qemu,
             "qemu_version": vm.version,
             "machine": vm.machine,
             "argv": vm.argv,
-            "ram_bytes": self.settings.ram_bytes,
+            "ram_bytes": self.settings.vm.ram_bytes,
             "state_bytes": written,
             "copy_ram": self.settings.copy_ram,
             "stopped_at": stopped_at,
@@ -295,17 +289,17 @@ class Vm:
             raise RuntimeError(f"{exc}{held}") from exc
 
     async def _resume_from(self, record: dict[str, Any], fds: dict[int, int]) -> str:
-        refusal = _cannot_load(self.settings.qemu, record["qemu_version"], record["machine"])
+        refusal = _cannot_load(self.settings.vm.qemu, record["qemu_version"], record["machine"])
         if refusal:
             raise RuntimeError(f"cannot load the carried guest: {refusal}")
-        if record["ram_bytes"] != self.settings.ram_bytes:
+        if record["ram_bytes"] != self.settings.vm.ram_bytes:
             raise RuntimeError(
                 f"the carried guest has {record['ram_bytes']} bytes of RAM, "
-                f"the configuration {self.settings.ram_bytes}"
+                f"the configuration {self.settings.vm.ram_bytes}"
             )
         ram = fds.get(RAM_TOKEN)
         if ram is None:  # the copy-RAM baseline: the stream fills fresh RAM
-            ram = driver.ram_memfd(self.settings.name, self.settings.ram_bytes)
+            ram = driver.ram_memfd(self.settings.vm.name, self.settings.vm.ram_bytes)
             fds[RAM_TOKEN] = ram
         carried = _guest_view(ram, hash_ram="ram_sha256" in record)
         if "ram_sha256" in record and carried.get("ram_sha256") != record["ram_sha256"]:
@@ -334,7 +328,7 @@ class Vm:
         await self._keep_ram()  # for the next update, once this one has finished
         self.last = {
             "resumed": True,
-            "name": self.settings.name,
+            "name": self.settings.vm.name,
             "qemu_version": vm.version,
             "machine": vm.machine,
             "copy_ram": record["copy_ram"],
@@ -402,7 +396,7 @@ class Vm:
         return f"guest running (ticks {ticks})"
 
     async def status(self) -> dict[str, Any]:
-        view: dict[str, Any] = {"name": self.settings.name, "held": self.held, "last": self.last}
+        view: dict[str, Any] = {"name": self.settings.vm.name, "held": self.held, "last": self.last}
         if self.qemu is not None and self.qemu.alive:
             view |= {
                 "qemu_pid": self.qemu.process.pid,
@@ -415,32 +409,18 @@ class Vm:
 
     # ----------------------------------------------------------------- the control socket
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        command = (await reader.readline()).decode().strip()
-        actions = {
-            "prepare": self.prepare,
-            "freeze": self.freeze,
-            "cancel": self.cancel,
-            "restore": self.restore,
-            "finish": self.finish,
-        }
-        try:
-            async with self._lock:
-                if command == "status":
-                    answer = "ok " + json.dumps(await self.status())
-                elif command in actions:
-                    answer = "ok " + await actions[command]()
-                else:
-                    answer = f"error unknown command {command!r}"
-        except CallError as exc:
-            answer = f"error {exc.name}: {exc.text}"
-        except Exception as exc:  # reported to the hook, which fails its gate
-            answer = f"error {exc or type(exc).__name__}"
-        print(f"luo-vm: {command}: {answer}", flush=True)
-        writer.write(answer.encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+    def commands(self) -> dict[str, Command]:
+        async def status() -> str:
+            return json.dumps(await self.status())
+
+        phases: tuple[Command, ...] = (
+            self.prepare,
+            self.freeze,
+            self.cancel,
+            self.restore,
+            self.finish,
+        )
+        return dict(zip(PHASES, phases, strict=True)) | {"status": status}
 
     async def shutdown(self) -> None:
         """The guest ends (QEMU died, or the service is stopped): take back what was handed in
@@ -531,11 +511,13 @@ async def serve(settings: Settings) -> int:
     else:
         await vm.boot()
         print(
-            f"luo-vm: guest {settings.name} started (QEMU {vm.qemu and vm.qemu.version})",
+            f"luo-vm: guest {settings.vm.name} started (QEMU {vm.qemu and vm.qemu.version})",
             flush=True,
         )
     settings.control_socket.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(vm.handle, path=str(settings.control_socket))
+    server = await asyncio.start_unix_server(
+        command_handler(vm.commands(), "luo-vm"), path=str(settings.control_socket)
+    )
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     notify("READY=1")
@@ -550,22 +532,15 @@ async def serve(settings: Settings) -> int:
         await vm.shutdown()
 
 
-async def ask(settings: Settings, command: str) -> None:
+async def ask_vm(settings: Settings, command: str) -> None:
     """A hook: ask the workload to act; its "error ..." answer fails the hook (and the gate)."""
     try:
-        reader, writer = await asyncio.open_unix_connection(str(settings.control_socket))
+        print(await ask(settings.control_socket, command), flush=True)
     except OSError as exc:
         if command == "cancel":  # no workload (it died with its QEMU): nothing to resume
             print(f"no guest to resume: {exc}", flush=True)
             return
         raise RuntimeError(f"the VM service is not running: {exc}") from exc
-    writer.write(command.encode() + b"\n")
-    await writer.drain()
-    answer = (await reader.readline()).decode().strip()
-    writer.close()
-    if not answer.startswith("ok"):
-        raise RuntimeError(answer.removeprefix("error "))
-    print(answer.removeprefix("ok "), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,12 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(settings))
     if args.command == "status":
         try:
-            asyncio.run(ask(settings, "status"))
+            asyncio.run(ask_vm(settings, "status"))
         except (RuntimeError, OSError) as exc:
             print(exc, file=sys.stderr)
             return 1
         return 0
-    hooks = {phase: lambda phase=phase: ask(settings, phase) for phase in PHASES}
+    hooks = {phase: lambda phase=phase: ask_vm(settings, phase) for phase in PHASES}
     return run_hooks(hooks, [parser.prog, args.command])
 
 

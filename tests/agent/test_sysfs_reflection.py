@@ -214,7 +214,7 @@ async def test_cancel_behind_the_agents_back_ends_the_update(
 
     assert agent.last is not None
     assert agent.last.result == "cancelled"
-    assert agent.last.error_name == "org.luoagent.LiveUpdate1.Error.Cancelled"
+    assert agent.last.error_name == "Cancelled"
     assert "behind the agent's back" in agent.last.message
     assert "another process cancelled the live update" in agent.last.message
     [external] = external_changes(logs)

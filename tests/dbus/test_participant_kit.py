@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 from dbus_fast.aio import MessageBus
 
 from luo_agent.client import CallError, call
-from luo_agent.participant import Participant, kernel_update_id, notify, run_hooks
+from luo_agent.participant import (
+    Participant,
+    ask,
+    command_handler,
+    kernel_update_id,
+    notify,
+    run_hooks,
+)
 from tests.dbus.harness import AgentHost, SignalLog, client_bus, disconnect, plain
 from tests.dbus.test_dbus_api import load_kernel, prepared
 
@@ -138,6 +146,34 @@ def test_run_hooks_dispatches_on_the_phase(capsys: pytest.CaptureFixture[str]) -
     assert "cancel hook failed: could not resume" in capsys.readouterr().err
     assert run_hooks(hooks, ["hook", "bogus"]) == 2
     assert run_hooks(hooks, ["hook"]) == 2
+
+
+async def test_a_workloads_control_socket_answers_its_hooks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def preserve() -> str:
+        return "handed in 4096 bytes"
+
+    async def restore() -> str:
+        raise RuntimeError("data mismatch")
+
+    async def refused() -> str:
+        raise CallError("org.luoagent.LiveUpdate1.Error.Busy", "an update is under way")
+
+    path = tmp_path / "control.sock"
+    commands = {"preserve": preserve, "restore": restore, "refused": refused}
+    server = await asyncio.start_unix_server(command_handler(commands, "myapp"), path=str(path))
+    async with server:
+        assert await ask(path, "preserve") == "handed in 4096 bytes"
+        with pytest.raises(RuntimeError, match=r"^data mismatch$"):
+            await ask(path, "restore")
+        with pytest.raises(RuntimeError, match=r"Error\.Busy: an update is under way"):
+            await ask(path, "refused")
+        with pytest.raises(RuntimeError, match="unknown command 'bogus'"):
+            await ask(path, "bogus")
+    assert "myapp: preserve: ok handed in 4096 bytes" in capsys.readouterr().out
+    with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+        await ask(path, "preserve")  # nothing listens any more
 
 
 def test_kernel_update_id_and_notify(monkeypatch: pytest.MonkeyPatch) -> None:

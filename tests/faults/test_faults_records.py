@@ -108,7 +108,7 @@ async def test_finish_without_a_confirmed_restore_is_not_success(host: Host) -> 
         await until(agent, lambda: agent.phase is ph.Phase.IDLE)
     (entry,) = history(host)
     assert entry["result"] == "finished-with-losses", entry
-    assert entry["error_name"] == "org.luoagent.LiveUpdate1.Error.FinishedWithLosses"
+    assert entry["error_name"] == "FinishedWithLosses"
     message = str(entry["message"])
     assert "vm-restore.service" in message and "vm-1/7 (owner uid=0)" in message, message
     assert host.kernel_state() == "normal"
@@ -125,7 +125,7 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
         assert agent.last is not None and agent.last.result == "lost-in-reboot"
     (entry,) = history(host)
     assert entry["id"] == "upd-crash" and entry["result"] == "lost-in-reboot", entry
-    assert entry["error_name"] == "org.luoagent.LiveUpdate1.Error.HandoverLost"
+    assert entry["error_name"] == "HandoverLost"
     assert "after the kexec was issued" in str(entry["message"]), entry
     assert not (host.tmp / "state" / "in-flight.json").exists()
     # A later boot does not record it twice.

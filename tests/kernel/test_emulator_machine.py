@@ -28,7 +28,8 @@ import luo_agent
 from luo_agent.errors import HandoverCorrupt
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
-from luo_agent.kernel.emulator.handover import HEADER
+from luo_agent.kernel.emulator.handover import HEADER, read_image
+from luo_agent.kernel.emulator.memfd import HOLD_MIN_BYTES
 from luo_agent.kernel.syscalls import DEVICE_PATH, KEXEC_FILE_UNLOAD, SYSFS_STATE_PATH
 from luo_agent.kernel.uapi import rfc_v2, session, v3
 
@@ -554,8 +555,11 @@ def test_server_killed_while_writing_image_leaves_no_image(
     sc = machine.syscalls
     dev = open_dev(sc)
     sess = create_session(sc, dev, b"big")
-    big = os.memfd_create("big")
+    big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
     os.ftruncate(big, 256 << 20)
+    # Sealed: the 6.19 profile carries no seals, so this memfd goes through the image (a memfd
+    # the next boot could not tell from a fresh one would be held in place, not written).
+    fcntl.fcntl(big, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     preserve(sc, sess, big, 1)
     image = tmp_path / "k"
     image.write_bytes(b"k")
@@ -604,6 +608,153 @@ def _wait_for_file(path: Path) -> None:
             os.read(ifd, 4096)
     finally:
         os.close(ifd)
+
+
+# --- large memfds held in place ----------------------------------------------------------------
+def _kexec_keeping(machine: EmulatedMachine, kernel_image: int, fd: int) -> tuple[int, int]:
+    """Preserve ``fd`` (token 1, session "s" or the v3 list), close it (its process is gone
+    after a real kexec), kexec and leave the machine down; (image size, keeper pid or 0)."""
+    sc = machine.syscalls
+    dev = open_dev(sc)
+    if machine.abi == Abi.V3:
+        v3_preserve(sc, dev, fd, 1)
+        v3_event(sc, dev, v3.liveupdate_event.LIVEUPDATE_PREPARE)
+    else:
+        preserve(sc, create_session(sc, dev, b"s"), fd, 1)
+    os.close(fd)
+    sc.kexec_file_load(kernel_image, -1, "next", 0)
+    sc.reboot_kexec()
+    machine.wait_down()
+    image = read_image(machine.layout, machine.abi)
+    assert image is not None
+    image.close()
+    return os.path.getsize(machine.layout.handover), image.keeper
+
+
+def _pattern(size: int) -> bytes:
+    return bytes(range(251)) * (size // 251) + bytes(size % 251)
+
+
+def _exited(pid: int, timeout: float = 10.0) -> bool:
+    """True once ``pid`` (> 0) has exited, within ``timeout``."""
+    assert pid > 0
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def test_large_memfd_is_held_in_place_not_copied(
+    make_machine: MakeMachine, kernel_image: int
+) -> None:
+    """What the next boot sees of a held memfd is what a copy gives: bytes, size, position,
+    seals, a new O_RDWR open file; the image holds none of its bytes and its keeper goes once
+    the next boot has taken it."""
+    machine = make_machine(Abi.SESSION, "g6")
+    machine.boot()
+    size = 2 * HOLD_MIN_BYTES
+    data = _pattern(size)
+    big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+    os.write(big, data)
+    os.lseek(big, 12345, os.SEEK_SET)
+    fcntl.fcntl(big, fcntl.F_SETFL, os.O_APPEND)
+    fcntl.fcntl(big, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    image_size, keeper = _kexec_keeping(machine, kernel_image, big)
+    assert image_size < HOLD_MIN_BYTES and keeper > 0
+    assert not _exited(keeper, 0.5)  # it holds the file while the machine is down
+    machine.boot()
+    sc = machine.syscalls
+    got = retrieve_fd(sc, retrieve_session(sc, open_dev(sc), b"s"), 1)
+    assert os.pread(got, size + 1, 0) == data
+    assert os.fstat(got).st_size == size
+    assert os.lseek(got, 0, os.SEEK_CUR) == 12345
+    assert fcntl.fcntl(got, fcntl.F_GET_SEALS) == fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+    assert fcntl.fcntl(got, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_APPEND) == os.O_RDWR
+    assert cloexec(got)
+    assert _exited(keeper)
+    os.close(got)
+
+
+@pytest.mark.parametrize("why", ["seals not carried (6.19)", "mode", "size changed"])
+def test_memfd_a_fresh_one_would_differ_from_is_copied(
+    make_machine: MakeMachine, kernel_image: int, why: str
+) -> None:
+    """Held only when the next boot could not tell: otherwise the bytes go through the image
+    and the next boot's memfd is a fresh one (unsealed on 6.19, its own mode, frozen size)."""
+    machine = make_machine(Abi.SESSION, "6.19" if "6.19" in why else "g6")
+    machine.boot()
+    size = 2 * HOLD_MIN_BYTES
+    big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+    os.write(big, _pattern(size))
+    change = {
+        "seals not carried (6.19)": lambda: fcntl.fcntl(big, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW),
+        "mode": lambda: os.fchmod(big, 0o600),
+        "size changed": lambda: None,
+    }
+    change[why]()
+    dup = os.dup(big)
+    if why == "size changed":
+        sc = machine.syscalls
+        preserve(sc, create_session(sc, open_dev(sc), b"s"), big, 1)
+        os.close(big)
+        os.ftruncate(dup, size + 4096)  # the kernel would refuse it
+        sc.kexec_file_load(kernel_image, -1, "next", 0)
+        sc.reboot_kexec()
+        machine.wait_down()
+        image_size, keeper = os.path.getsize(machine.layout.handover), 0
+    else:
+        image_size, keeper = _kexec_keeping(machine, kernel_image, big)
+    os.close(dup)
+    assert image_size > size and keeper == 0
+    machine.boot()
+    sc = machine.syscalls
+    got = retrieve_fd(sc, retrieve_session(sc, open_dev(sc), b"s"), 1)
+    assert os.pread(got, size + 1, 0) == _pattern(size)
+    assert fcntl.fcntl(got, fcntl.F_GET_SEALS) == 0
+    assert os.fstat(got).st_mode & 0o777 != 0o600
+    os.close(got)
+
+
+def test_poweroff_lets_go_of_held_memfds(make_machine: MakeMachine, kernel_image: int) -> None:
+    machine = make_machine(Abi.SESSION, "g6")
+    machine.boot()
+    big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+    os.ftruncate(big, 4 * HOLD_MIN_BYTES)
+    _size, keeper = _kexec_keeping(machine, kernel_image, big)
+    assert keeper > 0
+    machine.poweroff()
+    assert _exited(keeper)  # like RAM at a power cycle
+    machine.boot()
+    assert machine.inspect()["incoming_sessions"] == []
+
+
+@pytest.mark.parametrize(("abi", "profile"), [(Abi.SESSION, "g6"), (Abi.V3, None)])
+def test_held_memfd_gone_is_a_corrupt_image(
+    make_machine: MakeMachine, kernel_image: int, abi: str, profile: str | None
+) -> None:
+    """The keeper killed while the machine is down: the image names files that are gone."""
+    machine = make_machine(abi, profile)
+    machine.boot()
+    # Sealable: a memfd without MFD_ALLOW_SEALING has F_SEAL_SEAL, which v3 does not carry.
+    big = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+    os.ftruncate(big, 2 * HOLD_MIN_BYTES)
+    _size, keeper = _kexec_keeping(machine, kernel_image, big)
+    assert keeper > 0
+    os.kill(keeper, signal.SIGKILL)
+    assert _exited(keeper)
+    if abi == Abi.V3:
+        with pytest.raises(HandoverCorrupt, match="held file 0 is gone"):
+            machine.boot()
+        assert "Kernel panic" in machine.kernel_log()
+    else:
+        machine.boot()
+        assert errno_of(lambda: open_dev(machine.syscalls)) == errno.EIO
+        assert "held file 0 is gone" in machine.kernel_log()
+    assert Path(machine.layout.handover_rejected).exists()
 
 
 # --- fds and close semantics --------------------------------------------------------------------

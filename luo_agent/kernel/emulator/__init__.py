@@ -23,6 +23,9 @@ Emulator choices (where the kernel cannot be copied exactly):
 * Frozen memfd size: the size at PRESERVE is carried (cut or zero-extended, logged if changed);
   7.2 refuses the resize (EPERM), which the emulator cannot.  File identity for double
   preservation is the inode.  g6 carries the seals recorded at PRESERVE; 6.19 none.
+* Kexec holds a memfd of 1 MiB or more in place (a keeper process keeps its open file for the next
+  boot, ``handover``) when a fresh memfd with the carried seals would look the same; the rest is
+  copied through the handover image.
 * Corrupt handover image: moved to ``handover.img.rejected``; rfc-v2/v3 "panic" (boot() raises
   HandoverCorrupt, the next boot is cold); session boots with every device open failing EIO.
 * After a kexec or power-off, ioctls on old emulator fds raise EIO; opening the device and the

@@ -304,10 +304,8 @@ class SessionKernel(GenerationKernel):
         for session in self.outgoing:
             files = []
             for pf in session.files.values():
-                pos, chunks = memfd.iter_frozen_bytes(pf)
-                offset, _length = sink.add(chunks)
                 seals = pf.seals if self.g6 else 0  # 6.19: seals not carried (unchanged)
-                files.append(CarriedFile(pf.token, pf.frozen_size, pos, offset, seals).to_json())
+                files.append(memfd.carry(pf, sink, seals).to_json())
             sessions.append({"name": session.name.hex(), "files": files})
         skipped = [s.display_name() for s in self.incoming if not s.open]
         if skipped:
@@ -331,7 +329,7 @@ class SessionKernel(GenerationKernel):
             if len(name) >= NAME_LEN or b"\0" in name or name in seen:
                 raise HandoverCorrupt(f"handover image rejected: {where}: bad or duplicate name")
             seen.add(name)
-            files = parse_files(raw.get("files"), image.blob_length, f"{where}.files")
+            files = parse_files(raw.get("files"), image, f"{where}.files")
             if len({f.token for f in files}) != len(files):
                 raise HandoverCorrupt(f"handover image rejected: {where}: duplicate tokens")
             parsed.append((name, files))
@@ -345,9 +343,7 @@ class SessionKernel(GenerationKernel):
                 session = Session(name=name, outgoing=False, seq=next(self._seq))
                 sessions.append(session)
                 for cf in files:
-                    fd = memfd.new_incoming_memfd(
-                        image.fd, image.blob_base + cf.offset, cf.size, cf.pos, cf.seals
-                    )
+                    fd = memfd.incoming_memfd(image, cf)
                     session.files[cf.token] = memfd.PreservedFile(
                         cf.token, fd, cf.size, identity=memfd.file_identity(fd)
                     )

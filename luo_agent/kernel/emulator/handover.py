@@ -10,6 +10,12 @@ Written to ``handover.img.tmp``, fsync'd, renamed over ``handover.img`` and the 
 fsync'd: a crash leaves either no image or a complete one.  A reader validates everything (size,
 magic, version, generation, checksum, JSON shape, every file's byte range) before the caller
 creates anything from it; the boot that loads it removes it.
+
+Large memfds are not copied into the payload but *held*, the way KHO hands pages over in place:
+a keeper process (``_KEEPER``) inherits their open files at kexec and lives exactly as long as
+its image sits at ``handover.img`` (or ``.tmp``); the metadata names the keeper's pid, fd numbers
+and each file's inode, and the next boot takes them with ``pidfd_getfd`` and checks the inode.
+An image whose keeper is gone (power-off, a killed keeper) is refused like a corrupt one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,15 +43,35 @@ FORMAT_VERSION: Final = 1
 HEADER: Final = struct.Struct("<8sIIQQ32s")
 GENERATION_CODES: Final = {"rfc-v2": 1, "v3": 3, "session": 5}
 _CHUNK: Final = 1 << 20
+# The keeper: holds the inherited fds until its image (dev, ino) is at neither path any more
+# (loaded and removed, rejected, powered off, replaced by another kexec's image).
+_KEEPER: Final = """
+import os, sys, time
+image = (int(sys.argv[1]), int(sys.argv[2]))
+def mine(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == image
+while any(mine(path) for path in sys.argv[3:]):
+    time.sleep(0.2)
+"""
 
 
 class BlobSink:
-    """Collects file contents into the payload while hashing them; returns their byte range."""
+    """Collects file contents into the payload while hashing them; returns their byte range.
+    ``hold`` takes a file to be held in place instead (an index into the image's held files)."""
 
     def __init__(self, fd: int, hasher: Any) -> None:
         self._fd = fd
         self._hasher = hasher
         self.length = 0
+        self.held: list[int] = []
+
+    def hold(self, fd: int) -> int:
+        self.held.append(fd)
+        return len(self.held) - 1
 
     def add(self, chunks: Iterable[bytes]) -> tuple[int, int]:
         start = self.length
@@ -68,7 +96,10 @@ def write_image(
         os.lseek(fd, HEADER.size, os.SEEK_SET)
         hasher = hashlib.sha256()
         sink = BlobSink(fd, hasher)
-        meta = json.dumps(build(sink), separators=(",", ":"), sort_keys=True).encode()
+        meta_obj = build(sink)
+        if sink.held:
+            meta_obj["held"] = _spawn_keeper(layout, fd, sink.held)
+        meta = json.dumps(meta_obj, separators=(",", ":"), sort_keys=True).encode()
         sink.add([meta])
         header = HEADER.pack(
             MAGIC,
@@ -94,14 +125,48 @@ def write_image(
         os.close(dir_fd)
 
 
+def _spawn_keeper(layout: Layout, image_fd: int, fds: list[int]) -> dict[str, Any]:
+    """Start the keeper of ``fds`` (same fd numbers in it) for the image being written to
+    ``image_fd``; what the next boot needs to find them."""
+    st = os.fstat(image_fd)
+    argv = [sys.executable, "-I", "-S", "-c", _KEEPER, str(st.st_dev), str(st.st_ino)]
+    argv += [os.fspath(layout.handover_tmp), os.fspath(layout.handover)]
+    # Never waited for: the keeper outlives this server.
+    keeper = subprocess.Popen(
+        argv,
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    files = []
+    for fd in fds:
+        held = os.fstat(fd)
+        files.append({"fd": fd, "dev": held.st_dev, "ino": held.st_ino})
+    return {"pid": keeper.pid, "files": files}
+
+
+@dataclass(frozen=True, slots=True)
+class HeldFile:
+    """A file the image's keeper holds: its fd number there and its inode."""
+
+    fd: int
+    dev: int
+    ino: int
+
+
 @dataclass(frozen=True, slots=True)
 class Image:
-    """A validated image.  ``fd`` reads the payload; file byte ranges start at ``blob_base``."""
+    """A validated image.  ``fd`` reads the payload; file byte ranges start at ``blob_base``;
+    ``held`` files are fd numbers in process ``keeper``."""
 
     fd: int
     blob_base: int
     blob_length: int
     meta: dict[str, Any]
+    keeper: int = 0
+    held: tuple[HeldFile, ...] = ()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -174,31 +239,52 @@ def _validate(fd: int, path: os.PathLike[str], generation: str) -> Image:
         meta.get("liveupdate_count"), int
     ):
         raise _corrupt(path, "metadata lacks cmdline/liveupdate_count")
-    return Image(fd=fd, blob_base=HEADER.size, blob_length=blob_length, meta=meta)
+    keeper, held = _parse_held(path, meta.get("held", {"pid": 0, "files": []}))
+    return Image(fd, HEADER.size, blob_length, meta, keeper, held)
+
+
+def _parse_held(path: os.PathLike[str], raw: object) -> tuple[int, tuple[HeldFile, ...]]:
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(raw, dict) or not whole(raw.get("pid")):
+        raise _corrupt(path, "bad held files")
+    files = raw.get("files")
+    if not isinstance(files, list):
+        raise _corrupt(path, "bad held files")
+    held = []
+    for item in files:
+        if not isinstance(item, dict) or not all(whole(item.get(k)) for k in ("fd", "dev", "ino")):
+            raise _corrupt(path, "bad held file")
+        held.append(HeldFile(item["fd"], item["dev"], item["ino"]))
+    return raw["pid"], tuple(held)
 
 
 @dataclass(frozen=True, slots=True)
 class CarriedFile:
-    """One file in the image: token, frozen size, final position, byte range in the blob area,
-    and the seals recorded at PRESERVE (G6 only; 0 = none carried)."""
+    """One file in the image: token, frozen size, final position, byte range in the blob area
+    (or the index of the held file that it is), and the seals recorded at PRESERVE (G6 only;
+    0 = none carried)."""
 
     token: int
     size: int
     pos: int
     offset: int
     seals: int = 0
+    held: int | None = None
 
     def to_json(self) -> dict[str, int]:
-        return {
+        fields = {
             "token": self.token,
             "size": self.size,
             "pos": self.pos,
             "offset": self.offset,
             "seals": self.seals,
         }
+        return fields if self.held is None else fields | {"held": self.held}
 
 
-def parse_files(raw: object, blob_length: int, where: str) -> list[CarriedFile]:
+def parse_files(raw: object, image: Image, where: str) -> list[CarriedFile]:
     """Validate a JSON list of carried files completely; HandoverCorrupt on any defect."""
     if not isinstance(raw, list):
         raise HandoverCorrupt(f"handover image rejected: {where}: files is not a list")
@@ -213,7 +299,12 @@ def parse_files(raw: object, blob_length: int, where: str) -> list[CarriedFile]:
         seals = item.get("seals", 0)
         if not isinstance(seals, int) or isinstance(seals, bool) or not 0 <= seals < 1 << 32:
             raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: bad seals")
-        if token >= 1 << 64 or offset + size > blob_length:
+        held = item.get("held")
+        if held is None:
+            in_range = offset + size <= image.blob_length
+        else:
+            in_range = isinstance(held, int) and 0 <= held < len(image.held)
+        if token >= 1 << 64 or not in_range:
             raise HandoverCorrupt(f"handover image rejected: {where}[{index}]: out of range")
-        files.append(CarriedFile(token, size, pos, offset, seals))
+        files.append(CarriedFile(token, size, pos, offset, seals, held))
     return files

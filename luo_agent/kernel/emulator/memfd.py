@@ -14,16 +14,23 @@ import logging
 import os
 import resource
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from luo_agent.errors import HandoverCorrupt
 from luo_agent.fdkind import TMPFS_MAGIC, fs_magic
+
+from .handover import BlobSink, CarriedFile, Image
 
 log = logging.getLogger("luo_emu.memfd")
 
 _SYS_pidfd_getfd: Final = {"x86_64": 438, "aarch64": 438, "riscv64": 438}
 _CHUNK: Final = 1 << 20
 _MFD_EXEC: Final = 0x0010  # <linux/memfd.h>, Linux 6.3+
+# From this size on a kexec holds a memfd in place rather than copying it through the image
+# (smaller ones cost nothing to copy and keep the image self-contained).
+HOLD_MIN_BYTES: Final = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -134,9 +141,14 @@ def preserve(pid: int, caller_fd: int, token: int) -> PreservedFile:
         raise
 
 
-def iter_frozen_bytes(pf: PreservedFile) -> tuple[int, list[bytes]]:
-    """(position, contents) to carry: the bytes as they are now, cut or zero-filled to the
-    size frozen at PRESERVE.  Returns chunks to keep memory use bounded per write."""
+def carry(pf: PreservedFile, sink: BlobSink, seals: int) -> CarriedFile:
+    """What a kexec carries of ``pf``: its bytes as they are now, cut or zero-filled to the size
+    frozen at PRESERVE, its position, and ``seals`` for the next boot's fresh memfd.
+
+    A large file is held in place (the real kernel hands its pages over, no copy) when the next
+    boot could not tell it from that fresh memfd: the same size, mode, owner and seals.  Its name
+    and inode number stay the old ones (both show only in /proc).
+    """
     current = os.fstat(pf.fd).st_size
     if current != pf.frozen_size:
         log.warning(
@@ -148,16 +160,63 @@ def iter_frozen_bytes(pf: PreservedFile) -> tuple[int, list[bytes]]:
             pf.frozen_size,
         )
     pos = os.lseek(pf.fd, 0, os.SEEK_CUR)
-    chunks: list[bytes] = []
+    if current == pf.frozen_size >= HOLD_MIN_BYTES and _looks_fresh(pf.fd, seals):
+        return CarriedFile(pf.token, pf.frozen_size, pos, 0, seals, held=sink.hold(pf.fd))
+    offset, _length = sink.add(_frozen_chunks(pf.fd, pf.frozen_size, current))
+    return CarriedFile(pf.token, pf.frozen_size, pos, offset, seals)
+
+
+def _frozen_chunks(fd: int, size: int, current: int) -> Iterator[bytes]:
     offset = 0
-    while offset < pf.frozen_size:
-        want = min(_CHUNK, pf.frozen_size - offset)
-        data = os.pread(pf.fd, want, offset) if offset < current else b""
-        if len(data) < want:
-            data += bytes(want - len(data))
-        chunks.append(data)
+    while offset < size:
+        want = min(_CHUNK, size - offset)
+        data = os.pread(fd, want, offset) if offset < current else b""
+        yield data + bytes(want - len(data))
         offset += want
-    return pos, chunks
+
+
+def _looks_fresh(fd: int, seals: int) -> bool:
+    """Would ``fd`` pass for the memfd ``memfd_luo_retrieve`` makes, a fresh one of this process
+    with ``seals`` added: its mode, owner and resulting seals (F_SEAL_EXEC's extra ones too)?"""
+    fresh = _fresh_sealable_memfd()
+    try:
+        if seals:
+            fcntl.fcntl(fresh, fcntl.F_ADD_SEALS, seals)
+        want, got = os.fstat(fresh), os.fstat(fd)
+        return (got.st_mode, got.st_uid, got.st_gid) == (
+            want.st_mode,
+            want.st_uid,
+            want.st_gid,
+        ) and fcntl.fcntl(fd, fcntl.F_GET_SEALS) == fcntl.fcntl(fresh, fcntl.F_GET_SEALS)
+    finally:
+        os.close(fresh)
+
+
+def incoming_memfd(image: Image, cf: CarriedFile) -> int:
+    """The next boot's memfd for ``cf``: a new open file on the held file, or a fresh memfd
+    filled from the image."""
+    if cf.held is None:
+        return new_incoming_memfd(image.fd, image.blob_base + cf.offset, cf.size, cf.pos, cf.seals)
+    want = image.held[cf.held]
+    try:
+        fd = take_fd(image.keeper, want.fd)
+    except OSError as exc:
+        raise HandoverCorrupt(
+            f"handover image rejected: held file {cf.held} is gone ({exc.strerror}): "
+            "its keeper exited"
+        ) from exc
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size) != (want.dev, want.ino, cf.size):
+            raise HandoverCorrupt(
+                f"handover image rejected: held file {cf.held} is not the file it names"
+            )
+        # A new open file, as memfd_luo_retrieve's: not the old boot's position or flags.
+        new = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+    os.lseek(new, cf.pos, os.SEEK_SET)
+    return new
 
 
 def _fresh_sealable_memfd() -> int:

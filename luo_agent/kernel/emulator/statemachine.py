@@ -123,9 +123,7 @@ class StateMachineKernel(GenerationKernel):
             return None
         files = []
         for pf in self.outgoing.values():
-            pos, chunks = memfd.iter_frozen_bytes(pf)
-            offset, _length = sink.add(chunks)
-            files.append(CarriedFile(pf.token, pf.frozen_size, pos, offset).to_json())
+            files.append(memfd.carry(pf, sink, seals=0).to_json())
         log.info("kexec in state %s: freezing and carrying %d files", self.state, len(files))
         return {"files": files, **self.extra_handover()}
 
@@ -137,7 +135,7 @@ class StateMachineKernel(GenerationKernel):
             return None
         if not isinstance(luo, dict):
             raise HandoverCorrupt("handover image rejected: luo section is not an object")
-        files = parse_files(luo.get("files"), image.blob_length, "files")
+        files = parse_files(luo.get("files"), image, "files")
         tokens = [f.token for f in files]
         if len(set(tokens)) != len(tokens):
             raise HandoverCorrupt("handover image rejected: duplicate tokens")
@@ -155,9 +153,7 @@ class StateMachineKernel(GenerationKernel):
         try:
             for cf in parsed:
                 assert isinstance(cf, CarriedFile)
-                fd = memfd.new_incoming_memfd(
-                    image.fd, image.blob_base + cf.offset, cf.size, cf.pos
-                )
+                fd = memfd.incoming_memfd(image, cf)
                 created.append(memfd.PreservedFile(cf.token, fd, cf.size))
         except BaseException:
             for pf in created:
