@@ -62,7 +62,9 @@ def cmd_selftests(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .liveupdate import ensure_deb, run_scenario, summary_lines, update_ok
+    from .deb import ensure_deb
+    from .liveupdate import run_scenario
+    from .results import summary_lines, update_ok
     from .vm_guest import guest_ok
     from .vm_guest import run as run_vm_guest
     from .vm_guest import summary_lines as guest_lines
@@ -133,7 +135,7 @@ def cmd_powercut(args: argparse.Namespace) -> int:
 
 def cmd_bigmem(args: argparse.Namespace) -> int:
     from .bigmem import run_carry, run_limit
-    from .liveupdate import summary_lines, update_ok
+    from .results import summary_lines, update_ok
 
     kernel = ensure_kernel().bzimage
     run_dir = _run_dir(f"bigmem-{args.what}")

@@ -22,7 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .liveupdate import DISK_MOUNT, Scenario, UpdateRun, run_scenario, whole_update_job
+from .guest_setup import DISK_MOUNT
+from .liveupdate import run_scenario
+from .results import UpdateRun
+from .scenarios import Scenario, whole_update_job
 
 SOCKET = "/run/lab-etcd/etcd.sock:0"
 GROUP = "lab"
@@ -112,10 +115,9 @@ until liveupdatectl --json status | grep -q '"Fleet": \\["",'; do
 done
 last=$(read_key | sed 's/.*"revision":"\\([0-9]*\\)".*/\\1/')
 for rev in $(seq 1 "$last"); do read_key "$rev"; echo; done > "$out/fleet-key.jsonl"
-"$PY" -c 'from luo_agent.fleet.identity import host_id_from_machine_id as h; print(h())' \\
-    > "$out/host-id"
+lab host-id > "$out/host-id"
 # The same derivation by systemd itself (sd_id128_get_machine_app_specific).
-app=$("$PY" -c 'from luo_agent.fleet.identity import APP_ID; print(APP_ID.hex())')
+app=$(lab fleet-app-id)
 systemd-id128 machine-id --app-specific="$app" > "$out/host-id.systemd"
 """
 

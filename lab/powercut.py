@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .liveupdate import BOOKWORM, SESSIONS, Host
+from .guest_setup import BOOKWORM, Host
+from .scenarios import SESSIONS
 from .systemd_job import HELD, RELEASED, last_json, read_text, systemd_vm
 from .vm import VmResult
 

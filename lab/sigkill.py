@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .liveupdate import BOOKWORM, SESSIONS, Host
+from .guest_setup import BOOKWORM, Host
 from .powercut import hanging_hooks
+from .scenarios import SESSIONS
 from .systemd_job import HELD, RELEASED, last_json, systemd_vm
 from .vm import VmResult
 

@@ -28,7 +28,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from .liveupdate import BOOKWORM, SESSIONS, Host, probe
+from .guest_setup import BOOKWORM, Host
+from .in_vm import probe
+from .scenarios import SESSIONS
 from .systemd_job import RELEASED, last_json, systemd_vm
 from .vm import VmResult
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .liveupdate import JOB_HEAD, REPO, TIMELINE_FIELDS, Host, systemd_setup
+from .guest_setup import Host, systemd_setup
+from .rootfs import REPO
+from .scenarios import JOB_HEAD, TIMELINE_FIELDS
 from .vm import Vm
 
 # The jobs hold phases open on purpose (hanging hooks) and act with several liveupdatectl calls,

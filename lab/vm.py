@@ -23,7 +23,7 @@ from typing import IO
 
 INIT = Path(__file__).with_name("init.sh").resolve()
 # Console lines containing MARK put a VM clock reading next to the host's arrival time in
-# serial.timed (lab/liveupdate.py reads them): the clock that a kexec in the VM does not reset.
+# serial.timed (lab/results.py reads them): the clock that a kexec in the VM does not reset.
 MARK = "lab-mark: "
 QEMU = "qemu-system-x86_64"
 # Kernel command line of every lab boot (kexec --reuse-cmdline carries it to the next kernel).

@@ -21,7 +21,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .liveupdate import VENV_PYTHON, Scenario, UpdateRun, read_marks, run_scenario
+from .guest_setup import VENV_PYTHON
+from .liveupdate import run_scenario
+from .results import UpdateRun, read_marks
+from .scenarios import Scenario
 from .source import cache_root
 
 NAME = "lab"

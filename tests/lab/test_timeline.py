@@ -1,4 +1,4 @@
-"""The new boot's per-step timeline (``lab.liveupdate.timeline``): every point on the new kernel's
+"""The new boot's per-step timeline (``lab.results.timeline``): every point on the new kernel's
 monotonic scale, the lab's package install taken out after init, the kexec call through both
 boots' clock offsets."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lab.liveupdate import UNIT_STARTED, UNIT_STARTING, _kexec_clock, timeline
+from lab.results import UNIT_STARTED, UNIT_STARTING, _kexec_clock, timeline
 
 # The new boot's CLOCK_REALTIME at its kernel's monotonic 0 (the VM's RTC, whole seconds), and
 # how far the host's clock is ahead of it.

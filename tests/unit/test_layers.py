@@ -1,16 +1,18 @@
 """The import rules stated in the packages' docstrings (``luo_agent/__init__.py`` and the
 ``__init__`` of ``kernel/``, ``kernel/uapi/``, ``systemd/``, ``dbus/``, ``cli/``, ``examples/``,
-``vmm/``), read from the source with ``ast``."""
+``vmm/``, and ``lab/__init__.py``), read from the source with ``ast``."""
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "luo_agent"
+LAB = PACKAGE.parent / "lab"
 
 
 def _module_name(path: Path) -> str:
@@ -244,3 +246,71 @@ def test_no_import_cycle_not_even_for_type_checking() -> None:
     for module in sorted(graph):
         visit(module, [])
     assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# ------------------------------------------------------------------------------ lab/
+
+IN_VM = "lab.in_vm"
+PROJECT = ("luo_agent", "tests")
+# The inline Python a lab module writes into the VM's shell (``"$PY" -c '...'``) imports too.
+INLINE_IMPORT = re.compile(
+    r"\bfrom\s+((?:luo_agent|tests)[\w.]*)\s+import\b|\bimport\s+((?:luo_agent|tests)[\w.]*)"
+)
+
+
+def _outside_functions(tree: ast.AST) -> Iterator[ast.AST]:
+    """The nodes of ``tree`` that run when the module is imported (not those in a function)."""
+    for node in ast.iter_child_nodes(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            yield node
+            yield from _outside_functions(node)
+
+
+def _project_imports(module: str, source: str) -> list[str]:
+    """What a module of lab/ imports of the project and may not: ``lab.in_vm`` only inside its
+    commands (the host side imports ``probe`` from it and must not load the project), any other
+    module nothing, not even in the shell text it writes."""
+    tree = ast.parse(source)
+    nodes = _outside_functions(tree) if module == IN_VM else ast.walk(tree)
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append(node.module or "")
+        elif module != IN_VM and isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [m.group(1) or m.group(2) for m in INLINE_IMPORT.finditer(node.value)]
+    return [name for name in found if name.split(".")[0] in PROJECT]
+
+
+LAB_MODULES = {_module_name(p): p.read_text() for p in sorted(LAB.glob("*.py"))}
+
+
+def test_only_the_labs_in_vm_module_imports_the_project() -> None:
+    """``lab/__init__.py``: ``lab/in_vm.py`` alone imports ``luo_agent`` or ``tests``, inside the
+    commands that run in the VM; and ``luo_agent`` never imports ``lab``."""
+    assert IN_VM in LAB_MODULES and "lab.liveupdate" in LAB_MODULES
+    wrong = {m: found for m, text in LAB_MODULES.items() if (found := _project_imports(m, text))}
+    assert not wrong
+    assert not {m for m, names in MODULES.items() if any(n.split(".")[0] == "lab" for n in names)}
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("lab.vm", "from luo_agent.kernel.syscalls import RealSyscalls\n"),
+        ("lab.vm", "def f() -> None:\n    from tests.kernel import luo_raw\n"),
+        ("lab.vm", "import luo_agent.fleet as fleet\n"),
+        ("lab.vm", 'JOB = """"$PY" -c \'from luo_agent.fleet import x; print(x)\'"""\n'),
+        ("lab.vm", "JOB = f\"{1}$PY -c 'import tests.kernel'\"\n"),
+        (IN_VM, "from luo_agent.kernel.syscalls import RealSyscalls\n"),
+    ],
+)
+def test_the_lab_rule_sees_a_planted_import(module: str, source: str) -> None:
+    assert _project_imports(module, source)
+
+
+def test_the_lab_rule_lets_the_in_vm_commands_import_the_project() -> None:
+    source = "def f() -> None:\n    from luo_agent.kernel.syscalls import RealSyscalls\n"
+    assert not _project_imports(IN_VM, source)
+    assert not _project_imports("lab.vm", '"imports nothing from ``luo_agent``; -m luo_agent"')
