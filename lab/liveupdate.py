@@ -34,6 +34,8 @@ This module runs a scenario.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -46,6 +48,7 @@ from .vm import Vm
 
 # What bench/ and tests/ import from here.
 __all__ = [
+    "BOOKWORM",
     "SCENARIOS",
     "SESSIONS",
     "UNIT_STARTED",
@@ -53,11 +56,24 @@ __all__ = [
     "Scenario",
     "UpdateRun",
     "ensure_deb",
+    "new_run_dir",
     "run_scenario",
     "sid_host",
     "timeline",
     "update_ok",
 ]
+
+
+def new_run_dir(name: str) -> Path:
+    """A run directory not used yet, named after ``name``, under $LUO_LAB_RUNS (default: a
+    temporary directory)."""
+    base = Path(os.environ.get("LUO_LAB_RUNS") or tempfile.mkdtemp(prefix="luo-lab-runs-"))
+    run_dir = base / name
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base / f"{name}.{n}"
+    return run_dir
 
 
 def run_scenario(
@@ -89,6 +105,7 @@ def run_scenario(
         root=host.root,
         echo=echo,
         qemu_args=disk_share(run_dir) if spec.disk else [],
+        reboots=spec.reboots,
     )
     result = vm.run(job, run_dir, timeout, systemd_setup=setup)
     run = UpdateRun(spec.name, result, {})

@@ -260,6 +260,8 @@ class Scenario:
     participant_unit: str = "luo-example-restore.service"
     # A disk with a page cache at DISK_MOUNT (see there).
     disk: bool = False
+    # An ordinary reboot boots the VM again (else it ends the VM): lab/vm.py's ``reboots``.
+    reboots: bool = False
 
 
 SCENARIOS = {

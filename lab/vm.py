@@ -98,6 +98,9 @@ class Vm:
     extra_append: str = ""
     echo: IO[str] | None = None  # where to copy the serial console live (None: only the log)
     qemu_args: list[str] = field(default_factory=list)
+    # An ordinary reboot in the VM boots it again (QEMU resets the machine) instead of ending the
+    # run; a panic then reboots too (panic=-1), and only the boot count and the timeout tell.
+    reboots: bool = False
 
     def command(self, run_dir: Path) -> list[str]:
         append = f"{BASE_APPEND} LAB_RUN={run_dir} LAB_MODE={self.mode}"
@@ -116,7 +119,7 @@ class Vm:
         append += f" init={INIT} {self.extra_append}".rstrip()
         # TCG, one thread: nested KVM hangs on these machines and MTTCG once oopsed.
         machine = f"-accel tcg,thread=single -cpu max -smp 1 -m {self.memory}".split()
-        plain = ["-nodefaults", "-no-user-config", "-no-reboot"]
+        plain = ["-nodefaults", "-no-user-config"] + ([] if self.reboots else ["-no-reboot"])
         plain += ["-display", "none", "-monitor", "none"]
         return [
             QEMU,

@@ -9,14 +9,11 @@ the new boot under the same names, and the agent restores from them.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from lab.build import KernelBuild
-from lab.liveupdate import SESSIONS, UpdateRun, run_scenario, sid_host, update_ok
+from lab.liveupdate import SESSIONS, UpdateRun, new_run_dir, run_scenario, sid_host, update_ok
 from lab.rootfs import SidRoot, ensure_sid_root
 
 RELEASED = {"retrieve": "ENOENT", "create": "ok"}
@@ -28,14 +25,13 @@ def sid_root(lab_kernel: KernelBuild) -> SidRoot:
 
 
 def _run(lab_kernel: KernelBuild, name: str, scenario: str, strategy: str) -> UpdateRun:
-    base = Path(os.environ.get("LUO_LAB_RUNS") or tempfile.mkdtemp(prefix="luo-lab-runs-"))
-    run_dir = base / name
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base / f"{name}.{n}"
     return run_scenario(
-        lab_kernel.bzimage, scenario, run_dir, host=sid_host(), strategy=strategy, timeout=900
+        lab_kernel.bzimage,
+        scenario,
+        new_run_dir(name),
+        host=sid_host(),
+        strategy=strategy,
+        timeout=900,
     )
 
 
