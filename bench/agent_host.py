@@ -21,13 +21,12 @@ from dbus_fast.aio import MessageBus
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
 from luo_agent.config import AbiChoice, Config, Limits
-from luo_agent.daemon import kernel_factory
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
-from luo_agent.persist import History, RuntimeState
 from luo_agent.records import UpdateRecord
 from luo_agent.systemd import notify
 from luo_agent.systemd.gate import GateOutcome
+from tests.fakes.agent_host import build_agent
 from tests.fakes.gate import FakeGate
 from tests.private_bus import PrivateBus
 
@@ -176,14 +175,8 @@ class AgentHost:
         syscalls = StampingSyscalls(self.machine.root)
         syscalls.reboot_calls = []
         rebooted = asyncio.Event()
-        agent = Agent(
-            config=self.config,
-            open_kernel=kernel_factory(self.config, syscalls),
-            gate=gate,
-            runtime=RuntimeState(self.config.runtime_directory),
-            history=History(self.config.state_directory),
-            status=notify.status,
-            on_rebooted=rebooted.set,
+        agent = build_agent(
+            self.config, syscalls, gate, status=notify.status, on_rebooted=rebooted.set
         )
         waiter = PhaseWaiter()
         agent.listeners.append(waiter)

@@ -21,17 +21,15 @@ import pytest
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
 from luo_agent.config import AbiChoice, Config, RebootStrategy, parse_config
-from luo_agent.daemon import kernel_factory
 from luo_agent.errors import ConfigError, GateError, PhaseError, Unsupported
 from luo_agent.kernel.backend import FdCustody, NoCustody
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.kernel.session import SessionDevice
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
-from luo_agent.persist import History, RuntimeState
 from luo_agent.systemd import notify
 from luo_agent.systemd.fdstore import OUTGOING_PREFIX, SystemdFdStore, fd_name, session_of
-from tests.fakes.agent_host import memfd_with, until
+from tests.fakes.agent_host import build_agent, memfd_with, until
 from tests.fakes.gate import FakeGate
 from tests.fakes.pid1 import AgentFdStore, FakeSystemd262
 
@@ -68,13 +66,7 @@ class Host:
             cfg,
             kernel=dataclasses.replace(cfg.kernel, abi=self.abi, emulate_root=self.machine.root),
         )
-        agent = Agent(
-            config=cfg,
-            open_kernel=kernel_factory(cfg, EmulatedSyscalls(self.machine.root), custody),
-            gate=gate,
-            runtime=RuntimeState(cfg.runtime_directory),
-            history=History(cfg.state_directory),
-        )
+        agent = build_agent(cfg, EmulatedSyscalls(self.machine.root), gate, custody)
         runner = asyncio.create_task(agent.run())
         try:
             await agent.start()

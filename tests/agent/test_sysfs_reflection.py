@@ -23,13 +23,13 @@ from structlog.testing import capture_logs
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
 from luo_agent.config import Config
-from luo_agent.daemon import feed_kernel_state, kernel_factory, kernel_state_file
+from luo_agent.daemon import feed_kernel_state, kernel_state_file
 from luo_agent.dbus.names import IFACE_MANAGER, OBJECT_PATH
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
-from luo_agent.persist import History, RuntimeState
 from luo_agent.records import UpdateRecord
+from tests.fakes.agent_host import build_agent
 from tests.fakes.gate import FakeGate
 from tests.private_bus import PrivateBus
 
@@ -96,13 +96,7 @@ async def running_agent(tmp_path: Path, machine: EmulatedMachine) -> AsyncIterat
         cfg, kernel=dataclasses.replace(cfg.kernel, abi=Abi.RFC_V2, emulate_root=machine.root)
     )
     syscalls = EmulatedSyscalls(machine.root)
-    agent = Agent(
-        config=cfg,
-        open_kernel=kernel_factory(cfg, syscalls),
-        gate=FakeGate(),
-        runtime=RuntimeState(cfg.runtime_directory),
-        history=History(cfg.state_directory),
-    )
+    agent = build_agent(cfg, syscalls, FakeGate())
     runner = asyncio.create_task(agent.run())
     watcher: asyncio.Task[None] | None = None
     try:

@@ -25,12 +25,12 @@ from dbus_fast.aio import MessageBus
 from luo_agent.agent import Agent
 from luo_agent.client import add_match, connect
 from luo_agent.config import Config, KernelConfig, Timeouts
-from luo_agent.daemon import kernel_factory, make_syscalls
+from luo_agent.daemon import make_syscalls
 from luo_agent.dbus.manager import ManagerInterface
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.emulator import EmulatedMachine
-from luo_agent.persist import History, RuntimeState
+from tests.fakes.agent_host import build_agent
 from tests.fakes.gate import FakeGate
 from tests.private_bus import PrivateBus
 
@@ -74,14 +74,7 @@ class AgentHost:
         self.gate = gate or FakeGate()
         self.down = asyncio.Event()
         config = self.config()
-        agent = Agent(
-            config=config,
-            open_kernel=kernel_factory(config, make_syscalls(config)),
-            gate=self.gate,
-            runtime=RuntimeState(config.runtime_directory),
-            history=History(config.state_directory),
-            on_rebooted=self._on_rebooted,
-        )
+        agent = build_agent(config, make_syscalls(config), self.gate, on_rebooted=self._on_rebooted)
         self._runner = asyncio.create_task(agent.run(), name="agent")
         await agent.start()
         self.agent = agent

@@ -10,14 +10,39 @@ import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from luo_agent.agent import Agent
 from luo_agent.config import Config
 from luo_agent.daemon import kernel_factory
+from luo_agent.kernel.backend import FdCustody
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
+from luo_agent.kernel.syscalls import Syscalls
 from luo_agent.persist import History, RuntimeState
+from luo_agent.systemd.gate import Gate
 from tests.fakes.gate import FakeGate
+
+
+def build_agent(
+    config: Config,
+    syscalls: Syscalls,
+    gate: Gate,
+    custody: FdCustody | None = None,
+    **hooks: Any,
+) -> Agent:
+    """The real Agent composed as ``luo_agent/daemon.py`` composes it (its kernel through
+    ``kernel_factory``, its records in the configured directories), on the test's syscalls and
+    gate; ``hooks``: the Agent's ``status``, ``on_rebooted``, ``coordinator``.  The one way the
+    tests and the benchmarks build an agent."""
+    return Agent(
+        config=config,
+        open_kernel=kernel_factory(config, syscalls, custody),
+        gate=gate,
+        runtime=RuntimeState(config.runtime_directory),
+        history=History(config.state_directory),
+        **hooks,
+    )
 
 
 @dataclasses.dataclass
@@ -42,13 +67,8 @@ class Host:
         )
 
     def build(self, gate: FakeGate, cfg: Config) -> Agent:
-        return Agent(
-            config=cfg,
-            open_kernel=kernel_factory(cfg, EmulatedSyscalls(self.machine.root)),
-            gate=gate,
-            runtime=RuntimeState(cfg.runtime_directory),
-            history=History(cfg.state_directory),
-            status=self.statuses.append,
+        return build_agent(
+            cfg, EmulatedSyscalls(self.machine.root), gate, status=self.statuses.append
         )
 
     @contextlib.asynccontextmanager

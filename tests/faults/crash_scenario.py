@@ -35,11 +35,10 @@ from typing import Any
 
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
-from luo_agent.daemon import kernel_factory
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.log import configure_logging
-from luo_agent.persist import History, RuntimeState, write_atomic
-from tests.fakes.agent_host import Host, until
+from luo_agent.persist import write_atomic
+from tests.fakes.agent_host import Host, build_agent, until
 from tests.fakes.gate import FakeGate
 
 RECORD_FILES = ("current.json", "history.json", "in-flight.json")
@@ -145,13 +144,7 @@ async def one_life(args: argparse.Namespace, points: CrashPoints) -> dict[str, A
         socket.socket(fileno=args.keeper), json.loads(os.environ.get("LUO_KEPT_FDS", "{}"))
     )
     gate = FakeGate()
-    agent = Agent(
-        config=config,
-        open_kernel=kernel_factory(config, syscalls, keeper),
-        gate=gate,
-        runtime=RuntimeState(config.runtime_directory),
-        history=History(config.state_directory),
-    )
+    agent = build_agent(config, syscalls, gate, keeper)
     gate.hooks[RESTORE] = participant(agent, args.work, args.expected)
     phases: list[str] = []
 

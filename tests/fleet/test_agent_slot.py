@@ -20,13 +20,12 @@ import pytest
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
 from luo_agent.config import Config, FleetConfig
-from luo_agent.daemon import kernel_factory
 from luo_agent.fleet import make_coordinator
 from luo_agent.fleet.etcd import SEMAPHORE_KEY
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
-from luo_agent.persist import History, RuntimeState
+from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
-from tests.fakes.agent_host import Host, memfd_with, until
+from tests.fakes.agent_host import Host, build_agent, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 from .etcd_server import Cluster, free_port, make_cluster
@@ -61,12 +60,10 @@ def fleet(host: Host, endpoints: list[str], group: str, **kw: object) -> FleetCo
 @contextlib.asynccontextmanager
 async def agent(host: Host, gate: FakeGate, fleet_config: FleetConfig) -> AsyncIterator[Agent]:
     cfg: Config = dataclasses.replace(host.config(coordinate=5.0), fleet=fleet_config)
-    built = Agent(
-        config=cfg,
-        open_kernel=kernel_factory(cfg, EmulatedSyscalls(host.machine.root)),
-        gate=gate,
-        runtime=RuntimeState(cfg.runtime_directory),
-        history=History(cfg.state_directory),
+    built = build_agent(
+        cfg,
+        EmulatedSyscalls(host.machine.root),
+        gate,
         coordinator=make_coordinator(fleet_config),
     )
     runner = asyncio.create_task(built.run())

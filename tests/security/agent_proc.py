@@ -15,14 +15,13 @@ import signal
 import sys
 from pathlib import Path
 
-from luo_agent.agent import Agent
 from luo_agent.config import load_config
-from luo_agent.daemon import EX_OK, EX_UNAVAILABLE, kernel_factory
+from luo_agent.daemon import EX_OK, EX_UNAVAILABLE
 from luo_agent.dbus.bus import wait_until_stopped
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.emulator import EmulatedSyscalls
 from luo_agent.log import configure_logging
-from luo_agent.persist import History, RuntimeState
+from tests.fakes.agent_host import build_agent
 from tests.fakes.gate import FakeGate
 
 
@@ -32,14 +31,7 @@ async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     gate = FakeGate(hanging=set(args.hang))
-    agent = Agent(
-        config=config,
-        open_kernel=kernel_factory(config, EmulatedSyscalls(args.machine)),
-        gate=gate,
-        runtime=RuntimeState(config.runtime_directory),
-        history=History(config.state_directory),
-        on_rebooted=stop.set,
-    )
+    agent = build_agent(config, EmulatedSyscalls(args.machine), gate, on_rebooted=stop.set)
     runner = asyncio.create_task(agent.run())
     await agent.start()
     bus, _ = await serve(agent, config.bus)
