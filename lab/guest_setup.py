@@ -24,7 +24,13 @@ freeze = 60.0
 restore = 120.0
 """
 
-MASKED = ("postgresql.service", "postgresql@.service", "kexec-load.service", "kexec.service")
+MASKED = (
+    "postgresql.service",
+    "postgresql@.service",
+    "kexec-load.service",
+    "kexec.service",
+    "e2scrub_reap.service",
+)
 
 # Puts the moment the participant holds its verified fd on the host's clock (lab/liveupdate.py).
 RESTORE_MARK_DROPIN = """\
@@ -69,8 +75,10 @@ mkdir -p "$root/etc/systemd/system/luo-example-restore.service.d"
 cat > "$root/etc/systemd/system/luo-example-restore.service.d/lab-mark.conf" <<'UNIT'
 {RESTORE_MARK_DROPIN}UNIT
 {units}{enable_line}
-# Services of this host that the VM does not need: a database (CPU under TCG) and kexec-tools'
-# boot-time load of the host's own kernel (the agent loads the kernel to switch to).
+# Services of this host that the VM does not need: a database (CPU under TCG), kexec-tools'
+# boot-time load of the host's own kernel (the agent loads the kernel to switch to), and
+# e2fsprogs' e2scrub_reap (its IOSchedulingClass= fails with ENOSYS on the lab kernel, which has
+# no block layer: a failed unit in every boot that has nothing to do with the update).
 for unit in {" ".join(MASKED)}; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done

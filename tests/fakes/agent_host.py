@@ -130,6 +130,16 @@ async def until(agent: Agent, predicate: Callable[[], bool], limit: float = 10.0
         agent.listeners.remove(changes)
 
 
+async def poll(predicate: Callable[[], object], limit: float = 10.0) -> None:
+    """For what no notification of the agent announces (a fake PID 1's store, etcd's keys, the
+    gate's calls): bounded polling."""
+    for _ in range(int(limit / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
 def memfd_with(data: bytes, pos: int | None = None) -> int:
     """A participant's memfd holding ``data``, its file position at ``pos`` (default: the end)."""
     fd = os.memfd_create("participant", os.MFD_CLOEXEC)

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from luo_agent.fleet.etcd import SEMAPHORE_KEY
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
-from tests.fakes.agent_host import Host, build_agent, memfd_with, until
+from tests.fakes.agent_host import Host, build_agent, memfd_with, poll, until
 from tests.fakes.gate import FakeGate
 
 from .etcd_server import Cluster, free_port, make_cluster
@@ -81,15 +81,6 @@ def reboot(host: Host) -> None:
     """What a boot does to the host's directories: /run starts empty."""
     shutil.rmtree(host.tmp / "run", ignore_errors=True)
     host.machine.boot()
-
-
-async def poll(predicate: Callable[[], object], limit: float = 10.0) -> None:
-    """For what no notification announces (etcd's keys, the gate's calls): bounded polling."""
-    for _ in range(int(limit / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def holders(etcd: Cluster, group: str) -> list[str]:

@@ -27,23 +27,30 @@ def _range(holders: list[str] | None, revision: int) -> str:
     return json.dumps(answer)
 
 
+# The record's phases of an update that took its slot before the freeze.
+PHASES = ["preparing", "prepared", "coordinating", "freezing", "rebooting", "updated", "idle"]
+
+
+def _history(phases: list[str]) -> str:
+    timings = [[phase, 1000.0 + n, 0.1] for n, phase in enumerate(phases)]
+    entry = {
+        "id": UPDATE,
+        "fleet-slot": f"{HOST} @ unix:///x",
+        "slot-released-at": 1001.0,
+        "timings": timings,
+    }
+    return json.dumps({"history": [entry]})
+
+
 def _run(tmp_path: Path, **change: str) -> UpdateRun:
     files = {
         "host-id": HOST,
         "host-id.systemd": HOST,
-        "journal.1.log": "luo-agent[1]: event='phase_changed' phase='freezing' "
-        "previous='coordinating'\n",
         # Revision 1: no key; 2: the take; 3: the release.
         "fleet-key.jsonl": "\n".join([_range(None, 1), _range([HOST], 2), _range([], 3)]),
         "fleet-key.held.json": _range([HOST], 2),
         "fleet-held-read": "1000.5",
-        "history.json": json.dumps(
-            {
-                "history": [
-                    {"id": UPDATE, "fleet-slot": f"{HOST} @ unix:///x", "slot-released-at": 1001.0}
-                ]
-            }
-        ),
+        "history.json": _history(PHASES),
     }
     files.update(change)
     for name, text in files.items():
@@ -65,7 +72,18 @@ def test_a_slot_held_across_the_kexec_then_released_passes(tmp_path: Path) -> No
         ({"fleet-key.held.json": ""}, "still held"),
         ({"fleet-key.jsonl": _range([HOST], 2)}, "then nobody"),
         ({"host-id.systemd": "0" * 32}, "machine id"),
-        ({"journal.1.log": "phase='freezing' previous='prepared'"}, "before the freeze"),
+        (
+            {"history.json": _history([p for p in PHASES if p != "coordinating"])},
+            "before the freeze",
+        ),
+        (
+            {
+                "history.json": _history(
+                    ["preparing", "prepared", "coordinating", "cancelling", "idle"]
+                )
+            },
+            "before the freeze",
+        ),
         ({"fleet-held-read": "1002.0"}, "after that read"),
     ],
 )
