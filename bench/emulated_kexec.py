@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.syscalls import DEVICE_PATH
 from tests.kernel.luo_raw import create_session, preserve_fd, retrieve_fd, retrieve_session
@@ -52,7 +53,7 @@ class _PeakRss:
 
 
 def one_kexec(root: Path, mib: int) -> dict[str, float]:
-    machine = EmulatedMachine(root, "session", profile="g6")
+    machine = EmulatedMachine(root, Abi.SESSION, profile="g6")
     machine.boot()
     sc = machine.syscalls
     dev = sc.open(sc.path(DEVICE_PATH), os.O_RDWR)

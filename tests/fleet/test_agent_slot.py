@@ -22,6 +22,7 @@ from luo_agent.agent import Agent
 from luo_agent.config import Config, FleetConfig
 from luo_agent.fleet import make_coordinator
 from luo_agent.fleet.etcd import SEMAPHORE_KEY
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
@@ -35,7 +36,7 @@ HEALTH = "fleet-health.target"
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
-    machine = EmulatedMachine(tmp_path / "machine", "session")
+    machine = EmulatedMachine(tmp_path / "machine", Abi.SESSION)
     machine.boot()
     (tmp_path / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     try:

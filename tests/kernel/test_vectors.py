@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from luo_agent.kernel.device import Abi
 from tests.kernel import vectors as vec
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def _wait_clean(machine: Any, name: str, incoming_too: bool = False) -> None:
 def _run(tmp_path: Path, tag: str, profile: str = "g6") -> dict[str, Any]:
     from luo_agent.kernel.emulator import EmulatedMachine
 
-    with EmulatedMachine(tmp_path / tag, "session", profile) as machine:
+    with EmulatedMachine(tmp_path / tag, Abi.SESSION, profile) as machine:
         machine.boot()
         traces = vec.run_emulated_all(machine, after_vector=lambda name: _wait_clean(machine, name))
         _wait_clean(machine, "the whole run", incoming_too=True)

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from luo_agent.fdkind import TMPFS_MAGIC, fs_magic
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.syscalls import DEVICE_PATH, RealSyscalls, Syscalls
 from luo_agent.kernel.uapi import _IO, _IOW, _IOWR
 from luo_agent.kernel.uapi import session as uapi
@@ -1260,7 +1261,7 @@ def _emulated_machine(root: str, profile: str) -> Any:
     from luo_agent.kernel.emulator import EmulatedMachine
 
     known = (Path(root) / ".luo-emu" / "machine.json").exists()
-    machine = EmulatedMachine(root, None if known else "session", None if known else profile)
+    machine = EmulatedMachine(root, None if known else Abi.SESSION, None if known else profile)
     if not machine.running:
         machine.boot()
     return machine

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from luo_agent.dbus.names import IFACE_MANAGER
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from tests.security.harness import (
     AgentProcess,
@@ -53,7 +54,7 @@ async def wait_phase(address: str, wanted: str, limit: float = 15.0) -> None:
 
 @pytest.fixture
 def machine(tmp_path: Path) -> Iterator[EmulatedMachine]:
-    box = EmulatedMachine(tmp_path / "machine", "session")
+    box = EmulatedMachine(tmp_path / "machine", Abi.SESSION)
     box.boot()
     try:
         yield box
