@@ -29,6 +29,7 @@ from luo_agent.daemon import make_syscalls
 from luo_agent.dbus.manager import ManagerInterface
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
 from luo_agent.dbus.server import serve
+from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from tests.fakes.agent_host import build_agent
 from tests.fakes.gate import FakeGate
@@ -208,8 +209,8 @@ def bus_address(private_bus: PrivateBus, monkeypatch: pytest.MonkeyPatch) -> str
 async def host(
     bus_address: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[AgentHost]:
-    """The real agent on the private bus; ABI "session" unless parametrised indirectly."""
-    abi = getattr(request, "param", "session")
+    """The real agent on the private bus; the session ABI unless parametrised indirectly."""
+    abi = getattr(request, "param", Abi.SESSION)
     agent_host = AgentHost(tmp_path, abi)
     try:
         await agent_host.boot()
