@@ -1,7 +1,8 @@
 """1. The blackout-critical path: from the freeze gate's job completing to the kexec reboot call.
 
-Measured on the agent itself (see ``agent_host``: real Agent, D-Bus service, journal logging,
-sd_notify, emulated kernel; a gate that passes at once instead of systemd).  Each iteration is an
+Measured on the agent itself (tests/agent_host.py's ``AgentHost``: real Agent, D-Bus service on a
+private bus, journal logging, sd_notify, emulated kernel; a gate that passes at once instead of
+systemd; ``instruments`` stamps the two ends).  Each iteration is an
 Execute whose reboot call fails by an injected EIO (so the kernel stays prepared and the next
 Execute repeats the path); a few real emulated kexecs per configuration check that the figure the
 agent records itself (``UpdateRecord.blackout_critical``, read back by the next boot) agrees.
@@ -26,9 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from luo_agent import phase as ph
+from luo_agent.agent import Agent
+from luo_agent.config import Limits
+from luo_agent.kernel.device import Abi
 from luo_agent.log import configure_logging
+from luo_agent.systemd import notify
+from tests.agent_host import AgentHost
+from tests.private_bus import PrivateBus
 
-from .agent_host import AgentHost, Boot, memfds, notify_sink, private_bus
+from .instruments import PhaseWaiter, StampingGate, StampingSyscalls, memfds, notify_sink
 from .stats import Sample, fmt, ratio
 
 CONFIGS = [("6.19", 1), ("6.19", 128), ("g6", 1), ("g6", 500)]
@@ -40,11 +47,18 @@ RETRIES_PER_UPDATE = 10
 
 
 async def _one_update(
-    host: AgentHost, boot: Boot, fds: int, external: list[float], *, last: bool
+    host: AgentHost,
+    agent: Agent,
+    syscalls: StampingSyscalls,
+    fds: int,
+    external: list[float],
+    *,
+    last: bool,
 ) -> None:
     """Register ``fds`` memfds, prepare, repeat the path with the reboot failing, then either
     kexec for real (``last``) or cancel."""
-    agent, waiter = boot.agent, boot.waiter
+    gate, waiter = host.gate, agent.listeners[-1]
+    assert isinstance(gate, StampingGate) and isinstance(waiter, PhaseWaiter)
     handed = memfds(fds)
     for token, fd in enumerate(handed, start=1):
         agent.preserve(fd, "bench", token, (), "uid=0")
@@ -56,31 +70,52 @@ async def _one_update(
     for _ in range(RETRIES_PER_UPDATE):
         await agent.execute()
         await waiter.wait(ph.Phase.PREPARED)
-        external.append(boot.syscalls.reboot_calls[-1] - boot.gate.freeze_done[-1])
+        external.append(syscalls.reboot_calls[-1] - gate.freeze_done[-1])
     if not last:
         await agent.cancel()
         await waiter.wait(ph.Phase.IDLE)
         return
     await agent.execute()
     async with asyncio.timeout(30):
-        await boot.rebooted.wait()
-    external.append(boot.syscalls.reboot_calls[-1] - boot.gate.freeze_done[-1])
+        await host.down.wait()
+    external.append(syscalls.reboot_calls[-1] - gate.freeze_done[-1])
+
+
+async def _load_kernel(host: AgentHost, agent: Agent) -> None:
+    fd = host.kernel_image()
+    try:
+        await agent.load_kernel(fd, -1, "console=ttyS0")
+    finally:
+        os.close(fd)
 
 
 async def _measure(workdir: Path, profile: str, fds: int, iterations: int, reboots: int) -> Any:
     # The runtime directory on tmpfs, as /run/luo-agent is; the state directory on disk.
     runtime = Path(tempfile.mkdtemp(prefix="luo-bench-run-", dir="/dev/shm"))
-    host = AgentHost(workdir, runtime, "session", profile, fds)
+    limits = Limits(max_fds_per_session=max(128, fds), max_fds_total=4096)
+    host = AgentHost(
+        workdir,
+        Abi.SESSION,
+        profile=profile,
+        bus="session",
+        runtime_directory=runtime,
+        limits=limits,
+    )
     host.machine.boot()
+    syscalls = StampingSyscalls(host.machine.root)
+    syscalls.reboot_calls = []
     external: list[float] = []
     recorded: list[float] = []
     per_boot = math.ceil(iterations / reboots)
     try:
-        with private_bus(workdir) as address:  # NOTIFY_SOCKET: read by the parent process
-            os.environ["DBUS_SESSION_BUS_ADDRESS"] = address
+        with PrivateBus(workdir) as bus:  # NOTIFY_SOCKET: read by the parent process
+            os.environ["DBUS_SESSION_BUS_ADDRESS"] = bus.address
             for boot_index in range(reboots + 1):
-                async with host.boot() as boot:
-                    agent, waiter = boot.agent, boot.waiter
+                waiter = PhaseWaiter()
+                async with host.agent(
+                    StampingGate(), syscalls=syscalls, status=notify.status
+                ) as agent:
+                    agent.listeners.append(waiter)
                     if agent.phase is ph.Phase.UPDATED:
                         assert agent.record is not None
                         recorded.append(agent.record.blackout_critical)
@@ -88,10 +123,12 @@ async def _measure(workdir: Path, profile: str, fds: int, iterations: int, reboo
                         await waiter.wait(ph.Phase.IDLE)
                     if boot_index == reboots:
                         break
-                    await host.load_kernel(agent)
+                    await _load_kernel(host, agent)
                     updates = math.ceil(per_boot / RETRIES_PER_UPDATE)
                     for update in range(updates):
-                        await _one_update(host, boot, fds, external, last=update == updates - 1)
+                        await _one_update(
+                            host, agent, syscalls, fds, external, last=update == updates - 1
+                        )
                 host.machine.wait_down(timeout=30)
                 host.machine.boot()
     finally:

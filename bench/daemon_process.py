@@ -20,7 +20,7 @@ from typing import Any
 
 from luo_agent.testbed import Testbed
 
-from .agent_host import NotifySink
+from .instruments import NotifySink
 from .stats import Sample, ratio
 
 # What the daemon imports to run (python -X importtime -m luo_agent lists them).

@@ -20,7 +20,7 @@ from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
-from tests.fakes.agent_host import Host, memfd_with, until
+from tests.agent_host import AgentHost, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 PREPARE = ph.SPECS[ph.Phase.PREPARING].target
@@ -29,16 +29,16 @@ RESTORE = ph.SPECS[ph.Phase.RESTORING].target
 
 
 @pytest.fixture
-def host(abi: Abi, tmp_path: Path) -> Iterator[Host]:
+def host(abi: Abi, tmp_path: Path) -> Iterator[AgentHost]:
     machine = EmulatedMachine(tmp_path / "machine", abi)
     machine.boot()
     try:
-        yield Host(tmp_path, abi, machine)
+        yield AgentHost(tmp_path, abi, machine)
     finally:
         machine.poweroff()
 
 
-async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
+async def test_whole_update_carries_bytes_size_and_position(host: AgentHost) -> None:
     data = os.urandom(1 << 20)
     fd = memfd_with(data, 12345)
     async with host.agent(FakeGate()) as agent:
@@ -83,7 +83,7 @@ async def test_whole_update_carries_bytes_size_and_position(host: Host) -> None:
     assert hashlib.sha256(os.pread(fd, size, 0)).digest() == hashlib.sha256(data).digest()
     assert os.lseek(fd, 0, os.SEEK_CUR) == 12345
     os.close(fd)
-    history = History(host.tmp / "state").load()
+    history = History(host.workdir / "state").load()
     assert [(e["id"], e["result"]) for e in history] == [("upd-1", "success")]
 
 
@@ -96,7 +96,7 @@ async def prepare_one_fd_until_ended(agent: Agent, update_id: str) -> None:
     await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
 
 
-async def test_failing_prepare_participant_cancels(host: Host) -> None:
+async def test_failing_prepare_participant_cancels(host: AgentHost) -> None:
     gate = FakeGate(failing={PREPARE: UnitStatus("bad.service", "failed", "failed", "exit-code")})
     async with host.agent(gate) as agent:
         await prepare_one_fd_until_ended(agent, "upd-2")
@@ -111,9 +111,9 @@ async def test_failing_prepare_participant_cancels(host: Host) -> None:
             assert host.machine.inspect()["state"] == "normal"
 
 
-async def test_hanging_prepare_participant_times_out_and_cancels(host: Host) -> None:
+async def test_hanging_prepare_participant_times_out_and_cancels(host: AgentHost) -> None:
     gate = FakeGate(hanging={PREPARE})
-    async with host.agent(gate, prepare=0.3) as agent:
+    async with host.agent(gate, config=host.config(prepare=0.3)) as agent:
         await agent.prepare("upd-3")
         await until(agent, lambda: agent.phase is ph.Phase.IDLE and agent.last is not None)
         assert agent.last is not None
@@ -122,11 +122,13 @@ async def test_hanging_prepare_participant_times_out_and_cancels(host: Host) -> 
         assert CANCEL in gate.started
 
 
-async def test_a_kernel_loaded_as_the_prepare_gate_ends_is_the_one_recorded(host: Host) -> None:
+async def test_a_kernel_loaded_as_the_prepare_gate_ends_is_the_one_recorded(
+    host: AgentHost,
+) -> None:
     """LoadKernel while preparing, queued on the kernel thread just before the preservation,
     which reloads the earlier image with the update's marker: the kernel and the agent agree on
     the last image loaded, and it carries the marker."""
-    images = {name: host.tmp / f"vmlinuz-{name}" for name in ("old", "new")}
+    images = {name: host.workdir / f"vmlinuz-{name}" for name in ("old", "new")}
     for name, path in images.items():
         path.write_bytes(name.encode() * 1000)
     fds = {name: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for name, path in images.items()}
@@ -175,7 +177,7 @@ class PhaseRecorder:
 
 
 async def test_preparing_is_announced_and_answered_even_if_systemd_never_says_queued(
-    host: Host,
+    host: AgentHost,
 ) -> None:
     """ "preparing" waits for its gate's job to be queued, but not on a PID 1 slow to answer."""
     heard = PhaseRecorder()
@@ -190,7 +192,7 @@ async def test_preparing_is_announced_and_answered_even_if_systemd_never_says_qu
         assert heard.phases == [ph.Phase.PREPARING, ph.Phase.CANCELLING, ph.Phase.IDLE]
 
 
-async def test_execute_without_kernel_and_double_prepare_are_refused(host: Host) -> None:
+async def test_execute_without_kernel_and_double_prepare_are_refused(host: AgentHost) -> None:
     async with host.agent(FakeGate()) as agent:
         await agent.prepare("upd-4")
         with pytest.raises(Busy):
@@ -203,7 +205,7 @@ async def test_execute_without_kernel_and_double_prepare_are_refused(host: Host)
         assert agent.last is not None and agent.last.result == "cancelled"
 
 
-async def test_reboot_failure_keeps_the_update_prepared(host: Host) -> None:
+async def test_reboot_failure_keeps_the_update_prepared(host: AgentHost) -> None:
     fd = memfd_with(b"keep me", 0)
     async with host.agent(FakeGate()) as agent:
         agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
@@ -227,7 +229,7 @@ async def test_reboot_failure_keeps_the_update_prepared(host: Host) -> None:
             await asyncio.to_thread(host.machine.wait_down, 10)
 
 
-async def test_preserve_checks_fds_and_phase(host: Host) -> None:
+async def test_preserve_checks_fds_and_phase(host: AgentHost) -> None:
     r, w = os.pipe2(os.O_CLOEXEC)
     async with host.agent(FakeGate()) as agent:
         with pytest.raises(InvalidArgument, match="only memfds"):
@@ -244,7 +246,7 @@ async def test_preserve_checks_fds_and_phase(host: Host) -> None:
     os.close(w)
 
 
-async def test_restart_in_the_same_boot_reports_the_aborted_update(host: Host) -> None:
+async def test_restart_in_the_same_boot_reports_the_aborted_update(host: AgentHost) -> None:
     """The agent stops while prepared (as a crash would leave it): the next start finds the
     kernel back to normal (or cancels it) and records the update as aborted."""
     async with host.agent(FakeGate()) as agent:

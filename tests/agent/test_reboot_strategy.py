@@ -29,7 +29,7 @@ from luo_agent.kernel.session import SessionDevice
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 from luo_agent.systemd import notify
 from luo_agent.systemd.fdstore import OUTGOING_PREFIX, SystemdFdStore, fd_name, session_of
-from tests.fakes.agent_host import build_agent, memfd_with, poll, until
+from tests.agent_host import build_agent, memfd_with, poll, until
 from tests.fakes.gate import FakeGate
 from tests.fakes.pid1 import AgentFdStore, FakeSystemd262
 

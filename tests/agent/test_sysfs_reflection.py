@@ -29,7 +29,7 @@ from luo_agent.dbus.server import serve
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.records import UpdateRecord
-from tests.fakes.agent_host import build_agent
+from tests.agent_host import build_agent
 from tests.fakes.gate import FakeGate
 from tests.private_bus import PrivateBus
 

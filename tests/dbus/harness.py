@@ -2,16 +2,13 @@
 
 ``private_bus``: a ``PrivateBus`` (``tests/private_bus.py``) of our own per test module whose
 configuration lets any uid connect (the CLI's NotAuthorized test runs as nobody).
-``AgentHost``: the real ``Agent`` on an ``EmulatedMachine`` with a ``FakeGate``, served by
-``luo_agent.dbus.server.serve(agent, "session")`` like the daemon does, including what the daemon
-does after the kexec (stop the agent, leave the bus); ``reboot()`` boots the machine again and
-starts a new agent over the same state directory.
+``host``: ``dbus_host``, the ``AgentHost`` of ``tests/agent_host.py`` serving on that bus as the
+daemon does; ``reboot()`` boots the machine again and starts a new agent over the same state.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,100 +19,16 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from luo_agent.agent import Agent
 from luo_agent.client import add_match, connect
-from luo_agent.config import Config, KernelConfig, Timeouts
-from luo_agent.daemon import make_syscalls
-from luo_agent.dbus.manager import ManagerInterface
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, OBJECT_PATH
-from luo_agent.dbus.server import serve
 from luo_agent.kernel.device import Abi
-from luo_agent.kernel.emulator import EmulatedMachine
-from tests.fakes.agent_host import build_agent
-from tests.fakes.gate import FakeGate
+from tests.agent_host import AgentHost, disconnect
 from tests.private_bus import PrivateBus
 
 
-class AgentHost:
-    """One emulated machine; one agent (and its bus connection) per boot."""
-
-    def __init__(self, workdir: Path, abi: str, timeouts: dict[str, float] | None = None) -> None:
-        self.workdir = workdir
-        self.abi = abi
-        self.timeouts = Timeouts(**(timeouts or {}))
-        self.machine = EmulatedMachine(workdir / "machine", abi)
-        self.boots = 0
-        self.gate = FakeGate()
-        self.agent: Agent | None = None
-        self.bus: MessageBus | None = None
-        self.manager: ManagerInterface | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._stopper: asyncio.Task[None] | None = None
-        self.down = asyncio.Event()  # set once the agent stopped after a kexec
-
-    def config(self) -> Config:
-        return Config(
-            bus="session",
-            state_directory=self.workdir / "state",
-            # /run is empty after a reboot.
-            runtime_directory=self.workdir / f"run-{self.boots}",
-            auto_finish=False,
-            timeouts=self.timeouts,
-            kernel=KernelConfig(abi=self.abi, emulate_root=self.machine.root),  # type: ignore[arg-type]
-        )
-
-    async def boot(self, gate: FakeGate | None = None) -> None:
-        """Boot the machine and start an agent on it, as the daemon does."""
-        await asyncio.to_thread(self.machine.boot)
-        self.boots += 1
-        await self.start_agent(gate)
-
-    async def start_agent(self, gate: FakeGate | None = None) -> None:
-        """An agent on the running machine (after ``stop_agent``: a restart in the same boot)."""
-        self.gate = gate or FakeGate()
-        self.down = asyncio.Event()
-        config = self.config()
-        agent = build_agent(config, make_syscalls(config), self.gate, on_rebooted=self._on_rebooted)
-        self._runner = asyncio.create_task(agent.run(), name="agent")
-        await agent.start()
-        self.agent = agent
-        self.bus, self.manager = await serve(agent, "session")
-
-    def _on_rebooted(self) -> None:
-        # The daemon stops and leaves the bus once the kexec was issued.
-        self._stopper = asyncio.create_task(self._after_kexec())
-
-    async def _after_kexec(self) -> None:
-        await self.stop_agent()
-        self.down.set()
-
-    async def stop_agent(self) -> None:
-        if self.agent is not None:
-            await self.agent.stop()
-            self.agent = None
-        if self.bus is not None:
-            self.bus.disconnect()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.bus.wait_for_disconnect(), 5)
-            self.bus = None
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
-
-    async def reboot(self, gate: FakeGate | None = None) -> None:
-        """After Execute: wait for the kexec to take the machine down, then boot again."""
-        await asyncio.wait_for(self.down.wait(), 30)
-        await asyncio.to_thread(self.machine.wait_down)
-        await self.boot(gate)
-
-    async def close(self) -> None:
-        if self._stopper is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._stopper, 30)
-        await self.stop_agent()
-        await asyncio.to_thread(self.machine.poweroff)
+def dbus_host(workdir: Path, abi: Abi, **settings: Any) -> AgentHost:
+    """The agent as the daemon hosts it on the private bus; updates are finished by the test."""
+    return AgentHost(workdir, abi, bus="session", auto_finish=False, **settings)
 
 
 class SignalLog:
@@ -173,12 +86,6 @@ async def client_bus() -> MessageBus:
     return await connect("session")
 
 
-async def disconnect(bus: MessageBus) -> None:
-    bus.disconnect()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(bus.wait_for_disconnect(), 5)
-
-
 # ------------------------------------------------------------------------------------ fixtures
 # Re-exported by tests/dbus/conftest.py and tests/cli/conftest.py.
 
@@ -211,7 +118,7 @@ async def host(
 ) -> AsyncIterator[AgentHost]:
     """The real agent on the private bus; the session ABI unless parametrised indirectly."""
     abi = getattr(request, "param", Abi.SESSION)
-    agent_host = AgentHost(tmp_path, abi)
+    agent_host = dbus_host(tmp_path, abi)
     try:
         await agent_host.boot()
         yield agent_host

@@ -13,11 +13,12 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from luo_agent.client import CallError, call, get_all, get_property
+from luo_agent.config import Timeouts
 from luo_agent.dbus.names import IFACE_UPDATE, error, update_path
 from luo_agent.kernel.device import Abi
 from luo_agent.systemd.gate import UnitStatus
 from tests.conftest import ABIS
-from tests.dbus.harness import AgentHost, SignalLog, client_bus, disconnect, plain
+from tests.dbus.harness import AgentHost, SignalLog, client_bus, dbus_host, disconnect, plain
 
 PREPARE_TARGET = "liveupdate-prepare.target"
 
@@ -258,7 +259,7 @@ async def test_update_object_cancel_and_participant_failure(host: AgentHost) -> 
 async def test_phase_timeout_is_reported_as_timed_out(
     bus_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    host = AgentHost(tmp_path, Abi.SESSION, timeouts={"prepare": 0.3})
+    host = dbus_host(tmp_path, Abi.SESSION, timeouts=Timeouts(prepare=0.3))
     await host.boot()
     host.gate.hanging.add(PREPARE_TARGET)
     bus = await client_bus()

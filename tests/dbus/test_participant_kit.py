@@ -56,8 +56,8 @@ async def test_a_kept_memfd_survives_cancel_restart_and_update(host: AgentHost) 
         await until_handed_in(admin)
 
         # A restarted agent holds nothing of the previous one's: handed in again.
-        await host.stop_agent()
-        await host.start_agent()
+        await host.stop()
+        await host.start()
         await until_handed_in(admin)
         await disconnect(admin)
 

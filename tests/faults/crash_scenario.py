@@ -38,7 +38,7 @@ from luo_agent.agent import Agent
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.log import configure_logging
 from luo_agent.persist import write_atomic
-from tests.fakes.agent_host import Host, build_agent, until
+from tests.agent_host import AgentHost, build_agent, until
 from tests.fakes.gate import FakeGate
 
 RECORD_FILES = ("current.json", "history.json", "in-flight.json")
@@ -136,7 +136,7 @@ def participant(agent: Agent, work: Path, expected: str) -> Any:
 
 
 async def one_life(args: argparse.Namespace, points: CrashPoints) -> dict[str, Any]:
-    host = Host(args.work, args.abi, EmulatedMachine(args.machine))
+    host = AgentHost(args.work, args.abi, EmulatedMachine(args.machine))
     config = host.config()
     syscalls = CrashingSyscalls(args.machine)
     syscalls.points = points

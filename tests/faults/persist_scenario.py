@@ -20,7 +20,7 @@ from typing import Any
 
 from luo_agent import phase as ph
 from luo_agent.kernel.emulator import EmulatedMachine
-from tests.fakes.agent_host import Host, until
+from tests.agent_host import AgentHost, until
 from tests.fakes.gate import FakeGate
 
 
@@ -53,7 +53,7 @@ def set_fault(paths: list[Path], fault: str, on: bool) -> None:
             subprocess.run(["mount", "-o", mode, str(path)], check=True)
 
 
-async def one_update(host: Host, agent: Any, update_id: str) -> dict[str, Any]:
+async def one_update(host: AgentHost, agent: Any, update_id: str) -> dict[str, Any]:
     phases: list[str] = []
 
     class Seen:
@@ -95,7 +95,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     state, run = work / "state", work / "run"
     for path in (state, run):
         mount_tmpfs(path)
-    host = Host(work, args.abi, EmulatedMachine(args.machine))
+    host = AgentHost(work, args.abi, EmulatedMachine(args.machine))
     async with host.agent(FakeGate()) as agent:
         await one_update(host, agent, "before-fault")
         set_fault([state, run], args.fault, on=True)

@@ -38,7 +38,7 @@ from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.uapi import rfc_v2
 from luo_agent.persist import History
-from tests.fakes.agent_host import Host, memfd_with, until
+from tests.agent_host import AgentHost, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 from .crash_scenario import SESSION, TOKEN
@@ -111,7 +111,7 @@ class FdKeeper:
 async def kexec_into_the_update(tmp: Path, abi: str) -> Path:
     """A whole first boot up to the kexec; returns the powered-down machine's directory (with
     the handover image, the agent's state and the kernel image), to copy for every life."""
-    host = Host(tmp, abi, EmulatedMachine(tmp / "machine", abi))
+    host = AgentHost(tmp, abi, EmulatedMachine(tmp / "machine", abi))
     host.machine.boot()
     fd = memfd_with(DATA, 0)
     async with host.agent(FakeGate()) as agent:
@@ -128,10 +128,10 @@ async def kexec_into_the_update(tmp: Path, abi: str) -> Path:
     return tmp
 
 
-def live_update_boot(snapshot: Path, tmp: Path, abi: str) -> Host:
+def live_update_boot(snapshot: Path, tmp: Path, abi: str) -> AgentHost:
     """A copy of the machine after the kexec, booted: the new kernel with the handover."""
     shutil.copytree(snapshot, tmp, ignore=_sockets)
-    host = Host(tmp, abi, EmulatedMachine(tmp / "machine"))
+    host = AgentHost(tmp, abi, EmulatedMachine(tmp / "machine"))
     host.machine.boot()
     return host
 
@@ -140,10 +140,10 @@ def _sockets(directory: str, names: list[str]) -> list[str]:
     return [n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(directory, n)).st_mode)]
 
 
-def scenario(host: Host, *extra: str) -> list[str]:
+def scenario(host: AgentHost, *extra: str) -> list[str]:
     return [
         *(sys.executable, "-m", "tests.faults.crash_scenario", "--abi", host.abi),
-        *("--machine", str(host.machine.root), "--work", str(host.tmp)),
+        *("--machine", str(host.machine.root), "--work", str(host.workdir)),
         *("--expected", EXPECTED, *extra),
     ]
 
@@ -177,9 +177,9 @@ def crash_points(snapshot: Path, tmp: Path, abi: str) -> list[str]:
 NO_LOSS = {(Abi.SESSION, "1 after ioctl 0xba01")}
 
 
-def check_outcome(host: Host, point: str) -> None:
-    confirmed = host.tmp / "participant-confirmed"
-    entries = [e for e in History(host.tmp / "state").load() if e["id"] == UPDATE_ID]
+def check_outcome(host: AgentHost, point: str) -> None:
+    confirmed = host.workdir / "participant-confirmed"
+    entries = [e for e in History(host.workdir / "state").load() if e["id"] == UPDATE_ID]
     assert len(entries) == 1, (point, entries)
     (entry,) = entries
     if (host.abi, point) in NO_LOSS:
@@ -195,13 +195,13 @@ def check_outcome(host: Host, point: str) -> None:
         assert host.machine.inspect()["incoming_sessions"] == [], point
     leftovers = [
         p.name
-        for p in (host.tmp / "run" / "current.json", host.tmp / "state" / "in-flight.json")
+        for p in (host.workdir / "run" / "current.json", host.workdir / "state" / "in-flight.json")
         if p.exists()
     ]
     assert leftovers == [], (point, leftovers)
 
 
-def abi_has_incoming(host: Host) -> bool:
+def abi_has_incoming(host: AgentHost) -> bool:
     return host.abi == Abi.SESSION
 
 
@@ -247,14 +247,14 @@ def cold_machine(tmp: Path, abi: str) -> Path:
     return tmp
 
 
-def on_disk_before_restart(host: Host) -> tuple[str, bool]:
+def on_disk_before_restart(host: AgentHost) -> tuple[str, bool]:
     """What the killed agent left: the phase in current.json ("" if none), and whether the
     history already has the update."""
     try:
-        phase = json.loads((host.tmp / "run" / "current.json").read_text())["phase"]
+        phase = json.loads((host.workdir / "run" / "current.json").read_text())["phase"]
     except FileNotFoundError:
         phase = ""
-    recorded = any(e["id"] == UPDATE_ID for e in History(host.tmp / "state").load())
+    recorded = any(e["id"] == UPDATE_ID for e in History(host.workdir / "state").load())
     return phase, recorded
 
 
@@ -284,7 +284,7 @@ def kill_prepare_and_cancel(
             again = store.life(scenario(host), tmp / "agent.log")
             if again.returncode != 0:
                 return f"{point}: the restarted agent failed: {again.stderr[-3000:]}"
-        entries = [e for e in History(host.tmp / "state").load() if e["id"] == UPDATE_ID]
+        entries = [e for e in History(host.workdir / "state").load() if e["id"] == UPDATE_ID]
         if recorded or phase:
             # Recorded, or under way on disk: exactly one entry, cancelled if the dead agent
             # had begun cancelling, otherwise aborted.
@@ -298,7 +298,9 @@ def kill_prepare_and_cancel(
             return f"{point}: kernel not normal: {host.machine.inspect()}"
         if host.kernel_files() != 0 and index not in limit:
             return f"{point}: files left preserved: {host.machine.inspect()}"
-        left = [p for p in ("run/current.json", "state/in-flight.json") if (host.tmp / p).exists()]
+        left = [
+            p for p in ("run/current.json", "state/in-flight.json") if (host.workdir / p).exists()
+        ]
         return f"{point}: left behind: {left}" if left else ""
     finally:
         host.machine.poweroff()

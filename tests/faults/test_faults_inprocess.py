@@ -19,30 +19,30 @@ from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 from luo_agent.persist import History
-from tests.fakes.agent_host import Host, memfd_with, until
+from tests.agent_host import AgentHost, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 CANCEL = ph.SPECS[ph.Phase.CANCELLING].target
 
 
 @pytest.fixture
-def host(abi: Abi, tmp_path: Path) -> Iterator[Host]:
+def host(abi: Abi, tmp_path: Path) -> Iterator[AgentHost]:
     machine = EmulatedMachine(tmp_path / "machine", abi)
     machine.boot()
     try:
-        yield Host(tmp_path, abi, machine)
+        yield AgentHost(tmp_path, abi, machine)
     finally:
         machine.poweroff()
 
 
-def history(host: Host) -> list[dict[str, object]]:
-    return History(host.tmp / "state").load()
+def history(host: AgentHost) -> list[dict[str, object]]:
+    return History(host.workdir / "state").load()
 
 
 # ------------------------------------------------------------------------- 4: EBUSY on open
 
 
-async def test_ebusy_on_open_is_retried_with_back_off_and_a_clear_status(host: Host) -> None:
+async def test_ebusy_on_open_is_retried_with_back_off_and_a_clear_status(host: AgentHost) -> None:
     host.machine.inject_fault("open", errno.EBUSY, 3)
     async with host.agent(FakeGate()) as agent:
         assert agent.phase is ph.Phase.IDLE
@@ -55,7 +55,7 @@ async def test_ebusy_on_open_is_retried_with_back_off_and_a_clear_status(host: H
         assert "/dev/liveupdate opened after 4 attempts" in host.statuses
 
 
-async def test_ebusy_on_open_gives_up_at_the_bound(host: Host) -> None:
+async def test_ebusy_on_open_gives_up_at_the_bound(host: AgentHost) -> None:
     host.machine.inject_fault("open", errno.EBUSY, 10_000)
     agent = host.build(FakeGate(), host.config(busy_retry_seconds=0.4))
     with pytest.raises(DeviceBusy):
@@ -66,7 +66,7 @@ async def test_ebusy_on_open_gives_up_at_the_bound(host: Host) -> None:
     host.machine.inject_fault("open", errno.EBUSY, 0)
 
 
-async def test_ebusy_while_preparing_is_retried(host: Host) -> None:
+async def test_ebusy_while_preparing_is_retried(host: AgentHost) -> None:
     """The session ABI opens the device again to create the outgoing sessions at prepare; the
     state-machine ABIs hold it (so a co-owner cannot appear) and never see EBUSY there."""
     async with host.agent(FakeGate()) as agent:
@@ -83,7 +83,7 @@ async def test_ebusy_while_preparing_is_retried(host: Host) -> None:
 
 
 @pytest.mark.parametrize("how", ["EAGAIN", "no-image"])
-async def test_failed_kexec_returns_to_a_consistent_state(host: Host, how: str) -> None:
+async def test_failed_kexec_returns_to_a_consistent_state(host: AgentHost, how: str) -> None:
     data = os.urandom(64 << 10)
     fd = memfd_with(data)
     gate = FakeGate()
@@ -127,8 +127,8 @@ async def test_failed_kexec_returns_to_a_consistent_state(host: Host, how: str) 
 # ------------------------------------------------------------- 6: a corrupted state file
 
 
-async def test_corrupt_current_json_at_start_up_is_moved_aside(host: Host) -> None:
-    run = host.tmp / "run"
+async def test_corrupt_current_json_at_start_up_is_moved_aside(host: AgentHost) -> None:
+    run = host.workdir / "run"
     run.mkdir(parents=True)
     (run / "current.json").write_bytes(b'{"id": "half-writ')
     async with host.agent(FakeGate()) as agent:
@@ -143,8 +143,8 @@ async def test_corrupt_current_json_at_start_up_is_moved_aside(host: Host) -> No
     assert [e["result"] for e in history(host)] == ["cancelled"]
 
 
-async def test_corrupt_history_at_start_up_is_moved_aside(host: Host) -> None:
-    state = host.tmp / "state"
+async def test_corrupt_history_at_start_up_is_moved_aside(host: AgentHost) -> None:
+    state = host.workdir / "state"
     state.mkdir(parents=True)
     (state / "history.json").write_bytes(b"[{]")
     async with host.agent(FakeGate()) as agent:
@@ -162,7 +162,7 @@ async def test_corrupt_history_at_start_up_is_moved_aside(host: Host) -> None:
 # ------------------------------------------------ 7: someone else's reboot while prepared
 
 
-async def test_shutdown_job_while_prepared_cancels_the_update(host: Host) -> None:
+async def test_shutdown_job_while_prepared_cancels_the_update(host: AgentHost) -> None:
     gate = FakeGate()
     async with host.agent(gate) as agent:
         await gate.watching.wait()

@@ -27,7 +27,7 @@ from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
-from tests.fakes.agent_host import Host, memfd_with, until
+from tests.agent_host import AgentHost, memfd_with, until
 from tests.fakes.gate import FakeGate
 
 RESTORE = ph.SPECS[ph.Phase.RESTORING].target
@@ -35,20 +35,20 @@ DATA = b"participant state " * 1000
 
 
 @pytest.fixture
-def host(abi: Abi, tmp_path: Path) -> Iterator[Host]:
+def host(abi: Abi, tmp_path: Path) -> Iterator[AgentHost]:
     machine = EmulatedMachine(tmp_path / "machine", abi)
     machine.boot()
     try:
-        yield Host(tmp_path, abi, machine)
+        yield AgentHost(tmp_path, abi, machine)
     finally:
         machine.poweroff()
 
 
-def history(host: Host) -> list[dict[str, object]]:
-    return History(host.tmp / "state").load()
+def history(host: AgentHost) -> list[dict[str, object]]:
+    return History(host.workdir / "state").load()
 
 
-async def kexec_with_one_fd(host: Host, update_id: str) -> None:
+async def kexec_with_one_fd(host: AgentHost, update_id: str) -> None:
     fd = memfd_with(DATA, 0)
     async with host.agent(FakeGate()) as agent:
         agent.preserve(fd, "vm-1", 7, [], owner="uid=0")
@@ -66,7 +66,7 @@ def read_all(fd: int) -> bytes:
     return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
-async def test_restore_after_a_participant_died_hands_back_the_held_copy(host: Host) -> None:
+async def test_restore_after_a_participant_died_hands_back_the_held_copy(host: AgentHost) -> None:
     await kexec_with_one_fd(host, "upd-held")
     host.machine.boot()
     gate = FakeGate()
@@ -95,7 +95,7 @@ async def test_restore_after_a_participant_died_hands_back_the_held_copy(host: H
     assert (entry["id"], entry["result"], entry["error_name"]) == ("upd-held", "success", "")
 
 
-async def test_finish_without_a_confirmed_restore_is_not_success(host: Host) -> None:
+async def test_finish_without_a_confirmed_restore_is_not_success(host: AgentHost) -> None:
     await kexec_with_one_fd(host, "upd-loss")
     host.machine.boot()
     bad = UnitStatus("vm-restore.service", "failed", "failed", "exit-code")
@@ -113,11 +113,11 @@ async def test_finish_without_a_confirmed_restore_is_not_success(host: Host) -> 
     assert host.kernel_state() == "normal"
 
 
-async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host: Host) -> None:
+async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host: AgentHost) -> None:
     await kexec_with_one_fd(host, "upd-crash")
     # The new kernel crashed: the machine comes up cold (no handover, /run empty).
     host.machine.poweroff()
-    shutil.rmtree(host.tmp / "run")
+    shutil.rmtree(host.workdir / "run")
     host.machine.boot()
     async with host.agent(FakeGate()) as agent:
         assert agent.phase is ph.Phase.IDLE
@@ -126,7 +126,7 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
     assert entry["id"] == "upd-crash" and entry["result"] == "lost-in-reboot", entry
     assert entry["error_name"] == "HandoverLost"
     assert "after the kexec was issued" in str(entry["message"]), entry
-    assert not (host.tmp / "state" / "in-flight.json").exists()
+    assert not (host.workdir / "state" / "in-flight.json").exists()
     # A later boot does not record it twice.
     async with host.agent(FakeGate()):
         pass
@@ -134,11 +134,11 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
 
 
 async def test_a_power_cut_during_restore_is_recorded_as_lost_in_the_live_update_boot(
-    host: Host,
+    host: AgentHost,
 ) -> None:
     await kexec_with_one_fd(host, "upd-cut")
     host.machine.boot()
-    in_flight = History(host.tmp / "state").in_flight_path
+    in_flight = History(host.workdir / "state").in_flight_path
     async with host.agent(FakeGate(hanging={RESTORE})) as agent:
         await agent.resume()
         await until(agent, lambda: agent.phase is ph.Phase.RESTORING)
@@ -146,7 +146,7 @@ async def test_a_power_cut_during_restore_is_recorded_as_lost_in_the_live_update
     # write); then the power goes, with the restore gate still running.
     assert json.loads(in_flight.read_bytes())["phase"] == "restoring"
     host.machine.poweroff()
-    shutil.rmtree(host.tmp / "run")
+    shutil.rmtree(host.workdir / "run")
     host.machine.boot()
     async with host.agent(FakeGate()) as agent:
         assert agent.phase is ph.Phase.IDLE
@@ -158,7 +158,7 @@ async def test_a_power_cut_during_restore_is_recorded_as_lost_in_the_live_update
     assert not in_flight.exists()
 
 
-async def test_an_agent_killed_while_cancelling_is_recorded_cancelled(host: Host) -> None:
+async def test_an_agent_killed_while_cancelling_is_recorded_cancelled(host: AgentHost) -> None:
     cancel = ph.SPECS[ph.Phase.CANCELLING].target
     cancel_hooks_run = asyncio.Event()
 

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +23,10 @@ from luo_agent.config import Config, FleetConfig
 from luo_agent.fleet import make_coordinator
 from luo_agent.fleet.etcd import SEMAPHORE_KEY
 from luo_agent.kernel.device import Abi
-from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
+from luo_agent.kernel.emulator import EmulatedMachine
 from luo_agent.persist import History
 from luo_agent.systemd.gate import UnitStatus
-from tests.fakes.agent_host import Host, build_agent, memfd_with, poll, until
+from tests.agent_host import AgentHost, memfd_with, poll, until
 from tests.fakes.gate import FakeGate
 
 from .etcd_server import Cluster, free_port, make_cluster
@@ -35,17 +35,17 @@ HEALTH = "fleet-health.target"
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
+def host(tmp_path: Path) -> Iterator[AgentHost]:
     machine = EmulatedMachine(tmp_path / "machine", Abi.SESSION)
     machine.boot()
     (tmp_path / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     try:
-        yield Host(tmp_path, "session", machine)
+        yield AgentHost(tmp_path, Abi.SESSION, machine)
     finally:
         machine.poweroff()
 
 
-def fleet(host: Host, endpoints: list[str], group: str, **kw: object) -> FleetConfig:
+def fleet(host: AgentHost, endpoints: list[str], group: str, **kw: object) -> FleetConfig:
     return FleetConfig(
         enabled=True,
         endpoints=tuple(endpoints),
@@ -53,34 +53,21 @@ def fleet(host: Host, endpoints: list[str], group: str, **kw: object) -> FleetCo
         slots=1,
         retry_interval=0.05,
         release_retry_max=0.2,
-        machine_id_file=host.tmp / "machine-id",
+        machine_id_file=host.workdir / "machine-id",
         **kw,  # type: ignore[arg-type]
     )
 
 
-@contextlib.asynccontextmanager
-async def agent(host: Host, gate: FakeGate, fleet_config: FleetConfig) -> AsyncIterator[Agent]:
+def agent(
+    host: AgentHost, gate: FakeGate, fleet_config: FleetConfig
+) -> contextlib.AbstractAsyncContextManager[Agent]:
     cfg: Config = dataclasses.replace(host.config(coordinate=5.0), fleet=fleet_config)
-    built = build_agent(
-        cfg,
-        EmulatedSyscalls(host.machine.root),
-        gate,
-        coordinator=make_coordinator(fleet_config),
-    )
-    runner = asyncio.create_task(built.run())
-    try:
-        await built.start()
-        yield built
-    finally:
-        await built.stop()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+    return host.agent(gate, config=cfg, coordinator=make_coordinator(fleet_config))
 
 
-def reboot(host: Host) -> None:
+def reboot(host: AgentHost) -> None:
     """What a boot does to the host's directories: /run starts empty."""
-    shutil.rmtree(host.tmp / "run", ignore_errors=True)
+    shutil.rmtree(host.workdir / "run", ignore_errors=True)
     host.machine.boot()
 
 
@@ -89,7 +76,7 @@ def holders(etcd: Cluster, group: str) -> list[str]:
     return list(json.loads(raw)["holders"]) if raw else []
 
 
-async def prepare_and_execute(agent: Agent, host: Host, update_id: str) -> None:
+async def prepare_and_execute(agent: Agent, host: AgentHost, update_id: str) -> None:
     fd = memfd_with(b"x" * 4096, 0)
     agent.preserve(fd, "vm-1", 1, [], owner="uid=0")
     kfd = host.kernel_image()
@@ -100,7 +87,7 @@ async def prepare_and_execute(agent: Agent, host: Host, update_id: str) -> None:
 
 
 async def test_slot_held_across_the_kexec_and_released_after_a_healthy_finish(
-    host: Host, etcd: Cluster, group: str
+    host: AgentHost, etcd: Cluster, group: str
 ) -> None:
     config = fleet(host, etcd.endpoints, group, health_target=HEALTH)
     async with agent(host, FakeGate(), config) as first:
@@ -123,7 +110,7 @@ async def test_slot_held_across_the_kexec_and_released_after_a_healthy_finish(
         del gate.failing[HEALTH]
         await poll(lambda: second.fleet.slot_state == "")  # released, then forgotten
         assert holders(etcd, group) == []
-    (entry,) = History(host.tmp / "state").load()
+    (entry,) = History(host.workdir / "state").load()
     assert entry["result"] == "success"
     assert entry["fleet_slot"].startswith(host_id)
     assert entry["slot_released_at"] >= entry["timings"][-1]["ended"]
@@ -135,7 +122,7 @@ def _unhealthy() -> UnitStatus:
     return UnitStatus("app-health.service", "failed", "failed", "exit-code")
 
 
-async def test_coordinator_down_cancels_before_the_freeze(host: Host, group: str) -> None:
+async def test_coordinator_down_cancels_before_the_freeze(host: AgentHost, group: str) -> None:
     config = fleet(host, [f"http://127.0.0.1:{free_port()}"], group)
     gate = FakeGate()
     async with agent(host, gate, config) as only:
@@ -149,7 +136,9 @@ async def test_coordinator_down_cancels_before_the_freeze(host: Host, group: str
         assert host.kernel_state() == "normal"
 
 
-async def test_a_lost_boot_keeps_its_slot_and_halts(host: Host, etcd: Cluster, group: str) -> None:
+async def test_a_lost_boot_keeps_its_slot_and_halts(
+    host: AgentHost, etcd: Cluster, group: str
+) -> None:
     config = fleet(host, etcd.endpoints, group)
     async with agent(host, FakeGate(), config) as first:
         host_id = first.fleet.host_id
@@ -177,7 +166,7 @@ async def test_a_lost_boot_keeps_its_slot_and_halts(host: Host, etcd: Cluster, g
         assert second.last is not None and "halted" in second.last.message
 
 
-async def test_release_is_retried_until_etcd_answers(host: Host, tmp_path: Path) -> None:
+async def test_release_is_retried_until_etcd_answers(host: AgentHost, tmp_path: Path) -> None:
     cluster = make_cluster(tmp_path, 1)
     try:
         config = fleet(host, cluster.endpoints, "g")

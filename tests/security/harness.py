@@ -137,7 +137,8 @@ def open_fd_count(pid: int) -> int:
 
 
 class AgentProcess:
-    """``tests.security.agent_proc`` as a child (optionally entered into a namespace first)."""
+    """The agent as its own process (``python -m tests.agent_host``), a child of the test,
+    optionally entered into a namespace first."""
 
     def __init__(
         self,
@@ -160,7 +161,7 @@ class AgentProcess:
             *prefix,
             sys.executable,
             "-m",
-            "tests.security.agent_proc",
+            "tests.agent_host",
             "--config",
             str(config_file),
             "--machine",

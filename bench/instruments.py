@@ -1,34 +1,23 @@
-"""The agent without systemd, for measurements about the agent itself: the real Agent, kernel
-backend, D-Bus service (on a private ``dbus-daemon``), structlog journal logging and sd_notify,
-on an emulated machine, with a recording gate in place of systemd (every gate passes at once).
-The gate and the syscalls stamp the two ends of the blackout-critical path."""
+"""What the benchmarks add to the tests' ``AgentHost`` (tests/agent_host.py): a gate and syscalls
+that stamp the two ends of the blackout-critical path, a NOTIFY_SOCKET read as systemd reads it,
+a phase waiter, and participants' memfds."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
-
-from dbus_fast.aio import MessageBus
 
 from luo_agent import phase as ph
-from luo_agent.agent import Agent
-from luo_agent.config import AbiChoice, Config, Limits
-from luo_agent.dbus.server import serve
-from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
+from luo_agent.kernel.emulator import EmulatedSyscalls
 from luo_agent.records import UpdateRecord
-from luo_agent.systemd import notify
 from luo_agent.systemd.gate import GateOutcome
-from tests.fakes.agent_host import build_agent
 from tests.fakes.gate import FakeGate
-from tests.private_bus import PrivateBus
 
 FREEZE_TARGET = ph.SPECS[ph.Phase.FREEZING].target
 
@@ -58,13 +47,6 @@ class StampingSyscalls(EmulatedSyscalls):
     def reboot_kexec(self) -> None:
         self.reboot_calls.append(time.monotonic())
         super().reboot_kexec()
-
-
-@contextlib.contextmanager
-def private_bus(workdir: Path) -> Iterator[str]:
-    """A plain session dbus-daemon (no systemd manager) on a socket under ``workdir``."""
-    with PrivateBus(workdir) as bus:
-        yield f"unix:path={bus.socket}"
 
 
 class NotifySink:
@@ -135,72 +117,6 @@ class PhaseWaiter:
         async with asyncio.timeout(seconds):
             await event.wait()
         event.clear()
-
-
-@dataclasses.dataclass
-class Boot:
-    agent: Agent
-    gate: StampingGate
-    syscalls: StampingSyscalls
-    waiter: PhaseWaiter
-    bus: MessageBus
-    rebooted: asyncio.Event
-
-
-class AgentHost:
-    """One emulated machine and the agent's directories, across (emulated) boots."""
-
-    def __init__(
-        self, workdir: Path, runtime: Path, abi: str, profile: str | None, max_fds: int
-    ) -> None:
-        self.workdir = workdir
-        self.machine = EmulatedMachine(workdir / "machine", abi, profile)
-        cfg = Config(
-            state_directory=workdir / "state",
-            runtime_directory=runtime,
-            bus="session",
-            limits=Limits(max_fds_per_session=max(128, max_fds), max_fds_total=4096),
-        )
-        kernel = dataclasses.replace(
-            cfg.kernel, abi=cast(AbiChoice, abi), emulate_root=self.machine.root
-        )
-        self.config = dataclasses.replace(cfg, kernel=kernel)
-        self.kernel_image = workdir / "vmlinuz"
-        self.kernel_image.write_bytes(b"emulated kernel image\n" * 64)
-
-    @contextlib.asynccontextmanager
-    async def boot(self) -> AsyncIterator[Boot]:
-        """Start the agent (and its D-Bus service) on the running machine, as the daemon does."""
-        gate = StampingGate()
-        syscalls = StampingSyscalls(self.machine.root)
-        syscalls.reboot_calls = []
-        rebooted = asyncio.Event()
-        agent = build_agent(
-            self.config, syscalls, gate, status=notify.status, on_rebooted=rebooted.set
-        )
-        waiter = PhaseWaiter()
-        agent.listeners.append(waiter)
-        runner = asyncio.create_task(agent.run())
-        try:
-            await agent.start()
-            bus, _ = await serve(agent, "session")
-            try:
-                yield Boot(agent, gate, syscalls, waiter, bus, rebooted)
-            finally:
-                if self.machine.running:
-                    await agent.stop()
-                bus.disconnect()
-        finally:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-    async def load_kernel(self, agent: Agent) -> None:
-        fd = os.open(self.kernel_image, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            await agent.load_kernel(fd, -1, "console=ttyS0")
-        finally:
-            os.close(fd)
 
 
 def memfds(count: int, size: int = 4096) -> list[int]:
