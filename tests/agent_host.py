@@ -189,10 +189,14 @@ class AgentHost:
         finally:
             await self.stop()
 
-    async def boot(self, gate: FakeGate | None = None) -> None:
-        """Boot the machine (``/run`` is empty after a boot) and start an agent on it."""
-        await asyncio.to_thread(self.machine.boot)
+    def power_on(self) -> None:
+        """Boot the machine; ``/run`` is empty after a boot."""
         shutil.rmtree(self.runtime_directory, ignore_errors=True)
+        self.machine.boot()
+
+    async def boot(self, gate: FakeGate | None = None) -> None:
+        """Boot the machine and start an agent on it."""
+        await asyncio.to_thread(self.power_on)
         await self.start(gate)
 
     async def reboot(self, gate: FakeGate | None = None) -> None:

@@ -11,9 +11,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from luo_agent.kernel.session import SessionDevice
 from luo_agent.kernel.syscalls import KEXEC_FILE_UNLOAD
 from luo_agent.systemd import notify
 from luo_agent.systemd.fdstore import OUTGOING_PREFIX, SystemdFdStore, fd_name, session_of
-from tests.agent_host import build_agent, memfd_with, poll, until
+from tests.agent_host import AgentHost, memfd_with, poll, until
 from tests.fakes.gate import FakeGate
 from tests.fakes.pid1 import AgentFdStore, FakeSystemd262
 
@@ -38,51 +37,32 @@ FREEZE = ph.SPECS[ph.Phase.FREEZING].target
 CARRIED = sorted(fd_name(s, OUTGOING_PREFIX) for s in ("luo-agent", "vm-1"))
 
 
-@dataclasses.dataclass
-class Host:
-    tmp: Path
-    machine: EmulatedMachine
-    abi: AbiChoice
+class Host(AgentHost):
+    """An AgentHost with what systemd 262's PID 1 does around the kexec."""
 
-    @property
-    def runtime_directory(self) -> Path:
-        return self.tmp / "run"
-
-    @contextlib.asynccontextmanager
-    async def agent(
+    def agent_with(
         self,
         gate: FakeGate,
         strategy: RebootStrategy,
         custody: FdCustody | None = None,
         user_mode: bool = False,
-    ) -> AsyncIterator[Agent]:
-        cfg = Config(
-            state_directory=self.tmp / "state",
-            runtime_directory=self.runtime_directory,
-            reboot_strategy=strategy,
-            systemd_user_mode=user_mode,
+    ) -> contextlib.AbstractAsyncContextManager[Agent]:
+        config = dataclasses.replace(
+            self.config(), reboot_strategy=strategy, systemd_user_mode=user_mode
         )
-        cfg = dataclasses.replace(
-            cfg,
-            kernel=dataclasses.replace(cfg.kernel, abi=self.abi, emulate_root=self.machine.root),
-        )
-        agent = build_agent(cfg, EmulatedSyscalls(self.machine.root), gate, custody)
-        runner = asyncio.create_task(agent.run())
-        try:
-            await agent.start()
-            yield agent
-        finally:
-            if self.machine.running:
-                await agent.stop()  # what PID 1 stopping the unit does
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+        return self.agent(gate, config=config, custody=custody)
+
+    def under_pid1(
+        self, gate: FakeGate, pid1: FakeSystemd262
+    ) -> contextlib.AbstractAsyncContextManager[Agent]:
+        """The agent with reboot_strategy = "systemd", its fd store PID 1's."""
+        return self.agent_with(gate, "systemd", AgentFdStore(pid1, self.runtime_directory))
 
     async def prepared(self, agent: Agent, data: bytes) -> None:
         fd = memfd_with(data, 4321)
         agent.preserve(fd, "vm-1", 7, [], owner="uid=0")
         os.close(fd)
-        image = self.tmp / "vmlinuz"
+        image = self.workdir / "vmlinuz"
         image.write_bytes(b"kernel" * 100)
         kfd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         await agent.load_kernel(kfd, -1, "liveupdate=1")
@@ -104,8 +84,7 @@ class Host:
         await asyncio.to_thread(pid1.shutdown)
         if pid1.last_shutdown == "kexec":
             await asyncio.to_thread(self.machine.wait_down, 10)
-        shutil.rmtree(self.runtime_directory, ignore_errors=True)  # /run is a tmpfs
-        self.machine.boot()
+        self.power_on()
         await asyncio.to_thread(pid1.boot)
 
 
@@ -113,7 +92,7 @@ def _host(tmp_path: Path, abi: AbiChoice, profile: str | None = None) -> Iterato
     machine = EmulatedMachine(tmp_path / "machine", abi, profile)
     machine.boot()
     try:
-        yield Host(tmp_path, machine, abi)
+        yield Host(tmp_path, abi, machine)
     finally:
         machine.poweroff()
 
@@ -153,9 +132,7 @@ async def _execute_until_kexec_queued(host: Host, agent: Agent, pid1: FakeSystem
 async def _restore_and_finish(host: Host, pid1: FakeSystemd262, data: bytes) -> Agent:
     restore_gate = _gate(pid1)
     retrieved: list[int] = []
-    async with host.agent(restore_gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as (
-        agent
-    ):
+    async with host.under_pid1(restore_gate, pid1) as (agent):
         assert agent.phase is ph.Phase.UPDATED
         assert agent.record is not None and agent.record.id == "upd-s"
 
@@ -182,7 +159,7 @@ async def test_systemd_strategy_carries_sessions_through_kexec_target(
     host = session_host
     data = os.urandom(256 << 10)
     gate = _gate(pid1)
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         assert agent.reboot_strategy == "systemd"
         assert not any("reboot_strategy" in b for b in (await agent.check()).blockers)
         await host.prepared(agent, data)
@@ -207,9 +184,7 @@ async def test_sessions_carried_without_pid1s_session_are_retrieved_by_name(
     the agent retrieves them by name."""
     host = session_host
     data = os.urandom(64 << 10)
-    async with host.agent(
-        _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
-    ) as agent:
+    async with host.under_pid1(_gate(pid1), pid1) as agent:
         await host.prepared(agent, data)
         await _execute_until_kexec_queued(host, agent, pid1)
     survivor = SessionDevice(EmulatedSyscalls(host.machine.root))
@@ -232,7 +207,7 @@ async def test_no_kexec_image_refuses_execute_and_keeps_the_update(
     away after the freeze."""
     host = session_host
     gate = _gate(pid1)
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         await host.prepared(agent, b"keep me")
         assert not any("kexec image" in b for b in (await agent.check()).blockers)
         host.unload_image()
@@ -242,7 +217,7 @@ async def test_no_kexec_image_refuses_execute_and_keeps_the_update(
         assert agent.phase is ph.Phase.PREPARED and FREEZE not in gate.started
 
         # The image disappears between Execute and the hand-over.
-        kfd = os.open(host.tmp / "vmlinuz", os.O_RDONLY | os.O_CLOEXEC)
+        kfd = os.open(host.workdir / "vmlinuz", os.O_RDONLY | os.O_CLOEXEC)
         await agent.load_kernel(kfd, -1, "liveupdate=1")
         os.close(kfd)
 
@@ -265,7 +240,7 @@ async def test_full_fd_store_is_detected_before_the_kexec(session_host: Host) ->
     pid1 = FakeSystemd262(host.machine, max_fds=1)
     try:
         gate = _gate(pid1)
-        async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+        async with host.under_pid1(gate, pid1) as agent:
             await host.prepared(agent, b"two sessions, room for one")
             await agent.execute()
             await until(agent, lambda: agent.phase is ph.Phase.PREPARED and FREEZE in gate.started)
@@ -291,7 +266,7 @@ async def test_refused_kexec_job_takes_the_sessions_back(
         raise GateError("kexec.target", "dependency")
 
     gate = FakeGate(version="262", on_kexec=refuse, fd_store=pid1.fill)
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         await host.prepared(agent, b"keep me")
         await agent.execute()
         await until(agent, lambda: agent.phase is ph.Phase.PREPARED and gate.kexec_requests > 0)
@@ -360,7 +335,7 @@ async def test_pid1_without_a_kexec_image_reboots_ordinarily(session_host: Host)
 
 
 def _load_image(host: Host) -> None:
-    image = host.tmp / "vmlinuz"
+    image = host.workdir / "vmlinuz"
     image.write_bytes(b"kernel" * 100)
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     host.machine.syscalls.kexec_file_load(fd, -1, "liveupdate=1", 0)
@@ -370,7 +345,7 @@ def _load_image(host: Host) -> None:
 async def test_old_systemd_is_a_blocker_and_execute_is_refused(session_host: Host) -> None:
     host = session_host
     gate = FakeGate(version="252.38-1~deb12u1")
-    async with host.agent(gate, "systemd", NoCustody()) as agent:
+    async with host.agent_with(gate, "systemd", NoCustody()) as agent:
         await host.prepared(agent, b"x" * 100)
         report = await agent.check()
         assert any(">= 261" in b and "252.38" in b for b in report.blockers)
@@ -387,7 +362,7 @@ async def test_state_machine_abis_cannot_use_the_systemd_strategy(
 ) -> None:
     host = state_machine_host
     gate = FakeGate(version="262")
-    async with host.agent(gate, "systemd") as agent:
+    async with host.agent_with(gate, "systemd") as agent:
         assert any("session ABI" in b for b in (await agent.check()).blockers)
         await host.prepared(agent, b"y" * 100)
         with pytest.raises(Unsupported, match="session ABI"):
@@ -413,7 +388,7 @@ async def test_auto_picks_systemd_only_where_it_works(
 ) -> None:
     for host in _host(tmp_path, abi):
         gate = FakeGate(version=version)
-        async with host.agent(gate, "auto", NoCustody(), user_mode=user_mode) as agent:
+        async with host.agent_with(gate, "auto", NoCustody(), user_mode=user_mode) as agent:
             assert agent.reboot_strategy == expected
             assert agent.reboot_strategy_blocker == ""
             assert not any("reboot_strategy" in b for b in (await agent.check()).blockers)
@@ -434,7 +409,7 @@ async def test_direct_strategy_under_a_carrying_pid1_is_a_warning(
 ) -> None:
     for host in _host(tmp_path, Abi.SESSION):
         gate = FakeGate(version=version)
-        async with host.agent(gate, strategy, NoCustody(), user_mode=user_mode) as agent:
+        async with host.agent_with(gate, strategy, NoCustody(), user_mode=user_mode) as agent:
             warnings = (await agent.check()).warnings
             assert any("bypasses PID 1" in w for w in warnings) is warned
             assert not any("bypasses" in b for b in (await agent.check()).blockers)
@@ -541,8 +516,8 @@ async def test_the_image_is_in_the_kernel_only_while_an_update_is_prepared(
     and a cancel takes it out again, unless someone else's shutdown is what ended the update."""
     host = session_host
     gate = _gate(pid1)
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
-        image = host.tmp / "vmlinuz"
+    async with host.under_pid1(gate, pid1) as agent:
+        image = host.workdir / "vmlinuz"
         image.write_bytes(b"kernel" * 100)
         kfd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         await agent.load_kernel(kfd, -1, "liveupdate=1")
@@ -573,10 +548,8 @@ async def test_check_blocks_when_the_fd_store_cannot_take_the_sessions(
     host = session_host
     pid1 = FakeSystemd262(host.machine, max_fds=3)
     try:
-        async with host.agent(
-            _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
-        ) as agent:
-            image = host.tmp / "vmlinuz"
+        async with host.under_pid1(_gate(pid1), pid1) as agent:
+            image = host.workdir / "vmlinuz"
             image.write_bytes(b"kernel" * 100)
             kfd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             await agent.load_kernel(kfd, -1, "liveupdate=1")
@@ -672,9 +645,7 @@ async def test_a_mapping_of_an_unknown_version_is_skipped_and_the_agent_retrieve
     pid1 = FakeSystemd262(host.machine, mapping_version=2)
     try:
         data = os.urandom(32 << 10)
-        async with host.agent(
-            _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
-        ) as agent:
+        async with host.under_pid1(_gate(pid1), pid1) as agent:
             await host.prepared(agent, data)
             await _execute_until_kexec_queued(host, agent, pid1)
         await host.pid1_reboots(pid1)
@@ -695,9 +666,7 @@ async def test_a_store_too_small_in_the_new_boot_ends_a_session_and_the_agent_sa
     host = session_host
     pid1 = FakeSystemd262(host.machine)
     try:
-        async with host.agent(
-            _gate(pid1), "systemd", AgentFdStore(pid1, host.runtime_directory)
-        ) as agent:
+        async with host.under_pid1(_gate(pid1), pid1) as agent:
             await host.prepared(agent, b"lost in the new boot")
             await _execute_until_kexec_queued(host, agent, pid1)
         pid1.max_fds = 1
@@ -706,9 +675,7 @@ async def test_a_store_too_small_in_the_new_boot_ends_a_session_and_the_agent_sa
         assert pid1.dropped == [fd_name("vm-1", OUTGOING_PREFIX)]
         assert host.incoming_sessions() == ["luo-agent"]  # vm-1 ended with its fd
         restore_gate = _gate(pid1)
-        async with host.agent(
-            restore_gate, "systemd", AgentFdStore(pid1, host.runtime_directory)
-        ) as agent:
+        async with host.under_pid1(restore_gate, pid1) as agent:
             assert any("session 'vm-1' not carried" in n for n in agent.boot_notes)
 
             async def participant_restores() -> None:
@@ -743,7 +710,7 @@ async def test_a_reboot_while_freezing_is_recorded_as_what_stopped_the_agent(
         await asyncio.Event().wait()
 
     gate.hooks[FREEZE] = freeze_hook_waits
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         await host.prepared(agent, b"data")
         await agent.execute()
         await asyncio.wait_for(frozen.wait(), 10)
@@ -767,7 +734,7 @@ async def test_a_shutdown_inhibitor_blocks_check_and_execute_before_the_freeze(
     host = session_host
     gate = _gate(pid1)
     gate.inhibitors = ["fwupd (PID 42): Updating the firmware"]
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         await host.prepared(agent, b"data")
         report = await agent.check()
         assert (
@@ -793,7 +760,7 @@ async def test_a_session_pid1_could_not_read_back_is_reported_before_the_kexec(
         return real(self, fd)[:-2]
 
     gate = _gate(pid1)
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         await host.prepared(agent, b"data")
         monkeypatch.setattr(EmulatedSyscalls, "fd_link", cut_short)
         await agent.execute()
@@ -818,7 +785,7 @@ async def test_a_freeze_failing_under_someone_elses_shutdown_says_so(
         raise RuntimeError("stopped")
 
     gate.hooks[FREEZE] = stopped_by_the_shutdown
-    async with host.agent(gate, "systemd", AgentFdStore(pid1, host.runtime_directory)) as agent:
+    async with host.under_pid1(gate, pid1) as agent:
         await host.prepared(agent, b"data")
         await agent.execute()
         await until(agent, lambda: agent.phase is ph.Phase.IDLE)

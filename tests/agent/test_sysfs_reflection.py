@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 import sys
@@ -22,15 +21,13 @@ from structlog.testing import capture_logs
 
 from luo_agent import phase as ph
 from luo_agent.agent import Agent
-from luo_agent.config import Config
 from luo_agent.daemon import feed_kernel_state, kernel_state_file
 from luo_agent.dbus.names import IFACE_MANAGER, OBJECT_PATH
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine, EmulatedSyscalls
 from luo_agent.records import UpdateRecord
-from tests.agent_host import build_agent
-from tests.fakes.gate import FakeGate
+from tests.agent_host import AgentHost
 from tests.private_bus import PrivateBus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,27 +88,17 @@ def private_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 @contextlib.asynccontextmanager
 async def running_agent(tmp_path: Path, machine: EmulatedMachine) -> AsyncIterator[Agent]:
     """The Agent plus the daemon's sysfs watcher task, as daemon.run wires them."""
-    cfg = Config(state_directory=tmp_path / "state", runtime_directory=tmp_path / "run")
-    cfg = dataclasses.replace(
-        cfg, kernel=dataclasses.replace(cfg.kernel, abi=Abi.RFC_V2, emulate_root=machine.root)
-    )
     syscalls = EmulatedSyscalls(machine.root)
-    agent = build_agent(cfg, syscalls, FakeGate())
-    runner = asyncio.create_task(agent.run())
-    watcher: asyncio.Task[None] | None = None
-    try:
-        await agent.start()
+    async with AgentHost(tmp_path, Abi.RFC_V2, machine).agent(syscalls=syscalls) as agent:
         state_file = kernel_state_file(agent, syscalls)
         assert state_file == str(machine.layout.sysfs_state)
         watcher = asyncio.create_task(feed_kernel_state(agent, state_file))
-        yield agent
-    finally:
-        for task in (watcher, runner):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await agent.stop()
+        try:
+            yield agent
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 def external_changes(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,8 +116,7 @@ async def test_a_kernel_crash_after_the_kexec_is_recorded_on_the_next_boot(host:
     await kexec_with_one_fd(host, "upd-crash")
     # The new kernel crashed: the machine comes up cold (no handover, /run empty).
     host.machine.poweroff()
-    shutil.rmtree(host.workdir / "run")
-    host.machine.boot()
+    host.power_on()
     async with host.agent(FakeGate()) as agent:
         assert agent.phase is ph.Phase.IDLE
         assert agent.last is not None and agent.last.result == "lost-in-reboot"
@@ -146,8 +144,7 @@ async def test_a_power_cut_during_restore_is_recorded_as_lost_in_the_live_update
     # write); then the power goes, with the restore gate still running.
     assert json.loads(in_flight.read_bytes())["phase"] == "restoring"
     host.machine.poweroff()
-    shutil.rmtree(host.workdir / "run")
-    host.machine.boot()
+    host.power_on()
     async with host.agent(FakeGate()) as agent:
         assert agent.phase is ph.Phase.IDLE
     (entry,) = history(host)

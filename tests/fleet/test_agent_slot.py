@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,12 +64,6 @@ def agent(
     return host.agent(gate, config=cfg, coordinator=make_coordinator(fleet_config))
 
 
-def reboot(host: AgentHost) -> None:
-    """What a boot does to the host's directories: /run starts empty."""
-    shutil.rmtree(host.workdir / "run", ignore_errors=True)
-    host.machine.boot()
-
-
 def holders(etcd: Cluster, group: str) -> list[str]:
     raw = etcd.get(SEMAPHORE_KEY.format(group=group))
     return list(json.loads(raw)["holders"]) if raw else []
@@ -95,7 +88,7 @@ async def test_slot_held_across_the_kexec_and_released_after_a_healthy_finish(
         await prepare_and_execute(first, host, "upd-1")
         await asyncio.to_thread(host.machine.wait_down, 10)
         assert holders(etcd, group) == [host_id]
-    reboot(host)
+    host.power_on()
     gate = FakeGate(failing={HEALTH: _unhealthy()})
     async with agent(host, gate, config) as second:
         assert second.fleet.host_id == host_id  # the machine id, not the boot
@@ -146,7 +139,7 @@ async def test_a_lost_boot_keeps_its_slot_and_halts(
         await asyncio.to_thread(host.machine.wait_down, 10)
     # The new kernel crashed: a cold boot, nothing handed over.
     host.machine.poweroff()
-    reboot(host)
+    host.power_on()
     async with agent(host, FakeGate(), config) as second:
         assert second.phase is ph.Phase.IDLE
         await poll(lambda: second.fleet.slot_state == "failed")
@@ -175,7 +168,7 @@ async def test_release_is_retried_until_etcd_answers(host: AgentHost, tmp_path: 
             await asyncio.to_thread(host.machine.wait_down, 10)
         (member,) = cluster.members
         member.kill()  # etcd is down for the whole new boot's restore and finish
-        reboot(host)
+        host.power_on()
         async with agent(host, FakeGate(), config) as second:
             await second.resume()
             await until(second, lambda: second.phase is ph.Phase.IDLE)
