@@ -11,8 +11,8 @@ suites is a parameter:
 * ``**settings``: ``Config`` fields (timeouts, limits, reboot strategy, …);
 * per agent: ``start(gate, config=, syscalls=, custody=, **hooks)`` and ``stop()``, or
   ``async with host.agent(…)``; ``boot()``/``reboot()``/``close()`` drive the machine too;
-* the agent as its own process: ``python -m tests.agent_host`` (``main``), for the security tests
-  (another mount namespace, its fds counted, hostile callers).
+* the agent as its own process: ``AgentProcess`` runs ``python -m tests.agent_host`` (``main``)
+  as a child, for the security tests (another mount namespace, its fds counted, hostile callers).
 
 Under a real systemd manager the agent is the packaged unit, hosted by ``luo_agent.testbed``
 (tests/e2e, tests/faults).
@@ -25,10 +25,13 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import select
 import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,8 @@ from luo_agent.log import configure_logging
 from luo_agent.persist import History, RuntimeState
 from luo_agent.systemd.gate import Gate
 from tests.fakes.gate import FakeGate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_agent(
@@ -282,6 +287,109 @@ def memfd_with(data: bytes, pos: int | None = None) -> int:
 
 
 # ------------------------------------------------------------------- the agent as its own process
+
+
+class HarnessError(RuntimeError):
+    """A process of the harness did not start or said something unexpected."""
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    """The first line a child prints (its "ready" line), bounded by ``timeout``."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            raise HarnessError(f"{what} not ready within {timeout}s")
+        chunk = os.read(fd, 1)
+        if not chunk:
+            raise HarnessError(f"{what} exited (status {proc.wait()})")
+        data += chunk
+    return data.decode().strip()
+
+
+def end_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """SIGTERM a child of ours, SIGKILL it after ``grace``."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class AgentProcess:
+    """The agent as its own process (``python -m tests.agent_host``), a child of the test,
+    optionally entered into a namespace first."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        machine: EmulatedMachine,
+        bus: str,
+        *,
+        env: dict[str, str],
+        prefix: Sequence[str] = (),
+        config: str = "",
+        hang: Sequence[str] = (),
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_file = workdir / "agent.toml"
+        config_file.write_text(
+            f'bus = "{bus}"\nstate_directory = "{workdir / "state"}"\n'
+            f'runtime_directory = "{workdir / "run"}"\n{config}'
+        )
+        argv = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "tests.agent_host",
+            "--config",
+            str(config_file),
+            "--machine",
+            str(machine.root),
+        ]
+        for target in hang:
+            argv += ["--hang", target]
+        self.log = workdir / "agent.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env | {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        try:
+            line = read_line(self.proc, 30.0, "agent")
+        except HarnessError as exc:
+            self.stop()
+            raise HarnessError(f"{exc}; log:\n{self.log_text()}") from None
+        if not line.startswith("ready"):
+            self.stop()
+            raise HarnessError(f"agent said {line!r}")
+        self.pid = self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        end_process(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 async def serve_until_stopped(args: argparse.Namespace) -> int:

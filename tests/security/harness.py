@@ -1,4 +1,5 @@
-"""Real buses and a real polkitd for the security tests, and the agent as a separate process.
+"""Real buses and a real polkitd for the security tests; the agent runs on them as its own process
+(``AgentProcess`` of ``tests/agent_host.py``, entered into the namespace with ``nsenter``).
 
 ``PolkitNamespace``: a private mount namespace (``unshare -m --propagation private``) with a tmpfs
 on ``/run``, the stock ``dbus-daemon --system`` and ``/usr/lib/polkit-1/polkitd``.  The project's
@@ -17,19 +18,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.agent_host import AgentProcess, HarnessError, end_process, read_line
 from tests.private_bus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,10 +81,6 @@ exec sleep infinity
 """
 
 
-class HarnessError(RuntimeError):
-    pass
-
-
 def missing_requirements() -> str | None:
     if os.geteuid() != 0:
         return "needs root (mount namespaces, setpriv)"
@@ -94,34 +90,6 @@ def missing_requirements() -> str | None:
     if not os.access(POLKITD, os.X_OK):
         return f"{POLKITD} missing (apt-get install polkitd)"
     return None
-
-
-def _read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not readable:
-            raise HarnessError(f"{what} not ready within {timeout}s")
-        chunk = os.read(fd, 1)
-        if not chunk:
-            raise HarnessError(f"{what} exited (status {proc.wait()})")
-        data += chunk
-    return data.decode().strip()
-
-
-def _end(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _mnt_ns(pid: int | str) -> tuple[int, int] | None:
@@ -134,75 +102,6 @@ def _mnt_ns(pid: int | str) -> tuple[int, int] | None:
 
 def open_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-class AgentProcess:
-    """The agent as its own process (``python -m tests.agent_host``), a child of the test,
-    optionally entered into a namespace first."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        machine: EmulatedMachine,
-        bus: str,
-        *,
-        env: dict[str, str],
-        prefix: Sequence[str] = (),
-        config: str = "",
-        hang: Sequence[str] = (),
-    ) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        config_file = workdir / "agent.toml"
-        config_file.write_text(
-            f'bus = "{bus}"\nstate_directory = "{workdir / "state"}"\n'
-            f'runtime_directory = "{workdir / "run"}"\n{config}'
-        )
-        argv = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "tests.agent_host",
-            "--config",
-            str(config_file),
-            "--machine",
-            str(machine.root),
-        ]
-        for target in hang:
-            argv += ["--hang", target]
-        self.log = workdir / "agent.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=env | {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-            )
-        try:
-            line = _read_line(self.proc, 30.0, "agent")
-        except HarnessError as exc:
-            self.stop()
-            raise HarnessError(f"{exc}; log:\n{self.log_text()}") from None
-        if not line.startswith("ready"):
-            self.stop()
-            raise HarnessError(f"agent said {line!r}")
-        self.pid = self.proc.pid
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_exit(self, timeout: float = 15.0) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        _end(self.proc)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class SessionBus(PrivateBus):
@@ -280,7 +179,7 @@ class PolkitNamespace:
             start_new_session=True,
         )
         self.started_pids.append(self._holder.pid)
-        _read_line(self._holder, 10.0, "namespace holder")
+        read_line(self._holder, 10.0, "namespace holder")
         self._ns = _mnt_ns(self._holder.pid)
         if self._ns is None or self._ns == _mnt_ns("self"):
             raise HarnessError("the holder did not get its own mount namespace")
@@ -294,7 +193,7 @@ class PolkitNamespace:
                 start_new_session=True,
             )
         self.started_pids.append(self._dbus.pid)
-        _read_line(self._dbus, 10.0, "dbus-daemon --system")
+        read_line(self._dbus, 10.0, "dbus-daemon --system")
         self.start_polkitd()
 
     def start_polkitd(self) -> None:
@@ -311,7 +210,7 @@ class PolkitNamespace:
         self.wait_name("org.freedesktop.PolicyKit1", owned=True)
 
     def stop_polkitd(self) -> None:
-        _end(self._polkitd)
+        end_process(self._polkitd)
         self._polkitd = None
         self.wait_name("org.freedesktop.PolicyKit1", owned=False)
 
@@ -369,15 +268,15 @@ class PolkitNamespace:
         return sorted(set(alive) | set(self.namespace_pids()))
 
     def close(self) -> None:
-        _end(self._polkitd)
-        _end(self._dbus)
+        end_process(self._polkitd)
+        end_process(self._dbus)
         # Anything else started inside (a forgotten agent) goes by pid before the holder.
         holder = self._holder.pid if self._holder else -1
         for pid in self.namespace_pids():
             if pid != holder:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        _end(self._holder, grace=2.0)
+        end_process(self._holder, grace=2.0)
         for proc in (self._polkitd, self._dbus, self._holder):
             if proc is not None and proc.stdout is not None:
                 proc.stdout.close()
