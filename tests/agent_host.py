@@ -25,12 +25,10 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from luo_agent.log import configure_logging
 from luo_agent.persist import History, RuntimeState
 from luo_agent.systemd.gate import Gate
 from tests.fakes.gate import FakeGate
+from tests.private_bus import HarnessError, end_process, read_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -289,40 +288,6 @@ def memfd_with(data: bytes, pos: int | None = None) -> int:
 # ------------------------------------------------------------------- the agent as its own process
 
 
-class HarnessError(RuntimeError):
-    """A process of the harness did not start or said something unexpected."""
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
-    """The first line a child prints (its "ready" line), bounded by ``timeout``."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not readable:
-            raise HarnessError(f"{what} not ready within {timeout}s")
-        chunk = os.read(fd, 1)
-        if not chunk:
-            raise HarnessError(f"{what} exited (status {proc.wait()})")
-        data += chunk
-    return data.decode().strip()
-
-
-def end_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
-    """SIGTERM a child of ours, SIGKILL it after ``grace``."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 class AgentProcess:
     """The agent as its own process (``python -m tests.agent_host``), a child of the test,
     optionally entered into a namespace first."""
@@ -344,18 +309,9 @@ class AgentProcess:
             f'bus = "{bus}"\nstate_directory = "{workdir / "state"}"\n'
             f'runtime_directory = "{workdir / "run"}"\n{config}'
         )
-        argv = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "tests.agent_host",
-            "--config",
-            str(config_file),
-            "--machine",
-            str(machine.root),
-        ]
-        for target in hang:
-            argv += ["--hang", target]
+        hangs = [arg for target in hang for arg in ("--hang", target)]
+        module = ("-m", "tests.agent_host", "--config", str(config_file))
+        argv = [*prefix, sys.executable, *module, "--machine", str(machine.root), *hangs]
         self.log = workdir / "agent.log"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

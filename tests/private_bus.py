@@ -5,7 +5,8 @@ socket-activated by their systemd).
 ``PrivateBus(directory)`` listens on ``directory/bus`` with the stock session configuration;
 ``any_uid=True`` lets every uid connect and talk to anyone (the CLI's NotAuthorized test runs as
 nobody: the agent's own authorizer is what is tested).  The daemon's stderr goes to
-``directory/dbus-daemon.log``.
+``directory/dbus-daemon.log``.  ``read_line`` and ``end_process`` serve every child of the tests
+that says it is ready by printing a line (the buses, the agent as a process, polkitd).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import os
 import select
 import signal
 import subprocess
+import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 ANY_UID_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -33,6 +36,40 @@ ANY_UID_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Co
   </policy>
 </busconfig>
 """
+
+
+class HarnessError(RuntimeError):
+    """A process of the harness did not start or said something unexpected."""
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    """The first line a child prints (its "ready" line), bounded by ``timeout``."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            raise HarnessError(f"{what} not ready within {timeout}s")
+        chunk = os.read(fd, 1)
+        if not chunk:
+            raise HarnessError(f"{what} exited (status {proc.wait()})")
+        data += chunk
+    return data.decode().strip()
+
+
+def end_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """SIGTERM a child of ours, SIGKILL it after ``grace``."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class PrivateBus:
@@ -58,13 +95,11 @@ class PrivateBus:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        assert self.proc.stdout is not None
-        readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode().strip() if readable else ""
-        if not line:
+        try:
+            self.address = read_line(self.proc, timeout, "dbus-daemon")
+        except HarnessError as exc:
             self.stop()
-            raise RuntimeError(f"dbus-daemon did not start: {self.log.read_text()}")
-        self.address = line
+            raise HarnessError(f"{exc}: {self.log.read_text()}") from None
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -73,7 +108,7 @@ class PrivateBus:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-    def __enter__(self) -> PrivateBus:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

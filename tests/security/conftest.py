@@ -14,8 +14,8 @@ import pytest
 from luo_agent.dbus.names import IFACE_MANAGER
 from luo_agent.kernel.device import Abi
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.agent_host import AgentProcess
 from tests.security.harness import (
-    AgentProcess,
     PolkitNamespace,
     SessionBus,
     missing_requirements,
@@ -66,11 +66,8 @@ def machine(tmp_path: Path) -> Iterator[EmulatedMachine]:
 def session_bus(tmp_path: Path) -> Iterator[SessionBus]:
     if UNAVAILABLE is not None:
         pytest.skip(f"security harness unavailable: {UNAVAILABLE}")
-    bus = SessionBus(tmp_path / "session-bus")
-    try:
+    with SessionBus(tmp_path / "session-bus") as bus:
         yield bus
-    finally:
-        bus.close()
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ from types import TracebackType
 from typing import Any
 
 from luo_agent.kernel.emulator import EmulatedMachine
-from tests.agent_host import AgentProcess, HarnessError, end_process, read_line
-from tests.private_bus import PrivateBus
+from tests.agent_host import AgentProcess
+from tests.private_bus import HarnessError, PrivateBus, end_process, read_line
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policy"
@@ -113,9 +113,6 @@ class SessionBus(PrivateBus):
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "DBUS_SESSION_BUS_ADDRESS": self.address,
         }
-
-    def close(self) -> None:
-        self.stop()
 
 
 class PolkitNamespace:

@@ -17,11 +17,11 @@ import pytest
 
 from luo_agent.daemon import EX_UNAVAILABLE
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.agent_host import AgentProcess
 from tests.security.conftest import get, needs_root_namespaces
 from tests.security.harness import (
     NOBODY,
     REPO,
-    AgentProcess,
     PolkitNamespace,
     SessionBus,
     open_fd_count,
@@ -92,7 +92,7 @@ def test_an_agent_that_loses_the_bus_exits_non_zero(
 ) -> None:
     agent = AgentProcess(tmp_path / "agent", machine, "session", env=session_bus.env)
     try:
-        session_bus.close()  # the bus daemon goes away under the agent
+        session_bus.stop()  # the bus daemon goes away under the agent
         assert agent.wait_exit(15.0) == EX_UNAVAILABLE, agent.log_text()[-3000:]
     finally:
         agent.stop()

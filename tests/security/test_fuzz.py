@@ -21,8 +21,9 @@ from dbus_fast.aio import MessageBus
 from luo_agent import phase as ph
 from luo_agent.dbus.errors import ALL_ERROR_NAMES
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, IFACE_UPDATE, OBJECT_PATH, update_path
+from tests.agent_host import AgentProcess
 from tests.security.conftest import needs_root_namespaces, wait_phase
-from tests.security.harness import AgentProcess, SessionBus, open_fd_count
+from tests.security.harness import SessionBus, open_fd_count
 from tests.security.wire import make_fd, perform_all
 
 pytestmark = needs_root_namespaces

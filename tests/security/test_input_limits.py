@@ -11,8 +11,9 @@ import pytest
 
 from luo_agent.dbus.names import error
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.agent_host import AgentProcess
 from tests.security.conftest import needs_root_namespaces
-from tests.security.harness import AgentProcess, SessionBus
+from tests.security.harness import SessionBus
 from tests.security.wire import perform_all
 
 pytestmark = needs_root_namespaces

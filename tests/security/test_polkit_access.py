@@ -15,12 +15,12 @@ import pytest
 
 from luo_agent.dbus.names import BUS_NAME, IFACE_MANAGER, IFACE_UPDATE, error, update_path
 from luo_agent.kernel.emulator import EmulatedMachine
+from tests.agent_host import AgentProcess
 from tests.security.conftest import get, needs_root_namespaces, wait_phase
 from tests.security.harness import (
     NOBODY,
     PARTICIPANT_UID,
     RESTORE_HELPER_UID,
-    AgentProcess,
     PolkitNamespace,
 )
 from tests.security.wire import perform_all
