@@ -39,7 +39,6 @@ from luo_agent.agent import Agent
 from luo_agent.config import BusKind, Config, load_config
 from luo_agent.daemon import EX_OK, EX_UNAVAILABLE, kernel_factory
 from luo_agent.dbus.bus import wait_until_stopped
-from luo_agent.dbus.manager import ManagerInterface
 from luo_agent.dbus.server import serve
 from luo_agent.kernel.backend import FdCustody
 from luo_agent.kernel.device import Abi
@@ -96,7 +95,6 @@ class AgentHost:
         self.gate = FakeGate()
         self.started: Agent | None = None
         self.bus: MessageBus | None = None
-        self.manager: ManagerInterface | None = None
         self.down = asyncio.Event()  # set once a served agent stopped after its kexec
         self._runner: asyncio.Task[None] | None = None
         self._stopper: asyncio.Task[None] | None = None
@@ -158,7 +156,7 @@ class AgentHost:
         self.started = agent
         await agent.start()
         if self.serves_on is not None:
-            self.bus, self.manager = await serve(agent, config.bus)
+            self.bus, _ = await serve(agent, config.bus)
         return agent
 
     def _after_kexec(self) -> None:
