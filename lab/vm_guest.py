@@ -28,7 +28,7 @@ from .scenarios import Scenario
 from .source import cache_root
 
 NAME = "lab"
-RAM = "64M"  # the lab VM has 2 GiB; the guest is tiny
+RAM = "64M"  # the lab VM has 2 GiB; the guest is tiny (bench/vm_pause.py also runs 512M)
 HOOKS = ("prepare", "freeze", "cancel", "restore", "finish")
 PARTICIPANT = "/usr/lib/luo-agent/bin/python3 -m luo_agent.vmm.participant"
 
@@ -44,7 +44,7 @@ def build_guest() -> Path:
     return Path(proc.stdout.strip())
 
 
-def setup(guest: Path) -> str:
+def setup(guest: Path, ram: str = RAM) -> str:
     """Set-up shell text of every boot: the guest's configuration, its units enabled (the package
     installs them), its state directory on the run directory's "disk"."""
     units = " ".join([f"luo-vm@{NAME}.service"] + [f"luo-vm-{h}@{NAME}.service" for h in HOOKS])
@@ -52,7 +52,7 @@ def setup(guest: Path) -> str:
 mkdir -p "$root$LAB_RUN/state/luo-vm" "$root/var/lib/luo-vm" "$root/etc/luo-vm"
 mount --bind "$root$LAB_RUN/state/luo-vm" "$root/var/lib/luo-vm"
 cat > "$root/etc/luo-vm/{NAME}.toml" <<'TOML'
-ram = "{RAM}"
+ram = "{ram}"
 kernel = "{guest}"
 verify_ram = true
 TOML
@@ -110,7 +110,7 @@ save_vm_journal
 """
 
 
-def scenario(guest: Path) -> Scenario:
+def scenario(guest: Path, ram: str = RAM) -> Scenario:
     return Scenario(
         "vm-guest",
         job,
@@ -118,13 +118,13 @@ def scenario(guest: Path) -> Scenario:
         # host, over 15 at load 17 (other test suites and VMs beside it).
         1800.0,
         example=False,
-        setup=setup(guest),
+        setup=setup(guest, ram),
         participant_unit=f"luo-vm-restore@{NAME}.service",
     )
 
 
-def run(kernel: Path, run_dir: Path, **options: Any) -> UpdateRun:
-    run = run_scenario(kernel, scenario(build_guest()), run_dir, **options)
+def run(kernel: Path, run_dir: Path, ram: str = RAM, **options: Any) -> UpdateRun:
+    run = run_scenario(kernel, scenario(build_guest(), ram), run_dir, **options)
     run.summary["guest"] = guest_summary(run)
     (run.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
     return run
@@ -152,8 +152,9 @@ def summary_lines(run: UpdateRun) -> list[str]:
     vm = run.summary.get("guest", {})
     report = vm.get("restore") or {}
     frozen, carried, after = report.get("frozen", {}), report.get("carried", {}), vm.get("after")
+    ram = f"{report['ram_bytes'] >> 20}M" if report.get("ram_bytes") else RAM
     return [
-        f"guest:            {NAME}, {RAM} of RAM in a memfd, QEMU {report.get('qemu_version', '-')}"
+        f"guest:            {NAME}, {ram} of RAM in a memfd, QEMU {report.get('qemu_version', '-')}"
         f" ({report.get('machine', '-')}), nested TCG",
         f"ticks:            {vm.get('before', {}).get('ticks', '-')} before the update, "
         f"{frozen.get('ticks', '-')} at the freeze, {carried.get('ticks', '-')} after the kexec, "
