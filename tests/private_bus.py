@@ -1,12 +1,13 @@
 """A ``dbus-daemon`` of our own, for the tests and the benchmarks: the one way they start a
-private bus (the security tests' system bus runs inside their namespace, the sandboxes' bus is
-socket-activated by their systemd).
+private bus (the sandboxes' bus is socket-activated by their systemd).
 
 ``PrivateBus(directory)`` listens on ``directory/bus`` with the stock session configuration;
 ``any_uid=True`` lets every uid connect and talk to anyone (the CLI's NotAuthorized test runs as
-nobody: the agent's own authorizer is what is tested).  The daemon's stderr goes to
-``directory/dbus-daemon.log``.  ``read_line`` and ``end_process`` serve every child of the tests
-that says it is ready by printing a line (the buses, the agent as a process, polkitd).
+nobody: the agent's own authorizer is what is tested); ``system_inside=[nsenter …]``: the stock
+system bus instead, started in the mount namespace that command enters (the security tests').
+The daemon's stderr goes to ``directory/dbus-daemon.log``.  ``read_line`` and ``end_process``
+serve every child of the tests that says it is ready by printing a line (the buses, the agent as
+a process, polkitd).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -75,21 +77,30 @@ def end_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> Non
 class PrivateBus:
     """A running private bus; ``address`` is what it printed (``unix:path=…,guid=…``)."""
 
-    def __init__(self, directory: Path, *, any_uid: bool = False, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        any_uid: bool = False,
+        system_inside: Sequence[str] = (),
+        timeout: float = 10.0,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.socket = directory / "bus"
         self.log = directory / "dbus-daemon.log"
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # a bus of an earlier run in the same directory
-        if any_uid:
+        if system_inside:
+            how = [*system_inside, "dbus-daemon", "--system"]
+        elif any_uid:
             config = directory / "bus.conf"
             config.write_text(ANY_UID_CONFIG.format(socket=self.socket))
-            how = [f"--config-file={config}"]
+            how = ["dbus-daemon", f"--config-file={config}"]
         else:
-            how = ["--session", f"--address=unix:path={self.socket}"]
+            how = ["dbus-daemon", "--session", f"--address=unix:path={self.socket}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                ["dbus-daemon", *how, "--nofork", "--nopidfile", "--print-address"],
+                [*how, "--nofork", "--nopidfile", "--print-address"],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

@@ -127,7 +127,7 @@ class PolkitNamespace:
         self.socket = self.exposed / "system_bus_socket"
         self.address = f"unix:path={self.socket}"
         self._holder: subprocess.Popen[bytes] | None = None
-        self._dbus: subprocess.Popen[bytes] | None = None
+        self._dbus: PrivateBus | None = None
         self._polkitd: subprocess.Popen[bytes] | None = None
         self._ns: tuple[int, int] | None = None
         self.started_pids: list[int] = []
@@ -180,17 +180,8 @@ class PolkitNamespace:
         self._ns = _mnt_ns(self._holder.pid)
         if self._ns is None or self._ns == _mnt_ns("self"):
             raise HarnessError("the holder did not get its own mount namespace")
-        # --nofork (a direct child, ended by pid); the address line means it listens.
-        with open(self.workdir / "dbus-daemon.log", "ab") as log:
-            self._dbus = subprocess.Popen(
-                [*self.inside, "dbus-daemon", "--system", "--nofork", "--print-address"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-            )
-        self.started_pids.append(self._dbus.pid)
-        read_line(self._dbus, 10.0, "dbus-daemon --system")
+        self._dbus = PrivateBus(self.workdir, system_inside=self.inside)
+        self.started_pids.append(self._dbus.proc.pid)
         self.start_polkitd()
 
     def start_polkitd(self) -> None:
@@ -266,7 +257,8 @@ class PolkitNamespace:
 
     def close(self) -> None:
         end_process(self._polkitd)
-        end_process(self._dbus)
+        if self._dbus is not None:
+            self._dbus.stop()
         # Anything else started inside (a forgotten agent) goes by pid before the holder.
         holder = self._holder.pid if self._holder else -1
         for pid in self.namespace_pids():
@@ -274,7 +266,7 @@ class PolkitNamespace:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         end_process(self._holder, grace=2.0)
-        for proc in (self._polkitd, self._dbus, self._holder):
+        for proc in (self._polkitd, self._holder):
             if proc is not None and proc.stdout is not None:
                 proc.stdout.close()
         shutil.rmtree(self.exposed, ignore_errors=True)
