@@ -16,9 +16,11 @@ read again, a bounded number of times.  No lease, no TTL: a slot stays held unti
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,14 @@ FAILED_KEY: Final = "luo-agent/groups/{group}/v1/failed"
 CAS_ROUNDS: Final = 32
 # gRPC codes the gateway passes on that mean "ask another member".
 _TRY_ANOTHER: Final = frozenset({4, 14})  # DEADLINE_EXCEEDED, UNAVAILABLE
+# While the cluster elects a leader its live members answer UNAVAILABLE ("leader changed", "no
+# leader"); an election takes a few election timeouts (1 s each by default).  Members that
+# answered are asked again for this long; members that cannot be reached are not waited for.
+ELECTION_GRACE_SECONDS: Final = 5.0
+
+
+class _ClusterBusy(CoordinatorUnavailable):
+    """A member answered, but cannot serve now (an election, a request timed out inside etcd)."""
 
 
 def _b64(text: str) -> str:
@@ -100,19 +110,28 @@ class EtcdGateway:
         self._token = str(body["token"])
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        errors = []
-        count = len(self._endpoints)
-        for offset in range(count):
-            index = (self._first + offset) % count
-            endpoint = self._endpoints[index]
-            try:
-                answer = await self._call_one(endpoint, path, body)
-            except CoordinatorUnavailable as exc:
-                errors.append(str(exc))
-                continue
-            self._first = index
-            return answer
-        raise CoordinatorUnavailable("no etcd member answered: " + "; ".join(errors))
+        """Every member in turn; again, backing off, while a live member says the cluster is
+        busy.  Every request made here is safe to repeat: writes compare versions."""
+        grace_ends = time.monotonic() + ELECTION_GRACE_SECONDS
+        delay = 0.05
+        while True:
+            errors, busy = [], False
+            count = len(self._endpoints)
+            for offset in range(count):
+                index = (self._first + offset) % count
+                endpoint = self._endpoints[index]
+                try:
+                    answer = await self._call_one(endpoint, path, body)
+                except CoordinatorUnavailable as exc:
+                    errors.append(str(exc))
+                    busy = busy or isinstance(exc, _ClusterBusy)
+                    continue
+                self._first = index
+                return answer
+            if not busy or time.monotonic() + delay > grace_ends:
+                raise CoordinatorUnavailable("no etcd member answered: " + "; ".join(errors))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _call_one(
         self, endpoint: http.Endpoint, path: str, body: dict[str, Any]
@@ -134,7 +153,7 @@ class EtcdGateway:
                 self._token = ""
                 continue
             if code in _TRY_ANOTHER or answer.status in (502, 503, 504):
-                raise CoordinatorUnavailable(f"{endpoint.url}: {message}")
+                raise _ClusterBusy(f"{endpoint.url}: {message}")
             raise CoordinatorError(f"{endpoint.url}: etcd refused {path}: {message}")
         raise CoordinatorUnavailable(f"{endpoint.url}: etcd keeps refusing the auth token")
 

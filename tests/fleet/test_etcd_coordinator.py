@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from luo_agent.errors import (
     CoordinatorUnavailable,
     RolloutHalted,
 )
+from luo_agent.fleet import etcd as etcd_module
 from luo_agent.fleet.etcd import HALT_KEY, SEMAPHORE_KEY, EtcdCoordinator, EtcdGateway
 from luo_agent.fleet.http import tls_context
 from luo_agent.fleet.port import Acquired
@@ -177,6 +179,64 @@ async def test_etcd_down_is_unavailable_fast() -> None:
     async with asyncio.timeout(10):
         with pytest.raises(CoordinatorUnavailable, match="no etcd member answered"):
             await host.acquire()
+
+
+class ElectingMember:
+    """One member's HTTP gateway during an election, as etcd 3.4's answers it (grpc-gateway: HTTP
+    503, the gRPC status in the body): UNAVAILABLE "leader changed" ``busy`` times, then a txn's
+    answer."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy, self.requests = busy, 0
+        self.port = free_port()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        fields = dict(line.partition(": ")[::2] for line in head.decode().split("\r\n")[1:])
+        await reader.readexactly(int(fields["Content-Length"]))
+        self.requests += 1
+        if self.requests <= self.busy:
+            status, body = "503 Service Unavailable", {
+                "error": "etcdserver: leader changed", "code": 14,
+                "message": "etcdserver: leader changed"}  # fmt: skip
+        else:
+            status, body = "200 OK", {"header": {"revision": "7"}, "succeeded": True}
+        payload = json.dumps(body).encode()
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        async with server:
+            yield f"http://127.0.0.1:{self.port}"
+
+
+async def test_an_election_is_waited_out() -> None:
+    member = ElectingMember(busy=3)
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with member.running() as url:
+        gateway = EtcdGateway([dead, url])
+        async with asyncio.timeout(10):
+            reply = await gateway.call("/v3/kv/txn", {"compare": [], "success": []})
+    assert reply["succeeded"] is True
+    assert member.requests == 4
+
+
+async def test_an_election_that_does_not_end_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(etcd_module, "ELECTION_GRACE_SECONDS", 0.5)
+    member = ElectingMember(busy=10**6)
+    async with member.running() as url:
+        gateway = EtcdGateway([url])
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable, match="leader changed"):
+            await gateway.call("/v3/kv/txn", {"compare": [], "success": []})
+    assert 1 < member.requests < 20
+    assert time.monotonic() - started < 5
 
 
 async def test_killing_the_leader_loses_no_slot(etcd3: Cluster, group: str) -> None:
